@@ -1,0 +1,79 @@
+"""Shared fixtures: a real redis-server on a free loopback port, and small exported raters."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """URL of a redis-server started for this test session on a free port (stopped afterwards)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed (make test installs it with apt-get)")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("redis-server did not start")
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    client.close()
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+DIGITS_SHAPE = (64,)
+TINY_TIMESTEPS = 100
+
+
+def export_random_rater(path: Path, seed: int = 0, data_shape=DIGITS_SHAPE, num_timesteps=TINY_TIMESTEPS,
+                        dataset: str = "digits") -> Path:
+    import torch
+
+    from noiserater.trainer.export import export_rater
+    from noiserater.trainer.rater import build_rater
+
+    torch.manual_seed(seed)
+    rater = build_rater("mlp", data_shape, num_timesteps, hidden=32)
+    export_rater(rater, path, dataset=dataset, schedule="linear", provenance={"test": True})
+    return path
+
+
+@pytest.fixture(scope="session")
+def rater_onnx(tmp_path_factory) -> Path:
+    """A random (untrained) 64-D rater exported to ONNX with full metadata."""
+    return export_random_rater(tmp_path_factory.mktemp("rater") / "model.onnx", seed=0)
+
+
+@pytest.fixture(scope="session")
+def rater_onnx_v2(tmp_path_factory) -> Path:
+    """A second rater with other weights, for version swaps."""
+    return export_random_rater(tmp_path_factory.mktemp("rater2") / "model.onnx", seed=1)

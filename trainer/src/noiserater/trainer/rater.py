@@ -1,0 +1,85 @@
+"""The noise rater r_phi(x0, t, eps) -> score, built from export-friendly ops only.
+
+Every rater takes x0 [N, *data_shape] (float), t [N] (int64) and eps [N, *data_shape] and returns
+a score per triple [N]. `build_rater` is the one constructor used by training, checkpoints and export.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, num_timesteps: int) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps, scaled so t spans [0, 1000) whatever T is."""
+    half = dim // 2
+    scaled = t.to(torch.float32) * (1000.0 / num_timesteps)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * (-math.log(10000.0) / half))
+    angles = scaled[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+class VectorRater(nn.Module):
+    """An MLP over x0, eps, x0*eps and a timestep embedding, for vector data."""
+
+    def __init__(self, data_shape: tuple[int, ...], num_timesteps: int, hidden: int = 128, time_dim: int = 32):
+        super().__init__()
+        self.data_shape = tuple(data_shape)
+        self.num_timesteps = num_timesteps
+        self.time_dim = time_dim
+        dim = math.prod(self.data_shape)
+        self.net = nn.Sequential(
+            nn.Linear(3 * dim + time_dim, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        x = x0.flatten(1)
+        e = eps.flatten(1)
+        emb = timestep_embedding(t, self.time_dim, self.num_timesteps)
+        return self.net(torch.cat([x, e, x * e, emb], dim=1)).squeeze(1)
+
+
+RATER_KINDS: dict[str, type[nn.Module]] = {"mlp": VectorRater}
+
+
+def build_rater(kind: str, data_shape: tuple[int, ...], num_timesteps: int, **kwargs: Any) -> nn.Module:
+    if kind not in RATER_KINDS:
+        raise ValueError(f"unknown rater kind {kind!r} (one of {', '.join(RATER_KINDS)})")
+    return RATER_KINDS[kind](tuple(data_shape), num_timesteps, **kwargs)
+
+
+RATER_FILE = "rater.pt"
+
+
+def save_rater(path, rater: nn.Module, kind: str, *, dataset: str = "", schedule: str = "",
+               rater_kwargs: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None) -> None:
+    """Write the frozen rater (weights + everything needed to rebuild and export it)."""
+    torch.save(
+        {
+            "kind": kind,
+            "data_shape": list(rater.data_shape),
+            "num_timesteps": rater.num_timesteps,
+            "rater_kwargs": rater_kwargs or {},
+            "state_dict": rater.state_dict(),
+            "dataset": dataset,
+            "schedule": schedule,
+            "provenance": provenance or {},
+        },
+        path,
+    )
+
+
+def load_rater(path) -> tuple[nn.Module, dict[str, Any]]:
+    """(rater in eval mode, the checkpoint's description without the weights)."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    rater = build_rater(blob["kind"], tuple(blob["data_shape"]), blob["num_timesteps"], **blob["rater_kwargs"])
+    rater.load_state_dict(blob["state_dict"])
+    rater.eval()
+    return rater, {k: v for k, v in blob.items() if k != "state_dict"}
