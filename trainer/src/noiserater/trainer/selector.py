@@ -1,0 +1,262 @@
+"""NoiseSelector: the one line a training job changes (`eps = selector.select(x0, t)`).
+
+`NoiseSelector.local(onnx)` scores in-process with onnxruntime; `NoiseSelector.remote(target, model=...)`
+asks a rater server. Both draw the K candidates here, with the selector's own seeded generator, and both
+choose through `noiserater.proto.scoring`, so for the same seed they return the same noise.
+
+`k` is the number of candidates K drawn per sample; one of them is kept per sample:
+- "argmax": the best-scoring of the K;
+- "sample": one drawn from softmax(score / temperature) over the K;
+- "assign": K is ignored; the batch's B Gaussian noises are permuted over the samples to maximise
+  the summed score (batch-level assignment), so the multiset of noises stays i.i.d. Gaussian.
+
+The remote selector never stalls training: every call has a deadline, UNAVAILABLE is retried with
+exponential backoff by the gRPC channel, and when the server still cannot answer the selector falls back
+to a local ONNX rater (if given) or else to plain Gaussian noise. Each fallback is counted in
+`selector.counters` and logged. Only INVALID_ARGUMENT (a bug in the caller) raises.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from noiserater.proto import codec, scoring
+
+log = logging.getLogger("noiserater.selector")
+
+RULES = {"argmax": scoring.RULE_TOP_K, "sample": scoring.RULE_SAMPLE, "assign": scoring.RULE_ASSIGN}
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class SelectorError(ValueError):
+    pass
+
+
+def selection_stats(eps: torch.Tensor, x0: torch.Tensor) -> dict[str, float]:
+    """Mean ||eps||^2 / d and mean cosine(eps, x0) of a selection (1.0 and ~0 for Gaussian noise)."""
+    e = eps.detach().flatten(1).float()
+    x = x0.detach().flatten(1).float()
+    cosine = torch.nn.functional.cosine_similarity(e, x, dim=1, eps=1e-8)
+    return {"sq_norm_per_dim": float(e.pow(2).mean()), "cosine_with_x0": float(cosine.mean())}
+
+
+class _LocalBackend:
+    def __init__(self, onnx_path: str | Path, device: str = "cpu"):
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise SelectorError(f"rater file not found: {path}")
+        self.session = scoring.RaterSession(path, device=device)
+        self.version = 0
+
+    def choose(self, x0, t, candidates, rule, temperature, seed) -> np.ndarray:
+        indices, _ = self.session.select(x0, t, candidates, 1, rule, temperature, seed)
+        return indices
+
+
+class _RemoteBackend:
+    def __init__(self, target: str, model: str, dataset: str, version: int, timeout_s: float, max_attempts: int,
+                 token: str | None, tls_root_cert: bytes | None, round_robin: bool):
+        import grpc
+
+        from noiserater.proto.v1 import rater_service_pb2 as pb
+        from noiserater.proto.v1 import rater_service_pb2_grpc as pb_grpc
+
+        self._grpc, self._pb = grpc, pb
+        service_config: dict[str, Any] = {
+            "methodConfig": [{
+                "name": [{"service": "noiserater.v1.RaterService"}],
+                "retryPolicy": {
+                    "maxAttempts": max(2, max_attempts),
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }],
+        }
+        if round_robin:
+            service_config["loadBalancingConfig"] = [{"round_robin": {}}]
+        options = [
+            ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", json.dumps(service_config)),
+        ]
+        if tls_root_cert is not None:
+            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(tls_root_cert), options)
+        else:
+            self.channel = grpc.insecure_channel(target, options)
+        self.stub = pb_grpc.RaterServiceStub(self.channel)
+        self.model_ref = pb.ModelRef(name=model, version=version)
+        self.dataset = dataset
+        self.timeout_s = timeout_s
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self.version = 0
+
+    def choose(self, x0, t, candidates, rule, temperature, seed) -> np.ndarray:
+        request = self._pb.SelectNoiseRequest(
+            model=self.model_ref,
+            dataset=self.dataset,
+            x0=codec.encode(x0),
+            t=codec.encode(t),
+            candidates=codec.encode(candidates),
+            k=1,
+            rule=self._pb.SelectionRule.Value(f"SELECTION_RULE_{rule.upper()}"),
+            temperature=temperature,
+            seed=seed,
+        )
+        response = self.stub.SelectNoise(request, timeout=self.timeout_s, metadata=self.metadata)
+        self.version = response.model.version
+        return np.array(codec.decode(response.indices, "indices"))
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class NoiseSelector:
+    """Draws K candidate noises per sample and keeps the one the rater prefers (see module doc)."""
+
+    def __init__(self, backend: Any, k: int = 8, rule: str = "argmax", temperature: float = 1.0, seed: int = 0,
+                 fallback: _LocalBackend | None = None):
+        if rule not in RULES:
+            raise SelectorError(f"rule: unknown rule {rule!r} (one of {', '.join(RULES)})")
+        if k < 1:
+            raise SelectorError(f"k: the number of candidates must be >= 1, got {k}")
+        self.backend = backend
+        self.k = k
+        self.rule = rule
+        self.temperature = temperature
+        self.seed = seed
+        self.fallback = fallback
+        self.calls = 0
+        self.counters = {"selections": 0, "fallback_local": 0, "fallback_gaussian": 0}
+        self.last_stats: dict[str, float] = {}
+        self._generators: dict[str, torch.Generator] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: tuple[int, int, Future] | None = None
+        self._lock = threading.Lock()
+
+    # -- constructors ---------------------------------------------------------------------------------
+    @classmethod
+    def local(cls, onnx_path: str | Path, k: int = 8, rule: str = "argmax", temperature: float = 1.0,
+              seed: int = 0, device: str = "cpu") -> NoiseSelector:
+        """Score in-process with onnxruntime (`device` picks its execution provider)."""
+        return cls(_LocalBackend(onnx_path, device), k, rule, temperature, seed)
+
+    @classmethod
+    def remote(cls, target: str, model: str, dataset: str = "", k: int = 8, rule: str = "argmax",
+               temperature: float = 1.0, seed: int = 0, version: int = 0, timeout_s: float = 5.0,
+               max_attempts: int = 4, fallback_onnx: str | Path | None = None, token: str | None = None,
+               tls_root_cert: bytes | None = None, round_robin: bool = False) -> NoiseSelector:
+        """Ask the rater server at `target` (one channel, kept open). `version` 0 = the server's default."""
+        backend = _RemoteBackend(target, model, dataset, version, timeout_s, max_attempts, token, tls_root_cert,
+                                 round_robin)
+        fallback = _LocalBackend(fallback_onnx) if fallback_onnx is not None else None
+        return cls(backend, k, rule, temperature, seed, fallback)
+
+    # -- selection ------------------------------------------------------------------------------------
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[key]
+
+    def draw_candidates(self, x0: torch.Tensor, num_candidates: int) -> torch.Tensor:
+        """[B, K, ...] standard Gaussian candidates on x0's device (float32), from the seeded generator."""
+        shape = (x0.shape[0], num_candidates, *x0.shape[1:])
+        return torch.randn(shape, generator=self._generator(x0.device), device=x0.device, dtype=torch.float32)
+
+    def _prepare(self, x0: torch.Tensor, t: torch.Tensor, k: int | None):
+        if x0.ndim < 1 or t.ndim != 1 or t.shape[0] != x0.shape[0]:
+            raise SelectorError(f"t: shape {list(t.shape)} does not match x0's batch {list(x0.shape[:1])}")
+        num = 1 if self.rule == "assign" else (self.k if k is None else k)
+        if num < 1:
+            raise SelectorError(f"k: the number of candidates must be >= 1, got {num}")
+        candidates = self.draw_candidates(x0, num)
+        seed = (self.seed * 1_000_003 + self.calls) % (2**63)
+        self.calls += 1
+        x0_np = x0.detach().to("cpu", torch.float32).numpy()
+        t_np = t.detach().to("cpu", torch.int64).numpy()
+        return candidates, x0_np, t_np, candidates.cpu().numpy(), seed
+
+    def _choose(self, x0_np, t_np, cand_np, seed) -> tuple[np.ndarray | None, str]:
+        rule = RULES[self.rule]
+        try:
+            return self.backend.choose(x0_np, t_np, cand_np, rule, self.temperature, seed), "ok"
+        except scoring.ScoringError as exc:
+            raise SelectorError(str(exc)) from None
+        except Exception as exc:  # grpc.RpcError and transport failures
+            code = exc.code() if hasattr(exc, "code") else None
+            if code is not None and code.name == "INVALID_ARGUMENT":
+                raise SelectorError(f"rater server rejected the request: {exc.details()}") from None
+            reason = code.name if code is not None else type(exc).__name__
+        if self.fallback is not None:
+            self.counters["fallback_local"] += 1
+            log.warning("rater server unavailable (%s): selecting with the local rater (fallback %d)",
+                        reason, self.counters["fallback_local"])
+            return self.fallback.choose(x0_np, t_np, cand_np, rule, self.temperature, seed), reason
+        self.counters["fallback_gaussian"] += 1
+        log.warning("rater server unavailable (%s): using plain Gaussian noise (fallback %d)",
+                    reason, self.counters["fallback_gaussian"])
+        return None, reason
+
+    def _finish(self, x0: torch.Tensor, candidates: torch.Tensor, indices: np.ndarray | None) -> torch.Tensor:
+        if indices is None:
+            eps = candidates[:, 0]
+        elif self.rule == "assign":
+            perm = torch.from_numpy(indices[:, 0]).to(candidates.device)
+            eps = candidates[:, 0][perm]
+        else:
+            idx = torch.from_numpy(indices[:, 0]).to(candidates.device)
+            eps = candidates[torch.arange(candidates.shape[0], device=candidates.device), idx]
+        eps = eps.to(dtype=x0.dtype)
+        self.counters["selections"] += 1
+        self.last_stats = selection_stats(eps, x0)
+        return eps
+
+    def select(self, x0: torch.Tensor, t: torch.Tensor, *, k: int | None = None) -> torch.Tensor:
+        """One selected noise per sample: same shape, device and dtype as x0. `k` overrides K for this call."""
+        with self._lock:
+            pending = self._pending
+            self._pending = None
+        if pending is not None and pending[0] == id(x0) and pending[1] == id(t):
+            candidates, indices = pending[2].result()
+            return self._finish(x0, candidates, indices)
+        candidates, x0_np, t_np, cand_np, seed = self._prepare(x0, t, k)
+        indices, _ = self._choose(x0_np, t_np, cand_np, seed)
+        return self._finish(x0, candidates, indices)
+
+    def prefetch(self, x0: torch.Tensor, t: torch.Tensor, *, k: int | None = None) -> None:
+        """Start selecting for (x0, t) in the background; the next `select(x0, t)` with these very
+        tensors returns that result, so the rater's round trip overlaps the current training step."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noise-prefetch")
+        candidates, x0_np, t_np, cand_np, seed = self._prepare(x0, t, k)
+        future = self._pool.submit(lambda: (candidates, self._choose(x0_np, t_np, cand_np, seed)[0]))
+        with self._lock:
+            self._pending = (id(x0), id(t), future)
+
+    @property
+    def model_version(self) -> int:
+        """The model version that answered the last remote selection (0 for a local selector)."""
+        return self.backend.version
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        if hasattr(self.backend, "close"):
+            self.backend.close()
+
+    def __enter__(self) -> NoiseSelector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
