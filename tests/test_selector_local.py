@@ -1,0 +1,101 @@
+"""NoiseSelector.local: shapes, the rules against the rater's own scores, fallbacks and prefetch."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import free_port
+from noiserater.proto import scoring
+from noiserater.trainer.selector import NoiseSelector, SelectorError
+
+
+def batch(b=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 64, generator=gen) * 2 - 1, torch.randint(0, 100, (b,), generator=gen)
+
+
+def test_select_returns_noise_like_x0(rater_onnx):
+    selector = NoiseSelector.local(rater_onnx, k=4)
+    x0, t = batch()
+    for dtype in (torch.float32, torch.float16):
+        eps = selector.select(x0.to(dtype), t)
+        assert eps.shape == x0.shape and eps.dtype == dtype and eps.device == x0.device
+    assert set(selector.last_stats) == {"sq_norm_per_dim", "cosine_with_x0"}
+
+
+def test_argmax_picks_the_best_scored_candidate(rater_onnx):
+    session = scoring.RaterSession(rater_onnx, device="cpu")
+    selector = NoiseSelector.local(rater_onnx, k=8, seed=5)
+    x0, t = batch()
+    twin = NoiseSelector.local(rater_onnx, k=8, seed=5)  # same generator stream -> same candidates
+    candidates = twin.draw_candidates(x0, 8)
+    eps = selector.select(x0, t)
+    scores = session.score(*scoring.expand_candidates(x0.numpy(), t.numpy(), candidates.numpy())).reshape(6, 8)
+    best = scores.argmax(axis=1)
+    torch.testing.assert_close(eps, candidates[torch.arange(6), torch.from_numpy(best)])
+    assert (scores.max(axis=1) > scores.mean(axis=1)).all()
+
+
+def test_assign_permutes_the_batch_noise(rater_onnx):
+    selector = NoiseSelector.local(rater_onnx, rule="assign", seed=2)
+    twin = NoiseSelector.local(rater_onnx, rule="assign", seed=2)
+    x0, t = batch(b=9)
+    pool = twin.draw_candidates(x0, 1)[:, 0]
+    eps = selector.select(x0, t)
+    rows = sorted(map(tuple, eps.numpy().round(6).tolist()))
+    assert rows == sorted(map(tuple, pool.numpy().round(6).tolist()))
+
+
+def test_per_call_k_overrides_and_bad_arguments(rater_onnx):
+    selector = NoiseSelector.local(rater_onnx, k=8)
+    x0, t = batch()
+    assert selector.select(x0, t, k=1).shape == x0.shape
+    with pytest.raises(SelectorError, match="k:"):
+        selector.select(x0, t, k=0)
+    with pytest.raises(SelectorError, match="x0: shape"):
+        selector.select(x0[:, :10], t)
+    with pytest.raises(SelectorError, match="rule"):
+        NoiseSelector.local(rater_onnx, rule="best")
+    with pytest.raises(SelectorError, match="not found"):
+        NoiseSelector.local("/nonexistent/model.onnx")
+
+
+def test_sample_rule_is_reproducible(rater_onnx):
+    x0, t = batch()
+    a = NoiseSelector.local(rater_onnx, k=8, rule="sample", temperature=0.5, seed=11)
+    b = NoiseSelector.local(rater_onnx, k=8, rule="sample", temperature=0.5, seed=11)
+    torch.testing.assert_close(a.select(x0, t), b.select(x0, t))
+
+
+def test_remote_without_server_falls_back_and_counts(rater_onnx):
+    target = f"127.0.0.1:{free_port()}"  # nothing listens here
+    x0, t = batch()
+    gaussian = NoiseSelector.remote(target, model="digits", k=4, timeout_s=0.5, max_attempts=2, seed=1)
+    twin = NoiseSelector.local(rater_onnx, k=4, seed=1)
+    eps = gaussian.select(x0, t)
+    torch.testing.assert_close(eps, twin.draw_candidates(x0, 4)[:, 0])  # first candidate: plain Gaussian
+    assert gaussian.counters["fallback_gaussian"] == 1
+
+    with_local = NoiseSelector.remote(target, model="digits", k=4, timeout_s=0.5, max_attempts=2, seed=1,
+                                      fallback_onnx=rater_onnx)
+    local = NoiseSelector.local(rater_onnx, k=4, seed=1)
+    torch.testing.assert_close(with_local.select(x0, t), local.select(x0, t))
+    assert with_local.counters["fallback_local"] == 1
+    gaussian.close()
+    with_local.close()
+
+
+def test_prefetch_gives_the_same_noise_as_select(rater_onnx):
+    x0, t = batch()
+    plain = NoiseSelector.local(rater_onnx, k=8, seed=4)
+    prefetching = NoiseSelector.local(rater_onnx, k=8, seed=4)
+    expected = [plain.select(x0, t), plain.select(x0 * 0.5, t)]
+    x0b = x0 * 0.5
+    prefetching.prefetch(x0, t)
+    first = prefetching.select(x0, t)
+    prefetching.prefetch(x0b, t)
+    second = prefetching.select(x0b, t)
+    torch.testing.assert_close(first, expected[0])
+    torch.testing.assert_close(second, expected[1])
+    prefetching.close()
+    assert np.isfinite(second.numpy()).all()
