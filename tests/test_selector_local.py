@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import free_port
+
 from noiserater.proto import scoring
 from noiserater.trainer.selector import NoiseSelector, SelectorError
 

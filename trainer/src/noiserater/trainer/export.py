@@ -52,7 +52,7 @@ def _example_inputs(rater: nn.Module, batch: int, seed: int) -> tuple[torch.Tens
 
 
 def export_rater(rater: nn.Module, out_path: str | Path, *, dataset: str = "", schedule: str = "",
-                 provenance: dict[str, Any] | None = None, opset: int = 17) -> ExportReport:
+                 provenance: dict[str, Any] | None = None, opset: int = 18) -> ExportReport:
     """Write `rater` to `out_path` as ONNX (dynamic batch axis, metadata) and verify it against torch.
 
     Raises ParityError when onnxruntime and torch differ by more than PARITY_TOLERANCE.
@@ -63,7 +63,7 @@ def export_rater(rater: nn.Module, out_path: str | Path, *, dataset: str = "", s
     out_path.parent.mkdir(parents=True, exist_ok=True)
     rater = rater.eval()
     example = _example_inputs(rater, 2, seed=0)
-    batch_axis = {0: "batch"}
+    batch = torch.export.Dim("batch")
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "rater.onnx"
         torch.onnx.export(
@@ -72,9 +72,11 @@ def export_rater(rater: nn.Module, out_path: str | Path, *, dataset: str = "", s
             str(raw),
             input_names=list(scoring.INPUT_NAMES),
             output_names=[scoring.OUTPUT_SCORE],
-            dynamic_axes={name: batch_axis for name in (*scoring.INPUT_NAMES, scoring.OUTPUT_SCORE)},
+            dynamic_shapes=tuple({0: batch} for _ in scoring.INPUT_NAMES),
             opset_version=opset,
-            dynamo=False,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
         )
         model = onnx.load(str(raw))
     metadata = {
