@@ -104,6 +104,7 @@ def deploy(
     data = model.read_bytes()
     if repository is not None:
         try:
+            repo.check_model_name(name)
             session = scoring.RaterSession(data, device="cpu")
             session.warm_up()
             version, path = repo.write_version(repository, name, data, version)

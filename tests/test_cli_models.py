@@ -1,0 +1,67 @@
+"""nrctl export / deploy --repository / models: the offline half of the user's day."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from noiserater.proto import repository, scoring
+from noiserater.trainer.rater import RATER_FILE, build_rater, save_rater
+
+
+def nrctl(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "noiserater.cli.main", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"nrctl {args} failed: {proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    rater = build_rater("mlp", (64,), 100, hidden=16)
+    save_rater(run / RATER_FILE, rater, "mlp", dataset="digits", schedule="linear", rater_kwargs={"hidden": 16},
+               provenance={"steps": 3})
+    return run
+
+
+def test_export_deploy_models(run_dir, tmp_path):
+    out = tmp_path / "digits.onnx"
+    report = json.loads(nrctl("export", run_dir, "--out", out, "--json").stdout)
+    assert report["max_abs_diff"] <= report["parity_tolerance"]
+    session = scoring.RaterSession(out, device="cpu")
+    assert session.info.data_shape == (64,) and session.info.num_timesteps == 100
+    assert session.info.dataset == "digits"
+    assert json.loads(session.info.metadata[scoring.META_PROVENANCE])["steps"] == 3
+
+    repo = tmp_path / "models"
+    first = json.loads(nrctl("deploy", out, "--name", "digits", "--repository", repo, "--json").stdout)
+    second = json.loads(nrctl("deploy", out, "--name", "digits", "--repository", repo, "--json").stdout)
+    assert (first["version"], second["version"]) == (1, 2)
+    assert repository.scan(repo) == {"digits": [1, 2]}
+    listed = json.loads(nrctl("models", "--repository", repo, "--json").stdout)
+    assert listed["models"][0]["name"] == "digits" and listed["models"][0]["default_version"] == 2
+    assert "digits" in nrctl("models", "--repository", repo).stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["export", "/nonexistent", "--out", "x.onnx"], "no rater checkpoint"),
+        (["deploy", "{bad}", "--name", "../escape", "--repository", "{tmp}"], "invalid model name"),
+        (["deploy", "{bad}", "--name", "ok", "--repository", "{tmp}"], "model: onnxruntime cannot load it"),
+        (["deploy", "{bad}", "--name", "ok"], "exactly one of --repository"),
+    ],
+)
+def test_errors_are_one_line(args, message, tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx file")
+    args = [a.format(bad=bad, tmp=tmp_path / "repo") for a in args]
+    proc = nrctl(*args, check=False)
+    assert proc.returncode == 1
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
