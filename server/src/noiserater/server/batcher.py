@@ -1,0 +1,180 @@
+"""The dynamic batcher of one model version, after Triton's: concurrent requests' triples are merged into
+one onnxruntime run and the scores split back.
+
+A request is queued with `submit`; the batching task takes the oldest request, then keeps taking queued
+ones until the run would exceed `max_batch` triples or `max_delay_s` has passed since it started waiting,
+and runs the merged batch in a worker thread (off the event loop). While a run is in progress the next
+requests queue up, so under load batches form without waiting for the delay. A request larger than
+`max_batch` runs alone. With batching off (`max_batch == 0`) every request runs on its own, concurrently
+in the thread pool, still bounded by `max_queue` requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from noiserater.server.metrics import ServerMetrics
+
+ScoreFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+class QueueFullError(Exception):
+    """The batcher's queue is full (RESOURCE_EXHAUSTED)."""
+
+
+class BatcherClosedError(Exception):
+    """The model version was unloaded before the request could be queued."""
+
+
+@dataclass
+class _Job:
+    x0: np.ndarray
+    t: np.ndarray
+    eps: np.ndarray
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def size(self) -> int:
+        return self.x0.shape[0]
+
+
+class DynamicBatcher:
+    def __init__(self, score: ScoreFn, executor: Executor, metrics: ServerMetrics, labels: tuple[str, str],
+                 max_batch: int, max_delay_s: float, max_queue: int):
+        self._score = score
+        self._executor = executor
+        self._metrics = metrics
+        self._labels = labels
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._pending = 0  # queued or running, i.e. accepted and not yet answered
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
+        self._task: asyncio.Task | None = None
+        if max_batch > 0:
+            self._task = asyncio.get_running_loop().create_task(self._run_forever())
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def submit(self, x0: np.ndarray, t: np.ndarray, eps: np.ndarray) -> asyncio.Future:
+        """Queue N triples; the future resolves to their float32 scores [N]. Never awaits, so a request
+        that found this version ready is queued on it before anything else can run."""
+        if self._closed:
+            raise BatcherClosedError("model version is being unloaded")
+        if self._pending >= self.max_queue:
+            raise QueueFullError(f"queue of {self.max_queue} requests is full")
+        loop = asyncio.get_running_loop()
+        job = _Job(x0, t, eps, loop.create_future())
+        self._pending += 1
+        self._idle.clear()
+        job.future.add_done_callback(self._done)
+        if self._task is None:
+            loop.create_task(self._run([job]))
+        else:
+            self._queue.append(job)
+            self._metrics.queue_depth.labels(*self._labels).set(len(self._queue))
+            self._wakeup.set()
+        return job.future
+
+    def _done(self, _future: asyncio.Future) -> None:
+        self._pending -= 1
+        if self._pending == 0:
+            self._idle.set()
+
+    async def _run_forever(self) -> None:
+        while True:
+            while not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            batch = [self._queue.popleft()]
+            size = batch[0].size
+            deadline = batch[0].enqueued + self.max_delay_s
+            while size < self.max_batch:
+                if self._queue:
+                    if size + self._queue[0].size > self.max_batch:
+                        break
+                    job = self._queue.popleft()
+                    batch.append(job)
+                    size += job.size
+                    continue
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+            self._metrics.queue_depth.labels(*self._labels).set(len(self._queue))
+            await self._run(batch)
+
+    def _timed_score(self, x0: np.ndarray, t: np.ndarray, eps: np.ndarray) -> tuple[np.ndarray, float, float]:
+        started = time.perf_counter()
+        scores = self._score(x0, t, eps)
+        return scores, started, time.perf_counter() - started
+
+    async def _run(self, batch: list[_Job]) -> None:
+        live = [job for job in batch if not job.future.done()]  # a cancelled RPC needs no scores
+        if not live:
+            return
+        try:
+            if len(live) == 1:
+                x0, t, eps = live[0].x0, live[0].t, live[0].eps
+            else:
+                x0 = np.concatenate([job.x0 for job in live])
+                t = np.concatenate([job.t for job in live])
+                eps = np.concatenate([job.eps for job in live])
+            loop = asyncio.get_running_loop()
+            scores, started, elapsed = await loop.run_in_executor(self._executor, self._timed_score, x0, t, eps)
+            if scores.shape != (x0.shape[0],):
+                raise RuntimeError(f"model returned scores of shape {list(scores.shape)} for {x0.shape[0]} triples")
+        except Exception as exc:  # onnxruntime errors go back to every request of the batch
+            for job in live:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        labels = self._labels
+        for job in live:
+            self._metrics.queue_seconds.labels(*labels).observe(max(0.0, started - job.enqueued))
+        self._metrics.compute_seconds.labels(*labels).observe(elapsed)
+        self._metrics.batch_requests.labels(*labels).observe(len(live))
+        self._metrics.batch_triples.labels(*labels).observe(x0.shape[0])
+        self._metrics.candidates.labels(*labels).inc(x0.shape[0])
+        offset = 0
+        for job in live:
+            part = scores[offset:offset + job.size]
+            offset += job.size
+            if not job.future.done():
+                job.future.set_result(part)
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Refuse new requests, let every accepted one finish (up to `timeout`), then stop."""
+        self._closed = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            pass
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for job in self._queue:
+            if not job.future.done():
+                job.future.set_exception(BatcherClosedError("model version was unloaded"))
+        self._queue.clear()

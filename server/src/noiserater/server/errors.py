@@ -1,0 +1,107 @@
+"""One mapping from the server's exceptions to gRPC status codes, and the RPC wrapper that applies it
+and counts every answer in the metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from noiserater.proto.codec import CodecError
+from noiserater.proto.repository import RepositoryError
+from noiserater.proto.scoring import ScoringError
+from noiserater.proto.selection import SelectionError
+from noiserater.server.batcher import BatcherClosedError, QueueFullError
+from noiserater.server.metrics import ServerMetrics
+from noiserater.server.models import ModelExistsError, ModelNotFoundError
+from noiserater.server.stats import StatsError
+
+log = logging.getLogger("rater-server.rpc")
+
+STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (CodecError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ScoringError, grpc.StatusCode.INVALID_ARGUMENT),
+    (SelectionError, grpc.StatusCode.INVALID_ARGUMENT),
+    (RepositoryError, grpc.StatusCode.INVALID_ARGUMENT),
+    (StatsError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (ModelExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (BatcherClosedError, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+class RpcError(Exception):
+    """Raised by handlers that want a specific status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class RequestCounters:
+    """Inference requests received and answered; printed at shutdown to show that none was lost."""
+
+    received: int = 0
+    answered: int = 0
+    dropped: int = 0
+
+
+@dataclass
+class CallLabels:
+    """What a handler learned about the call (filled in as it goes) for the metric labels."""
+
+    model: str = ""
+    version: str = ""
+
+
+def status_of(exc: BaseException) -> grpc.StatusCode | None:
+    if isinstance(exc, RpcError):
+        return exc.code
+    for kind, code in STATUS_OF:
+        if isinstance(exc, kind):
+            return code
+    return None
+
+
+def rpc(method: str, metrics_attr: str = "metrics", inference: bool = False):
+    """Wrap `async def handler(self, request, context, labels)`: map errors to status codes, count."""
+
+    def decorate(handler: Callable[..., Awaitable[Any]]):
+        @functools.wraps(handler)
+        async def wrapper(self, request, context: grpc.aio.ServicerContext):
+            metrics: ServerMetrics = getattr(self, metrics_attr)
+            counters: RequestCounters = self.counters
+            labels = CallLabels()
+            if inference:
+                counters.received += 1
+            code, message = grpc.StatusCode.OK, ""
+            try:
+                return await handler(self, request, context, labels)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                if inference:
+                    counters.dropped += 1
+                raise
+            except Exception as exc:
+                known = status_of(exc)
+                if known is None:
+                    log.exception("%s failed", method)
+                    code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+                else:
+                    code, message = known, str(exc)
+            finally:
+                metrics.requests.labels(method, labels.model, labels.version, code.name).inc()
+                if inference and code != grpc.StatusCode.CANCELLED:
+                    counters.answered += 1
+            await context.abort(code, message)
+
+        return wrapper
+
+    return decorate

@@ -1,0 +1,105 @@
+"""`rater-server`: the command line. Errors are one line on stderr and a non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from noiserater.server.config import ConfigError, add_serve_arguments, config_from_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rater-server",
+        description="NoiseRater rater server: batched gRPC scoring of candidate noises with onnxruntime.",
+    )
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    serve = sub.add_parser("serve", help="serve every model of a repository over gRPC (v1 + KServe v2)",
+                           description="Serve every <name>/<version>/model.onnx of a repository. Each flag "
+                                       "falls back to an environment variable RATER_SERVER_<FLAG>.")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
+    check = sub.add_parser("check", help="validate an ONNX rater as a deploy would (checker, signature, warm-up)")
+    check.add_argument("onnx", help="path of the ONNX file")
+    check.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    check.set_defaults(func=cmd_check)
+    return parser
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from noiserater.server.config import ServerConfig
+    from noiserater.server.models import open_session, validate_onnx_bytes
+
+    path = Path(args.onnx)
+    if not path.is_file():
+        raise ConfigError(f"onnx: no such file {path}")
+    validate_onnx_bytes(path.read_bytes())
+    session = open_session(path, ServerConfig(repository=Path("."), device=args.device))
+    info = session.info
+    print(f"ok: {path} data_shape={list(info.data_shape)} num_timesteps={info.num_timesteps} "
+          f"dataset={info.dataset or '-'} provider={session.provider}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(f"rater-server config: {config.describe()}", flush=True)
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config) -> int:
+    from noiserater.server.app import RaterServer
+
+    server = RaterServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        port = await server.start()
+    except Exception as exc:  # bind failure, bad TLS files, ...: one line, not a traceback
+        raise ConfigError(f"cannot start: {_first_line(exc)}") from None
+    for problem in server.load_problems:
+        print(f"rater-server warning: skipped {problem}", file=sys.stderr, flush=True)
+    loaded = [f"{m.name}:{v}" for m in server.registry.models.values() for v in sorted(m.versions)]
+    provider = {v.session.provider for m in server.registry.models.values() for v in m.versions.values()}
+    print(f"rater-server loaded {len(loaded)} model versions: {', '.join(loaded) or '-'} "
+          f"(providers: {', '.join(sorted(provider)) or '-'})", flush=True)
+    print(f"rater-server listening on {config.host}:{port}", flush=True)
+    await stop.wait()
+    print(f"rater-server draining (grace {config.grace_s:g}s)", flush=True)
+    await server.stop()
+    c = server.counters
+    print(f"rater-server stopped: {c.received} inference requests received, {c.answered} answered, "
+          f"{c.dropped} dropped", flush=True)
+    return 0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # every expected failure (config, files, validation) ends as one line
+        print(f"rater-server: error: {_first_line(exc)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

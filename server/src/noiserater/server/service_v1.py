@@ -1,0 +1,152 @@
+"""noiserater.v1.RaterService: selection, scoring, models and statistics over the shared scoring code."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from noiserater.proto import codec, scoring
+from noiserater.proto.v1 import rater_service_pb2 as pb
+from noiserater.proto.v1 import rater_service_pb2_grpc as pb_grpc
+from noiserater.proto.v1 import tensor_pb2
+from noiserater.server import stats as stats_mod
+from noiserater.server.errors import CallLabels, RequestCounters, rpc
+from noiserater.server.metrics import ServerMetrics
+from noiserater.server.models import ModelRegistry, ModelVersion
+from noiserater.server.stats import StatsRecorder
+
+RULES = {
+    pb.SELECTION_RULE_UNSPECIFIED: scoring.RULE_TOP_K,
+    pb.SELECTION_RULE_TOP_K: scoring.RULE_TOP_K,
+    pb.SELECTION_RULE_SAMPLE: scoring.RULE_SAMPLE,
+    pb.SELECTION_RULE_ASSIGN: scoring.RULE_ASSIGN,
+}
+DEFAULT_DATASET = "default"
+
+
+def resolve_dataset(requested: str, version: ModelVersion) -> str:
+    """The request's dataset id, else the one the exporter wrote into the model, else 'default'."""
+    return stats_mod.check_dataset(requested or version.session.info.dataset or DEFAULT_DATASET)
+
+
+def signature(info: scoring.RaterInfo) -> tuple[list[tensor_pb2.TensorSpec], list[tensor_pb2.TensorSpec]]:
+    data = [-1, *info.data_shape]
+    inputs = [
+        tensor_pb2.TensorSpec(name=scoring.INPUT_X0, dtype=tensor_pb2.DTYPE_FLOAT32, shape=data),
+        tensor_pb2.TensorSpec(name=scoring.INPUT_T, dtype=tensor_pb2.DTYPE_INT64, shape=[-1]),
+        tensor_pb2.TensorSpec(name=scoring.INPUT_EPS, dtype=tensor_pb2.DTYPE_FLOAT32, shape=data),
+    ]
+    outputs = [tensor_pb2.TensorSpec(name=scoring.OUTPUT_SCORE, dtype=tensor_pb2.DTYPE_FLOAT32, shape=[-1])]
+    return inputs, outputs
+
+
+class RaterServicer(pb_grpc.RaterServiceServicer):
+    def __init__(self, registry: ModelRegistry, recorder: StatsRecorder, metrics: ServerMetrics,
+                 counters: RequestCounters):
+        self.registry = registry
+        self.recorder = recorder
+        self.metrics = metrics
+        self.counters = counters
+
+    def _lookup(self, ref: pb.ModelRef, labels: CallLabels) -> ModelVersion:
+        labels.model = ref.name
+        found = self.registry.get(ref.name, ref.version)
+        labels.version = str(found.version)
+        return found
+
+    @rpc("SelectNoise", inference=True)
+    async def SelectNoise(self, request: pb.SelectNoiseRequest, context, labels: CallLabels):
+        version = self._lookup(request.model, labels)
+        info = version.session.info
+        x0 = codec.decode(request.x0, "x0")
+        t = codec.decode(request.t, "t")
+        candidates = codec.decode(request.candidates, "candidates")
+        rule = RULES.get(request.rule)
+        if rule is None:
+            raise scoring.ScoringError(f"rule: unknown selection rule {request.rule}")
+        if x0.ndim >= 1 and x0.shape[0] == 0:
+            raise scoring.ScoringError("x0: the batch is empty (B=0)")
+        scoring.validate_selection(info, x0, t, candidates, request.k, rule)
+        if rule == scoring.RULE_SAMPLE and not request.temperature > 0:
+            raise scoring.ScoringError(f"temperature: must be > 0 for rule 'sample', got {request.temperature}")
+        dataset = resolve_dataset(request.dataset, version)
+        x0_flat, t_flat, eps_flat = scoring.expand_candidates(x0, t, candidates, rule)
+        scores = await version.batcher.submit(x0_flat, t_flat, eps_flat)
+        self.recorder.record(dataset, version.name, version.version, info.num_timesteps, t_flat, scores)
+        indices, chosen = scoring.choose(scores, x0.shape[0], candidates.shape[1], request.k, rule,
+                                         request.temperature, request.seed)
+        return pb.SelectNoiseResponse(indices=codec.encode(indices), scores=codec.encode(chosen),
+                                      model=pb.ModelRef(name=version.name, version=version.version))
+
+    @rpc("Score", inference=True)
+    async def Score(self, request: pb.ScoreRequest, context, labels: CallLabels):
+        version = self._lookup(request.model, labels)
+        scores = await score_triples(self.recorder, version, request.dataset, codec.decode(request.x0, "x0"),
+                                     codec.decode(request.t, "t"), codec.decode(request.eps, "eps"))
+        return pb.ScoreResponse(scores=codec.encode(scores),
+                                model=pb.ModelRef(name=version.name, version=version.version))
+
+    @rpc("ListModels")
+    async def ListModels(self, request, context, labels: CallLabels):
+        models = []
+        for name in sorted(self.registry.models):
+            model = self.registry.models[name]
+            versions = [pb.ModelVersionInfo(version=v, state="READY") for v in sorted(model.versions)]
+            models.append(pb.ModelInfo(name=name, versions=versions, default_version=model.default_version))
+        return pb.ListModelsResponse(models=models)
+
+    @rpc("GetModelMetadata")
+    async def GetModelMetadata(self, request: pb.GetModelMetadataRequest, context, labels: CallLabels):
+        version = self._lookup(request.model, labels)
+        inputs, outputs = signature(version.session.info)
+        return pb.GetModelMetadataResponse(
+            model=pb.ModelRef(name=version.name, version=version.version),
+            metadata=version.session.info.metadata, inputs=inputs, outputs=outputs,
+            execution_provider=version.session.provider)
+
+    @rpc("DeployModel")
+    async def DeployModel(self, request: pb.DeployModelRequest, context, labels: CallLabels):
+        labels.model = request.name
+        loaded = await self.registry.deploy(request.name, request.onnx, request.version)
+        labels.version = str(loaded.version)
+        return pb.DeployModelResponse(model=pb.ModelRef(name=loaded.name, version=loaded.version))
+
+    @rpc("UnloadModel")
+    async def UnloadModel(self, request: pb.UnloadModelRequest, context, labels: CallLabels):
+        labels.model = request.model.name
+        await self.registry.unload(request.model.name, request.model.version)
+        return pb.UnloadModelResponse()
+
+    @rpc("SetDefaultVersion")
+    async def SetDefaultVersion(self, request: pb.SetDefaultVersionRequest, context, labels: CallLabels):
+        labels.model = request.model.name
+        self.registry.set_default(request.model.name, request.model.version)
+        return pb.SetDefaultVersionResponse()
+
+    @rpc("GetStats")
+    async def GetStats(self, request: pb.GetStatsRequest, context, labels: CallLabels):
+        if request.dataset:
+            stats_mod.check_dataset(request.dataset)
+        found = await self.recorder.read(request.dataset, request.model, request.version)
+        buckets = [
+            pb.StatsBucket(dataset=k[0], model=k[1], version=k[2], timestep_bucket=k[3], count=m.count,
+                           mean=m.mean, m2=m.m2, min=m.min, max=m.max, histogram=m.hist.tolist(),
+                           hist_low=stats_mod.HIST_LOW, hist_high=stats_mod.HIST_HIGH)
+            for k, m in sorted(found.items())
+        ]
+        return pb.GetStatsResponse(buckets=buckets, timestep_buckets=stats_mod.TIMESTEP_BUCKETS)
+
+
+async def score_triples(recorder: StatsRecorder, version: ModelVersion, dataset: str, x0: np.ndarray,
+                        t: np.ndarray, eps: np.ndarray) -> np.ndarray:
+    """Validate N triples, score them through the version's batcher and count them in the statistics."""
+    info = version.session.info
+    if x0.ndim >= 1 and x0.shape[0] == 0:
+        raise scoring.ScoringError("x0: the batch is empty (N=0)")
+    scoring.validate_triples(info, x0, t, eps)
+    dataset = resolve_dataset(dataset, version)
+    x0 = np.asarray(x0, dtype=np.float32)
+    t = np.asarray(t, dtype=np.int64)
+    eps = np.asarray(eps, dtype=np.float32)
+    scores = await version.batcher.submit(x0, t, eps)
+    recorder.record(dataset, version.name, version.version, info.num_timesteps, t, scores)
+    return scores
