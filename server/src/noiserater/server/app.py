@@ -37,6 +37,11 @@ def grpc_options(max_message_mb: int) -> list[tuple[str, int]]:
 
 class RaterServer:
     def __init__(self, config: ServerConfig):
+        import onnxruntime as ort
+
+        # onnxruntime's own multi-line complaint about a missing CUDA library is replaced by one line
+        # of ours and the nr_cpu_fallbacks metric (see models.py).
+        ort.set_default_logger_severity(3)
         self.config = config
         self.metrics = ServerMetrics()
         self.counters = RequestCounters()

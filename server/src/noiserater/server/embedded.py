@@ -4,7 +4,9 @@ real server in the same process (the CLI runs it with `rater-server serve` inste
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
+from pathlib import Path
 
 from noiserater.server.app import RaterServer
 from noiserater.server.config import ServerConfig
@@ -48,3 +50,13 @@ class ServerThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def make_repository(root: Path, models: dict[str, list[Path]]) -> Path:
+    """<root>/<name>/<i+1>/model.onnx for each ONNX file listed under a name."""
+    for name, files in models.items():
+        for i, source in enumerate(files, start=1):
+            target = root / name / str(i) / "model.onnx"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+    return root
