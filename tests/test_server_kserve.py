@@ -130,7 +130,7 @@ from tritonclient.grpc import service_pb2
 def fields(descriptor, prefix=""):
     out = {}
     for f in descriptor.fields:
-        out[prefix + descriptor.name + "." + f.name] = [f.number, f.type, f.label]
+        out[prefix + descriptor.name + "." + f.name] = [f.number, f.type, f.is_repeated]
     for nested in descriptor.nested_types:
         out.update(fields(nested, prefix + descriptor.name + "."))
     return out
@@ -147,7 +147,7 @@ def test_field_numbers_equal_tritons():
     def fields(descriptor, prefix=""):
         out = {}
         for f in descriptor.fields:
-            out[prefix + descriptor.name + "." + f.name] = [f.number, f.type, f.label]
+            out[prefix + descriptor.name + "." + f.name] = [f.number, f.type, f.is_repeated]
         for nested in descriptor.nested_types:
             out.update(fields(nested, prefix + descriptor.name + "."))
         return out
