@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from noiserater.cli import models_cmds
+from noiserater.cli import models_cmds, train_cmd
 
 app = typer.Typer(
     name="nrctl",
@@ -22,6 +22,7 @@ bench_app = typer.Typer(help="Benchmarks that write reports (efficacy of trainin
 app.add_typer(bench_app, name="bench")
 
 models_cmds.register(app)
+train_cmd.register(app)
 
 
 if __name__ == "__main__":

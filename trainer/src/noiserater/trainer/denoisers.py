@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from noiserater.trainer.rater import timestep_embedding
 from torch import nn
+
+from noiserater.trainer.rater import timestep_embedding
 
 DENOISER_KINDS = ("auto", "mlp", "unet")
 
@@ -36,7 +37,7 @@ class MLPDenoiser(nn.Module):
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = self.time(timestep_embedding(t, self.time_dim, self.num_timesteps))
+        emb = self.time(timestep_embedding(t, self.time_dim, self.num_timesteps).to(x_t.dtype))
         h = self.inp(x_t.flatten(1))
         for block in self.blocks:
             h = h + block(h + emb)
@@ -83,7 +84,7 @@ class SmallUNet(nn.Module):
         self.out = nn.Conv2d(c, c_img, 3, padding=1)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = self.time(timestep_embedding(t, self.time_dim, self.num_timesteps))
+        emb = self.time(timestep_embedding(t, self.time_dim, self.num_timesteps).to(x_t.dtype))
         h0 = self.down1(self.inp(x_t), emb)
         h1 = self.mid(self.downsample(h0), emb)
         up = F.interpolate(h1, size=h0.shape[-2:], mode="nearest")

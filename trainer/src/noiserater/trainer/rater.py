@@ -42,11 +42,46 @@ class VectorRater(nn.Module):
     def forward(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         x = x0.flatten(1)
         e = eps.flatten(1)
-        emb = timestep_embedding(t, self.time_dim, self.num_timesteps)
+        emb = timestep_embedding(t, self.time_dim, self.num_timesteps).to(x0.dtype)
         return self.net(torch.cat([x, e, x * e, emb], dim=1)).squeeze(1)
 
 
-RATER_KINDS: dict[str, type[nn.Module]] = {"mlp": VectorRater}
+class ImageRater(nn.Module):
+    """A small conv net over the channels [x0, eps, x0*eps] with the timestep embedding added after the
+    first conv, global average pooling and a linear head. Ops: Conv, SiLU, Add, Mul, ReduceMean, Gemm."""
+
+    def __init__(self, data_shape: tuple[int, ...], num_timesteps: int, channels: int = 32, time_dim: int = 32):
+        super().__init__()
+        if len(data_shape) != 3:
+            raise ValueError(f"ImageRater needs image data (C, H, W), got shape {tuple(data_shape)}")
+        self.data_shape = tuple(data_shape)
+        self.num_timesteps = num_timesteps
+        self.time_dim = time_dim
+        c_img = data_shape[0]
+        self.inp = nn.Conv2d(3 * c_img, channels, 3, padding=1)
+        self.time = nn.Linear(time_dim, channels)
+        self.body = nn.Sequential(
+            nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1),
+            nn.SiLU(),
+        )
+        self.head = nn.Sequential(nn.Linear(2 * channels, channels), nn.SiLU(), nn.Linear(channels, 1))
+
+    def forward(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        emb = self.time(timestep_embedding(t, self.time_dim, self.num_timesteps).to(x0.dtype))
+        h = self.inp(torch.cat([x0, eps, x0 * eps], dim=1)) + emb[:, :, None, None]
+        h = self.body(h).mean(dim=(2, 3))
+        return self.head(h).squeeze(1)
+
+
+RATER_KINDS: dict[str, type[nn.Module]] = {"mlp": VectorRater, "conv": ImageRater}
+
+
+def default_rater_kind(data_shape: tuple[int, ...]) -> str:
+    """'conv' for (C, H, W) images, 'mlp' otherwise."""
+    return "conv" if len(data_shape) == 3 else "mlp"
 
 
 def build_rater(kind: str, data_shape: tuple[int, ...], num_timesteps: int, **kwargs: Any) -> nn.Module:

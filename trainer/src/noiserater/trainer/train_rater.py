@@ -1,0 +1,406 @@
+"""Stage 1's training loop: meta-learn the rater against a population of proxy denoisers.
+
+Each meta step, every inner model of the population (reset at staggered times, so the rater sees every
+phase of training) contributes a meta-gradient (`noiserater.trainer.meta`) for the rater and then really
+trains one Adam step on the rater-weighted loss. Under torchrun each rank holds its own population and
+data stream; the rater's gradients are all-reduced (gloo on CPU), so all ranks hold the same rater.
+
+RUN_DIR holds: rater.pt (`save_rater`, what `nrctl export` reads), checkpoint.pt (everything needed to
+resume exactly; checkpoint-rank{r}.pt for ranks > 0), config.json, metrics.jsonl and curves.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from noiserater.trainer.data import DataSplits, load_dataset
+from noiserater.trainer.denoisers import build_denoiser
+from noiserater.trainer.diffusion import NoiseSchedule, per_sample_loss
+from noiserater.trainer.meta import (
+    META_GRAD_ROUTES,
+    adam_preconditioner,
+    meta_gradient,
+    virtual_step_losses,
+    weight_stats,
+)
+from noiserater.trainer.rater import RATER_FILE, build_rater, default_rater_kind, save_rater
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "curves.png"
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "digits"
+    steps: int = 600
+    inner_steps: int = 1  # U, unrolled virtual SGD steps
+    population: int = 4  # P inner models per rank
+    meta_grad: str = "fast"  # "exact" | "fast"
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 128
+    val_batch_size: int = 256
+    num_timesteps: int = 1000
+    schedule: str = "linear"
+    denoiser: str = "auto"
+    denoiser_kwargs: dict[str, Any] = field(default_factory=dict)
+    rater: str = "auto"
+    rater_kwargs: dict[str, Any] = field(default_factory=dict)
+    inner_lr: float = 1e-3  # Adam, for the real inner updates
+    virtual_lr: float = 1e-4  # alpha of the virtual (Adam-preconditioned SGD) step
+    rater_lr: float = 1e-3
+    tau: float = 1.0
+    entropy_coef: float = 0.0
+    reset_every: int = 300  # each inner model is re-initialised this often, at staggered offsets
+    fd_eps: float = 1e-3
+    log_every: int = 5
+    checkpoint_every: int = 50
+
+    def validate(self) -> None:
+        if self.meta_grad not in META_GRAD_ROUTES:
+            raise ValueError(f"--meta-grad must be one of {', '.join(META_GRAD_ROUTES)}, got {self.meta_grad!r}")
+        for name in ("steps", "inner_steps", "population", "batch_size", "val_batch_size", "reset_every",
+                     "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.tau <= 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available")
+    return torch.device(name)
+
+
+class Member:
+    """One inner model of the population with its Adam optimiser and its age in steps."""
+
+    def __init__(self, model: nn.Module, lr: float):
+        self.model = model
+        self.opt = torch.optim.Adam(model.parameters(), lr=lr)
+        self.age = 0
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.model.named_parameters()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "age": self.age}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.age = state["age"]
+
+
+class MetaTrainer:
+    """Rater, rater optimiser, population and RNG for one rank; `step()` is one meta step."""
+
+    def __init__(self, cfg: TrainConfig, data: DataSplits, device: torch.device, rank: int = 0, world: int = 1):
+        self.cfg, self.data, self.device, self.rank, self.world = cfg, data, device, rank, world
+        self.schedule = NoiseSchedule(cfg.num_timesteps, cfg.schedule).to(device)
+        self.train_x = data.train.to(device)
+        self.val_x = data.val.to(device)
+        self.rater_kind = cfg.rater if cfg.rater != "auto" else default_rater_kind(data.data_shape)
+        torch.manual_seed(cfg.seed)  # same rater initialisation on every rank
+        self.rater = build_rater(self.rater_kind, data.data_shape, cfg.num_timesteps, **cfg.rater_kwargs).to(device)
+        self.rater_opt = torch.optim.Adam(self.rater.parameters(), lr=cfg.rater_lr)
+        self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + 17 + rank)  # this rank's data and resets
+        self.members = [Member(self._fresh_denoiser(), cfg.inner_lr) for _ in range(cfg.population)]
+        self.step_count = 0
+        if world > 1:
+            for p in self.rater.parameters():
+                dist.broadcast(p.data, src=0)
+
+    # -- randomness -------------------------------------------------------------------------------------
+    def _fresh_denoiser(self) -> nn.Module:
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.gen))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_denoiser(self.data.data_shape, self.cfg.denoiser, num_timesteps=self.cfg.num_timesteps,
+                                   **self.cfg.denoiser_kwargs)
+        return model.to(self.device)
+
+    def _batch(self, source: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(source), (size,), generator=self.gen)
+        x0 = source[idx.to(source.device)]
+        t = self.schedule.sample_timesteps(size, generator=self.gen).to(self.device)
+        eps = torch.randn(x0.shape, generator=self.gen).to(self.device)
+        return x0, t, eps
+
+    def _reset_due(self, index: int) -> bool:
+        offset = index * self.cfg.reset_every // self.cfg.population
+        return self.step_count > 0 and self.step_count % self.cfg.reset_every == offset
+
+    # -- one meta step ------------------------------------------------------------------------------------
+    def step(self, evaluate: bool = False) -> dict[str, float]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.rater_opt.zero_grad(set_to_none=True)
+        stats: dict[str, list[float]] = {}
+
+        def record(key: str, value: float) -> None:
+            stats.setdefault(key, []).append(value)
+
+        for i, member in enumerate(self.members):
+            if self._reset_due(i):
+                self.members[i] = member = Member(self._fresh_denoiser(), cfg.inner_lr)
+            batches = [self._batch(self.train_x, cfg.batch_size) for _ in range(cfg.inner_steps)]
+            val_batch = self._batch(self.val_x, cfg.val_batch_size)
+            params = member.params()
+            if member.age == 0:  # Adam has no second moment yet: take one plain step so P is defined
+                self._real_step(member, params, batches[0], None)
+                params = member.params()
+            precond = adam_preconditioner(member.opt, params, lambda m=member: dict(m.model.named_parameters()))
+            result = meta_gradient(cfg.meta_grad, member.model, self.schedule, params, precond, cfg.virtual_lr,
+                                   self.rater, batches, val_batch, tau=cfg.tau, entropy_coef=cfg.entropy_coef,
+                                   fd_eps=cfg.fd_eps, grad_scale=1.0 / (len(self.members) * self.world))
+            if evaluate:
+                learned, uniform = virtual_step_losses(member.model, self.schedule, params, precond,
+                                                       cfg.virtual_lr, batches[0], val_batch, result.weights[0])
+                record("outer_loss_learned", learned)
+                record("outer_loss_uniform", uniform)
+                for key, value in weight_stats(result.weights[0]).items():
+                    record(key, value)
+            record("outer_loss", result.outer_loss)
+            record("inner_loss", result.inner_loss)
+            self._real_step(member, params, batches[0], result.grad_theta0)
+        if self.world > 1:
+            for p in self.rater.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)  # grad_scale already divided by world: this is the mean
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.rater.parameters(), max_norm=float("inf")))
+        self.rater_opt.step()
+        self.step_count += 1
+        out = {k: sum(v) / len(v) for k, v in stats.items()}
+        out["rater_grad_norm"] = grad_norm
+        if self.world > 1:
+            keys = sorted(out)
+            vec = torch.tensor([out[k] for k in keys], dtype=torch.float64)
+            dist.all_reduce(vec)
+            out = {k: float(v) / self.world for k, v in zip(keys, vec, strict=True)}
+        out["seconds_per_step"] = time.perf_counter() - t0
+        return out
+
+    def _real_step(self, member: Member, params, batch, grads) -> None:
+        """One Adam step of the inner model on the rater-weighted loss (gradient reused from the meta step)."""
+        if grads is None:
+            member.opt.zero_grad(set_to_none=True)
+            x0, t, eps = batch
+            per_sample_loss(member.model, self.schedule, x0, t, eps).mean().backward()
+        else:
+            for name, p in member.model.named_parameters():
+                p.grad = grads[name].detach().clone()
+        member.opt.step()
+        member.age += 1
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step_count,
+            "config": asdict(self.cfg),
+            "rater_kind": self.rater_kind,
+            "rater": self.rater.state_dict(),
+            "rater_opt": self.rater_opt.state_dict(),
+            "members": [m.state_dict() for m in self.members],
+            "generator": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "rank": self.rank,
+            "world": self.world,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = state["step"]
+        self.rater.load_state_dict(state["rater"])
+        self.rater_opt.load_state_dict(state["rater_opt"])
+        for member, ms in zip(self.members, state["members"], strict=True):
+            member.load_state_dict(ms)
+        self.gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+
+
+def _checkpoint_path(out: Path, rank: int) -> Path:
+    return out / (CHECKPOINT_FILE if rank == 0 else f"checkpoint-rank{rank}.pt")
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _provenance(cfg: TrainConfig, trainer: MetaTrainer, wall: float) -> dict[str, Any]:
+    return {
+        "stage": "stage1-meta",
+        "steps": trainer.step_count,
+        "config": asdict(cfg),
+        "world_size": trainer.world,
+        "wall_seconds": round(wall, 3),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def read_metrics(out: str | Path) -> list[dict[str, Any]]:
+    path = Path(out) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def last_quarter_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Means of outer_loss_learned / outer_loss_uniform over the logged steps in the last quarter of the run."""
+    evaluated = [r for r in rows if "outer_loss_learned" in r]
+    if not evaluated:
+        return {}
+    last_step = max(r["step"] for r in evaluated)
+    tail = [r for r in evaluated if r["step"] > 0.75 * last_step] or evaluated[-1:]
+    learned = sum(r["outer_loss_learned"] for r in tail) / len(tail)
+    uniform = sum(r["outer_loss_uniform"] for r in tail) / len(tail)
+    return {"last_quarter_learned": learned, "last_quarter_uniform": uniform,
+            "last_quarter_improvement": uniform - learned, "last_quarter_points": len(tail)}
+
+
+def plot_curves(out: str | Path) -> Path | None:
+    rows = [r for r in read_metrics(out) if "outer_loss_learned" in r]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    diff = [r["outer_loss_uniform"] - r["outer_loss_learned"] for r in rows]
+    k = max(1, len(diff) // 20)
+    smooth = [sum(diff[max(0, i - k + 1):i + 1]) / len(diff[max(0, i - k + 1):i + 1]) for i in range(len(diff))]
+    axes[0].plot(steps, diff, alpha=0.3, label="per log step")
+    axes[0].plot(steps, smooth, label=f"moving mean ({k})")
+    axes[0].axhline(0, color="k", lw=0.5)
+    axes[0].set_title("held-out loss after one virtual step:\nuniform - learned (> 0: rater helps)")
+    axes[0].legend()
+    axes[1].plot(steps, [r["inner_loss"] for r in rows], label="inner (train) loss")
+    axes[1].plot(steps, [r["outer_loss_uniform"] for r in rows], label="outer loss (w=1)")
+    axes[1].set_title("population losses")
+    axes[1].legend()
+    axes[2].plot(steps, [r["weight_std"] for r in rows], label="weight std")
+    axes[2].plot(steps, [r["weight_max"] for r in rows], label="weight max")
+    axes[2].plot(steps, [r["weight_ess"] for r in rows], label="ESS / B")
+    axes[2].set_title("weight spread")
+    axes[2].legend()
+    for ax in axes:
+        ax.set_xlabel("meta step")
+    fig.tight_layout()
+    path = Path(out) / PLOT_FILE
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _dist_env() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    if world > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def train_rater(cfg: TrainConfig, out: str | Path, progress: Callable[[int, int, dict[str, float]], None] | None = None,
+                stop_after: int | None = None) -> dict[str, Any]:
+    """Run (or resume) stage 1 into `out`. Returns a summary. `stop_after` ends the call after that many meta
+    steps of this call (for tests of resumption); the run's own length stays `cfg.steps`."""
+    cfg.validate()
+    out = Path(out)
+    rank, world = _dist_env()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        dist.barrier()
+    ckpt_path = _checkpoint_path(out, rank)
+    resumed_from = 0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved = TrainConfig.from_dict(state["config"])
+        if (saved.dataset, saved.seed, saved.population) != (cfg.dataset, cfg.seed, cfg.population):
+            raise ValueError(f"{out} holds a run of dataset={saved.dataset} seed={saved.seed} "
+                             f"population={saved.population}; use another --out or the same settings")
+        saved.steps, saved.device = cfg.steps, cfg.device  # a resumed run may be extended or moved
+        cfg = saved
+    data = load_dataset(cfg.dataset, seed=cfg.seed)
+    trainer = MetaTrainer(cfg, data, device, rank, world)
+    if ckpt_path.exists():
+        trainer.load_state_dict(state)
+        resumed_from = trainer.step_count
+    metrics_path = out / METRICS_FILE
+    if rank == 0:
+        (out / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
+        kept = [r for r in read_metrics(out) if r["step"] <= resumed_from]  # drop steps logged after the ckpt
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    started = time.perf_counter()
+    done_here = 0
+    while trainer.step_count < cfg.steps and (stop_after is None or done_here < stop_after):
+        step = trainer.step_count + 1
+        evaluate = step % cfg.log_every == 0 or step == cfg.steps
+        row = trainer.step(evaluate=evaluate)
+        done_here += 1
+        if rank == 0 and evaluate:
+            with metrics_path.open("a") as fh:
+                fh.write(json.dumps({"step": step, **{k: round(v, 7) for k, v in row.items()}}) + "\n")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            _atomic_save(trainer.state_dict(), ckpt_path)
+        if progress is not None and rank == 0:
+            progress(step, cfg.steps, row)
+    _atomic_save(trainer.state_dict(), ckpt_path)
+    wall = time.perf_counter() - started
+    summary: dict[str, Any] = {"out": str(out), "steps": trainer.step_count, "resumed_from": resumed_from,
+                               "world_size": world, "device": str(device), "wall_seconds": round(wall, 2)}
+    if rank == 0:
+        rater_cpu = build_rater(trainer.rater_kind, data.data_shape, cfg.num_timesteps, **cfg.rater_kwargs)
+        rater_cpu.load_state_dict({k: v.cpu() for k, v in trainer.rater.state_dict().items()})
+        save_rater(out / RATER_FILE, rater_cpu, trainer.rater_kind, dataset=cfg.dataset,
+                   schedule=cfg.schedule, rater_kwargs=cfg.rater_kwargs,
+                   provenance=_provenance(cfg, trainer, wall))
+        plot_curves(out)
+        summary.update(last_quarter_summary(read_metrics(out)))
+        summary["rater"] = str(out / RATER_FILE)
+    if world > 1:
+        dist.barrier()
+    return summary
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+__all__ = ["TrainConfig", "MetaTrainer", "train_rater", "read_metrics", "last_quarter_summary", "plot_curves",
+           "cleanup_distributed", "math"]
