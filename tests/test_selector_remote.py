@@ -1,0 +1,61 @@
+"""NoiseSelector.remote against a real server equals NoiseSelector.local on the same model and seed."""
+
+import pytest
+import torch
+
+from noiserater.server.config import ServerConfig
+from noiserater.server.embedded import ServerThread, make_repository
+from noiserater.trainer.selector import NoiseSelector, SelectorError
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, rater_onnx):
+    repo = make_repository(tmp_path_factory.mktemp("repo"), {"digits": [rater_onnx]})
+    config = ServerConfig(repository=repo, host="127.0.0.1", port=0, max_delay_ms=1.0)
+    with ServerThread(config) as running:
+        yield running
+
+
+def batches(n, b=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.rand(b, 64, generator=gen) * 2 - 1, torch.randint(0, 100, (b,), generator=gen))
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("rule, k", [("argmax", 8), ("sample", 8), ("assign", 1)])
+def test_remote_equals_local(server, rater_onnx, rule, k):
+    remote = NoiseSelector.remote(server.target, model="digits", dataset="digits", k=k, rule=rule,
+                                  temperature=0.7, seed=3)
+    local = NoiseSelector.local(rater_onnx, k=k, rule=rule, temperature=0.7, seed=3)
+    uniform = NoiseSelector.local(rater_onnx, k=k, rule=rule, seed=3)
+    for x0, t in batches(3):
+        got, want = remote.select(x0, t), local.select(x0, t)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert got.shape == x0.shape
+    assert remote.counters == {"selections": 3, "fallback_local": 0, "fallback_gaussian": 0}
+    assert remote.model_version == 1
+    # The choice is not trivially the first candidate (what a Gaussian fallback would return).
+    assert not torch.equal(remote.select(*batches(1, seed=9)[0]), uniform.draw_candidates(batches(1)[0][0], k)[:, 0])
+    remote.close()
+
+
+def test_remote_prefetch_and_k_schedule(server, rater_onnx):
+    remote = NoiseSelector.remote(server.target, model="digits", k=8, seed=5)
+    local = NoiseSelector.local(rater_onnx, k=8, seed=5)
+    (x0a, ta), (x0b, tb) = batches(2, seed=1)
+    remote.prefetch(x0a, ta, k=4)
+    torch.testing.assert_close(remote.select(x0a, ta), local.select(x0a, ta, k=4), rtol=0, atol=0)
+    torch.testing.assert_close(remote.select(x0b, tb, k=2), local.select(x0b, tb, k=2), rtol=0, atol=0)
+    remote.close()
+
+
+def test_remote_errors(server):
+    unknown = NoiseSelector.remote(server.target, model="nope", k=4, timeout_s=2)
+    x0, t = batches(1)[0]
+    eps = unknown.select(x0, t)  # NOT_FOUND: training goes on with Gaussian noise, counted
+    assert eps.shape == x0.shape and unknown.counters["fallback_gaussian"] == 1
+    bad = NoiseSelector.remote(server.target, model="digits", k=4)
+    with pytest.raises(SelectorError, match="t: timesteps must lie in"):
+        bad.select(x0, t + 1000)
+    unknown.close()
+    bad.close()
