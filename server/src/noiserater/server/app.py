@@ -3,6 +3,7 @@ until it is told to stop, then drains."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -101,10 +102,17 @@ class RaterServer:
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish within the grace period, flush statistics."""
         grace = self.config.grace_s if grace is None else grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         self._draining = True
+        self.counters.draining = True
         await self.health.enter_graceful_shutdown()
+        # New inference calls now get UNAVAILABLE (which clients retry elsewhere) while the accepted ones
+        # finish; only then does gRPC shut down, which would answer late arrivals with CANCELLED.
+        while self.counters.in_flight > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.005)
         if self.server is not None:
-            await self.server.stop(grace)
+            await self.server.stop(max(0.0, deadline - loop.time()))
         await self.registry.close(grace)
         if self.recorder is not None:
             await self.recorder.close()

@@ -51,6 +51,11 @@ class RequestCounters:
     received: int = 0
     answered: int = 0
     dropped: int = 0
+    draining: bool = False  # set on SIGTERM: new inference requests are refused with UNAVAILABLE
+
+    @property
+    def in_flight(self) -> int:
+        return self.received - self.answered - self.dropped
 
 
 @dataclass
@@ -79,6 +84,9 @@ def rpc(method: str, metrics_attr: str = "metrics", inference: bool = False):
             metrics: ServerMetrics = getattr(self, metrics_attr)
             counters: RequestCounters = self.counters
             labels = CallLabels()
+            if inference and counters.draining:
+                metrics.requests.labels(method, "", "", grpc.StatusCode.UNAVAILABLE.name).inc()
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another replica")
             if inference:
                 counters.received += 1
             code, message = grpc.StatusCode.OK, ""
