@@ -6,6 +6,7 @@ a score per triple [N]. `build_rater` is the one constructor used by training, c
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -105,7 +106,8 @@ def save_rater(path, rater: nn.Module, kind: str, *, dataset: str = "", schedule
             "state_dict": rater.state_dict(),
             "dataset": dataset,
             "schedule": schedule,
-            "provenance": provenance or {},
+            # JSON round trip: provenance must load with weights_only=True (no torch objects inside).
+            "provenance": json.loads(json.dumps(provenance or {}, default=str)),
         },
         path,
     )
