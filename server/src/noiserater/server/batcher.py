@@ -53,6 +53,12 @@ class DynamicBatcher:
         self._executor = executor
         self._metrics = metrics
         self._labels = labels
+        self._m_queue = metrics.queue_seconds.labels(*labels)
+        self._m_compute = metrics.compute_seconds.labels(*labels)
+        self._m_batch_requests = metrics.batch_requests.labels(*labels)
+        self._m_batch_triples = metrics.batch_triples.labels(*labels)
+        self._m_candidates = metrics.candidates.labels(*labels)
+        self._m_depth = metrics.queue_depth.labels(*labels)
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
@@ -86,7 +92,7 @@ class DynamicBatcher:
             loop.create_task(self._run([job]))
         else:
             self._queue.append(job)
-            self._metrics.queue_depth.labels(*self._labels).set(len(self._queue))
+            self._m_depth.set(len(self._queue))
             self._wakeup.set()
         return job.future
 
@@ -119,7 +125,7 @@ class DynamicBatcher:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 except TimeoutError:
                     break
-            self._metrics.queue_depth.labels(*self._labels).set(len(self._queue))
+            self._m_depth.set(len(self._queue))
             await self._run(batch)
 
     def _timed_score(self, x0: np.ndarray, t: np.ndarray, eps: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -147,13 +153,12 @@ class DynamicBatcher:
                 if not job.future.done():
                     job.future.set_exception(exc)
             return
-        labels = self._labels
         for job in live:
-            self._metrics.queue_seconds.labels(*labels).observe(max(0.0, started - job.enqueued))
-        self._metrics.compute_seconds.labels(*labels).observe(elapsed)
-        self._metrics.batch_requests.labels(*labels).observe(len(live))
-        self._metrics.batch_triples.labels(*labels).observe(x0.shape[0])
-        self._metrics.candidates.labels(*labels).inc(x0.shape[0])
+            self._m_queue.observe(max(0.0, started - job.enqueued))
+        self._m_compute.observe(elapsed)
+        self._m_batch_requests.observe(len(live))
+        self._m_batch_triples.observe(x0.shape[0])
+        self._m_candidates.inc(x0.shape[0])
         offset = 0
         for job in live:
             part = scores[offset:offset + job.size]

@@ -23,6 +23,7 @@ log = logging.getLogger("rater-server.stats")
 TIMESTEP_BUCKETS = 10
 HIST_LOW, HIST_HIGH, HIST_BINS = -10.0, 10.0, 40
 KEY_PREFIX = "nr:stats"
+RAW_LIMIT = 1 << 20  # scores kept raw before they are summarised (bounds memory while Redis is down)
 _DATASET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -190,22 +191,40 @@ class StatsRecorder:
         self._flush_s = flush_s
         self._flush_timeout_s = flush_timeout_s
         self._pending: dict[StatsKey, Moments] = {}
+        self._raw: list[tuple[str, str, int, int, np.ndarray, np.ndarray]] = []
+        self._raw_count = 0
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
         self._failing = False
 
     def record(self, dataset: str, model: str, version: int, num_timesteps: int, t: np.ndarray,
                scores: np.ndarray) -> None:
+        """Keep the raw scores; they are summarised per bucket in bulk at the next flush (one np.unique per
+        group and flush instead of per request), or sooner when too many are waiting."""
         if scores.size == 0:
             return
-        buckets = timestep_bucket(t, num_timesteps)
-        for bucket in np.unique(buckets):
-            part = scores[buckets == bucket]
-            self._pending.setdefault((dataset, model, version, int(bucket)), Moments()).merge(Moments.of(part))
+        self._raw.append((dataset, model, version, num_timesteps, t, scores))
+        self._raw_count += scores.size
+        if self._raw_count >= RAW_LIMIT:
+            self._compact()
+
+    def _compact(self) -> None:
+        raw, self._raw, self._raw_count = self._raw, [], 0
+        groups: dict[tuple[str, str, int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
+        for dataset, model, version, num_timesteps, t, scores in raw:
+            groups.setdefault((dataset, model, version, num_timesteps), []).append((t, scores))
+        for (dataset, model, version, num_timesteps), parts in groups.items():
+            t = np.concatenate([p[0] for p in parts])
+            scores = np.concatenate([p[1] for p in parts])
+            buckets = timestep_bucket(t, num_timesteps)
+            for bucket in np.unique(buckets):
+                part = scores[buckets == bucket]
+                self._pending.setdefault((dataset, model, version, int(bucket)), Moments()).merge(Moments.of(part))
 
     async def flush(self) -> bool:
         """Merge what is pending into the store; on failure keep it for the next try. True on success."""
         async with self._lock:
+            self._compact()
             if not self._pending:
                 return True
             batch, self._pending = self._pending, {}
