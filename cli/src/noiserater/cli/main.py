@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import typer
 
+import noiserater.cli.bench_serve as bench_serve
 from noiserater.cli import models_cmds, train_cmd
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app.add_typer(bench_app, name="bench")
 
 models_cmds.register(app)
 train_cmd.register(app)
+bench_serve.register(bench_app)
 
 
 if __name__ == "__main__":
