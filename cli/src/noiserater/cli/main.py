@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 import noiserater.cli.bench_serve as bench_serve
-from noiserater.cli import models_cmds, train_cmd
+from noiserater.cli import bench_train_cmd, models_cmds, quickstart, train_cmd
 
 app = typer.Typer(
     name="nrctl",
@@ -24,6 +24,8 @@ app.add_typer(bench_app, name="bench")
 
 models_cmds.register(app)
 train_cmd.register(app)
+quickstart.register(app)
+bench_train_cmd.register(bench_app)
 bench_serve.register(bench_app)
 
 

@@ -1,0 +1,120 @@
+"""`nrctl bench train`: does training on rater-selected noise pay off, against uniform noise and the peers?"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+
+from noiserater.cli.output import emit_json, fail, table
+
+DEFAULT_METHODS = "uniform,rater-argmax,rater-assign,immiscible,immiscible-knn,min-snr"
+
+
+def resolve_rater(rater: Path, out_dir: Path, dataset: str) -> Path:
+    """An ONNX file as is; a run folder (rater.pt) or a rater.pt exported to OUT/rater.onnx, so the bench
+    scores through the same onnxruntime path as serving."""
+    if rater.suffix == ".onnx":
+        if not rater.is_file():
+            raise ValueError(f"rater file not found: {rater}")
+        return rater
+    checkpoint = rater / "rater.pt" if rater.is_dir() else rater
+    if not checkpoint.is_file():
+        raise ValueError(f"--rater {rater}: neither an .onnx file nor a run folder with rater.pt")
+    from noiserater.trainer.export import export_rater
+    from noiserater.trainer.rater import load_rater
+
+    model, info = load_rater(checkpoint)
+    onnx_path = out_dir / "rater.onnx"
+    export_rater(model, onnx_path, dataset=info.get("dataset") or dataset, schedule=info.get("schedule", ""),
+                 provenance={"checkpoint": str(checkpoint), **(info.get("provenance") or {})})
+    return onnx_path
+
+
+def bench_train(
+    dataset: str = typer.Option("digits", help="Built-in dataset name or a .npy/.npz file / image folder."),
+    methods: str = typer.Option(DEFAULT_METHODS, help="Comma-separated: uniform, rater-argmax, rater-sample, "
+                                "rater-assign, rater-kanneal, immiscible, immiscible-knn, min-snr."),
+    seeds: int = typer.Option(3, min=1, help="Number of seeds (0..N-1), paired across methods."),
+    steps: int = typer.Option(3000, min=1, help="Training steps per run (the same for every method)."),
+    rater: Path | None = typer.Option(None, help="Rater run folder (rater.pt) or exported MODEL.onnx."),
+    out: Path = typer.Option(..., help="Output folder for report.md, report.json, details.json, curves.png."),
+    k: int = typer.Option(8, min=1, help="Candidates per sample for the rater rules and immiscible-knn."),
+    temperature: float = typer.Option(1.0, help="Softmax temperature of rater-sample."),
+    kanneal_end: float = typer.Option(0.5, help="rater-kanneal: fraction of the run at which K reaches 1."),
+    batch_size: int = typer.Option(128, min=1),
+    lr: float = typer.Option(1e-3),
+    denoiser: str = typer.Option("auto", help="auto | mlp | unet"),
+    sample_steps: int | None = typer.Option(None, help="DDPM steps when sampling for frechet/swd (default all T)."),
+    no_quality: bool = typer.Option(False, "--no-quality", help="Skip sampling (no frechet / swd)."),
+    threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Train a fresh denoiser per method and seed on the same budget; write an honest report."""
+    import torch
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from noiserater.trainer.bench_train import BASELINE, parse_methods, rater_schedule, run_bench
+    from noiserater.trainer.data import load_dataset
+    from noiserater.trainer.stage2 import Stage2Config, Stage2Error
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        method_list = parse_methods(methods)
+        if BASELINE not in method_list:
+            method_list = [BASELINE, *method_list]
+        data = load_dataset(dataset)
+        out.mkdir(parents=True, exist_ok=True)
+        needs_rater = any(m.startswith("rater-") for m in method_list)
+        if needs_rater and rater is None:
+            raise ValueError("a rater-* method needs --rater RUN_DIR|MODEL.onnx")
+        onnx_path = resolve_rater(rater, out, dataset) if (needs_rater and rater is not None) else None
+        cfg = Stage2Config(steps=steps, batch_size=batch_size, lr=lr, k=k, temperature=temperature,
+                           kanneal_end=kanneal_end, denoiser=denoiser, sample_steps=sample_steps,
+                           quality=not no_quality)
+        if onnx_path is not None:  # train on the diffusion process the rater was meta-learned on
+            cfg.num_timesteps, schedule = rater_schedule(onnx_path)
+            cfg.schedule = schedule or cfg.schedule
+        command = "nrctl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        total = len(method_list) * seeds * steps
+        with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                      TextColumn("{task.completed}/{task.total} steps"), TimeRemainingColumn(),
+                      transient=as_json, disable=as_json) as bar:
+            task = bar.add_task("bench train", total=total)
+
+            def on_run(result) -> None:
+                bar.update(task, description=f"{result.method} seed {result.seed}: "
+                                             f"val {result.metrics['val_loss']:.4f}")
+
+            result = run_bench(data, method_list, range(seeds), steps, out, rater_onnx=onnx_path, config=cfg,
+                               command=command, progress=lambda n: bar.advance(task, n), on_run=on_run)
+    except (Stage2Error, ValueError, FileNotFoundError, RuntimeError) as exc:
+        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    report, details = result["report"], result["details"]
+    if as_json:
+        emit_json({"out": str(out), "report": report, "paired_vs_uniform": details["paired_vs_uniform"],
+                   "goal_met": details["goal_met"], "references": details["references"]})
+        return
+    metrics = [m for m in ("val_loss", "frechet", "swd", "ms_per_step") if m in report[BASELINE]]
+    rows = []
+    for m in method_list:
+        row: list[str] = [m]
+        for name in metrics:
+            s = report[m][name]
+            cell = f"{s['mean']:.4g} ± {s['std']:.2g}"
+            p = details["paired_vs_uniform"].get(m, {}).get(name)
+            if p is not None:
+                mark = " better" if p["lower_beyond_2se"] else (" worse" if p["higher_beyond_2se"] else "")
+                cell += f" (Δ {p['mean']:+.3g} ± {p['se']:.2g}{mark})"
+            row.append(cell)
+        rows.append(row)
+    table(f"bench train: {data.name}, {steps} steps x {seeds} seeds (Δ: paired vs uniform ± SE)",
+          ["method", *metrics], rows)
+    typer.echo(f"report: {out / 'report.md'}")
+
+
+def register(bench_app: typer.Typer) -> None:
+    bench_app.command("train")(bench_train)

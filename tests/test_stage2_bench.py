@@ -1,0 +1,100 @@
+"""`nrctl bench train` end to end on a tiny budget, and the documented report.json structure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from noiserater.trainer.bench_train import run_bench
+from noiserater.trainer.data import load_dataset
+from noiserater.trainer.stage2 import METHODS, Stage2Config, Stage2Error, train_stage2
+
+TINY = dict(batch_size=16, num_timesteps=100, eval_every=2, eval_repeats=1, sample_steps=4,
+            denoiser_kwargs={"hidden": 32, "depth": 1, "time_dim": 16})
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def check_report(report: dict, methods: list[str], seeds: int) -> None:
+    assert list(report) == methods
+    for method in methods:
+        for metric in ("val_loss", "test_loss", "frechet", "swd", "ms_per_step", "noise_sq_norm_per_dim",
+                       "noise_cosine_with_x0", "steps_to_uniform_final"):
+            entry = report[method][metric]
+            assert set(entry) == {"mean", "std", "seeds"}
+            assert len(entry["seeds"]) == seeds
+        assert report[method]["val_loss"]["mean"] == pytest.approx(sum(report[method]["val_loss"]["seeds"]) / seeds)
+
+
+def test_bench_all_methods_tiny(digits, rater_onnx, tmp_path):
+    cfg = Stage2Config(**TINY)
+    result = run_bench(digits, list(METHODS), [0, 1], 4, tmp_path, rater_onnx=rater_onnx, config=cfg,
+                       command="test")
+    report = json.loads((tmp_path / "report.json").read_text())
+    check_report(report, list(METHODS), 2)
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    md = (tmp_path / "report.md").read_text()
+    assert "Paired differences against uniform" in md and "immiscible-knn" in md
+    details = result["details"]
+    assert set(details["paired_vs_uniform"]) == set(METHODS) - {"uniform"}
+    assert 0.0 <= details["references"]["classifier_test_accuracy"] <= 1.0
+    # uniform is Gaussian; immiscible keeps the multiset (same norm), but moves noise towards x0
+    assert report["uniform"]["noise_cosine_with_x0"]["mean"] == pytest.approx(0.0, abs=0.05)
+    assert report["immiscible"]["noise_cosine_with_x0"]["mean"] > report["uniform"]["noise_cosine_with_x0"]["mean"]
+
+
+def test_methods_share_init_batches_and_timesteps(digits):
+    cfg = Stage2Config(**{**TINY, "quality": False})
+    a = train_stage2(digits, "uniform", 3, seed=5, config=cfg)
+    b = train_stage2(digits, "uniform", 3, seed=5, config=cfg)
+    c = train_stage2(digits, "min-snr", 3, seed=5, config=cfg)
+    assert a.curve_val_loss == b.curve_val_loss  # deterministic per seed
+    assert a.curve_val_loss[0] == c.curve_val_loss[0]  # same initial model
+    assert a.curve_val_loss[-1] != c.curve_val_loss[-1]
+
+
+def test_rater_methods_need_a_rater(digits, tmp_path):
+    with pytest.raises(Stage2Error, match="rater"):
+        run_bench(digits, ["uniform", "rater-argmax"], [0], 2, tmp_path, config=Stage2Config(**TINY))
+    with pytest.raises(Stage2Error, match="unknown"):
+        run_bench(digits, ["uniform", "best-noise"], [0], 2, tmp_path, config=Stage2Config(**TINY))
+
+
+def test_cli_bench_train_from_a_run_folder(tmp_path):
+    from noiserater.cli.main import app
+    from noiserater.trainer.rater import build_rater, save_rater
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.manual_seed(0)
+    save_rater(run_dir / "rater.pt", build_rater("mlp", (64,), 100, hidden=16), "mlp", dataset="digits",
+               schedule="linear", rater_kwargs={"hidden": 16})
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, ["bench", "train", "--dataset", "digits", "--methods",
+                                      "uniform,rater-argmax,rater-assign,immiscible-knn", "--seeds", "2",
+                                      "--steps", "3", "--rater", str(run_dir), "--out", str(out), "--k", "4",
+                                      "--batch-size", "8", "--sample-steps", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert set(payload["report"]) == {"uniform", "rater-argmax", "rater-assign", "immiscible-knn"}
+    assert (out / "rater.onnx").is_file() and (out / "report.md").is_file()
+    check_report(json.loads((out / "report.json").read_text()),
+                 ["uniform", "rater-argmax", "rater-assign", "immiscible-knn"], 2)
+
+
+def test_cli_bench_train_errors_are_one_line(tmp_path):
+    from noiserater.cli.main import app
+
+    result = CliRunner().invoke(app, ["bench", "train", "--methods", "uniform,rater-argmax", "--steps", "2",
+                                      "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1
+    assert "needs --rater" in result.output
+    result = CliRunner().invoke(app, ["bench", "train", "--methods", "nope", "--steps", "2",
+                                      "--out", str(tmp_path / "y")])
+    assert result.exit_code == 1 and "unknown" in result.output
