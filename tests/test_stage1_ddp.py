@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import torch
+
 from noiserater.trainer.train_rater import CHECKPOINT_FILE
 
 

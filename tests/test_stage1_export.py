@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from noiserater.proto import scoring
 from noiserater.trainer.export import export_rater
 from noiserater.trainer.rater import RATER_FILE, build_rater, load_rater, save_rater

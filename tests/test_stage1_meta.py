@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from noiserater.trainer.denoisers import build_denoiser
 from noiserater.trainer.diffusion import NoiseSchedule
 from noiserater.trainer.meta import entropy_gap, meta_gradient, soft_weights, weight_stats

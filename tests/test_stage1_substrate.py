@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from noiserater.trainer.data import load_dataset
 from noiserater.trainer.denoisers import build_denoiser
 from noiserater.trainer.diffusion import NoiseSchedule, ddpm_sample, per_sample_loss

@@ -35,18 +35,19 @@ def train_rater(
                  "seed": seed}
     cfg = TrainConfig(dataset=dataset, device=device, **{k: v for k, v in overrides.items() if v is not None})
     rank = int(os.environ.get("RANK", "0"))
-    if "OMP_NUM_THREADS" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        torch.set_num_threads(1)
+    # The proxy models are tiny: intra-op threads buy little and, on a shared machine, cost a lot.
+    torch.set_num_threads(int(os.environ.get("NOISERATER_THREADS") or os.environ.get("OMP_NUM_THREADS") or 1))
     bar = None
-    if not as_json and rank == 0:
-        console.print(f"train-rater: dataset={cfg.dataset} out={out} steps={cfg.steps} U={cfg.inner_steps} "
-                      f"P={cfg.population} meta-grad={cfg.meta_grad} seed={cfg.seed} device={cfg.device}",
-                      highlight=False)
-        bar = tqdm(total=cfg.steps, desc="meta steps", unit="step", dynamic_ncols=True)
 
     def progress(step: int, total: int, row: dict[str, float]) -> None:
-        if bar is None:
+        nonlocal bar
+        if as_json:
             return
+        if bar is None:  # created at the first step, so an early error stays a single line
+            console.print(f"train-rater: dataset={cfg.dataset} out={out} steps={total} U={cfg.inner_steps} "
+                          f"P={cfg.population} meta-grad={cfg.meta_grad} seed={cfg.seed} device={cfg.device} "
+                          f"threads={torch.get_num_threads()}", highlight=False)
+            bar = tqdm(total=total, initial=step - 1, desc="meta steps", unit="step", dynamic_ncols=True)
         bar.n = step
         post = {"outer": f"{row['outer_loss']:.4f}", "inner": f"{row['inner_loss']:.4f}"}
         if "outer_loss_learned" in row:

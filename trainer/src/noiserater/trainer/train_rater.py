@@ -403,4 +403,4 @@ def cleanup_distributed() -> None:
 
 
 __all__ = ["TrainConfig", "MetaTrainer", "train_rater", "read_metrics", "last_quarter_summary", "plot_curves",
-           "cleanup_distributed", "math"]
+           "cleanup_distributed"]

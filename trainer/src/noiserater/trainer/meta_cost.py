@@ -1,0 +1,94 @@
+"""What one meta step costs next to one plain training step (same batch, same model, same thread count).
+
+    python -m noiserater.trainer.meta_cost [--dataset digits] [--repeats 200] [--threads 1]
+
+Plain step: per-sample loss, mean, backward, Adam step. Meta step (per inner model): the rater's scores and
+soft weights, the meta-gradient by the chosen route into the rater (for "fast": weighted forward/backward,
+held-out forward/backward, two forwards for the directional derivative, the rater's backward), then the real
+Adam step that reuses the weighted gradient. The two kinds of step are interleaved and the medians compared,
+so a busy machine slows both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from noiserater.trainer.data import load_dataset
+from noiserater.trainer.denoisers import build_denoiser
+from noiserater.trainer.diffusion import NoiseSchedule, per_sample_loss
+from noiserater.trainer.meta import adam_preconditioner, meta_gradient
+from noiserater.trainer.rater import build_rater, default_rater_kind
+from noiserater.trainer.train_rater import TrainConfig
+
+
+def measure(dataset: str = "digits", repeats: int = 200, routes: tuple[str, ...] = ("fast", "exact"),
+            cfg: TrainConfig | None = None) -> dict[str, float]:
+    cfg = cfg or TrainConfig(dataset=dataset)
+    data = load_dataset(dataset)
+    schedule = NoiseSchedule(cfg.num_timesteps, cfg.schedule)
+    torch.manual_seed(0)
+    model = build_denoiser(data.data_shape, cfg.denoiser, num_timesteps=cfg.num_timesteps, **cfg.denoiser_kwargs)
+    rater = build_rater(default_rater_kind(data.data_shape), data.data_shape, cfg.num_timesteps, **cfg.rater_kwargs)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.inner_lr)
+    rater_opt = torch.optim.Adam(rater.parameters(), lr=cfg.rater_lr)
+    gen = torch.Generator().manual_seed(0)
+
+    def draw(source: torch.Tensor, size: int):
+        x0 = source[torch.randint(0, len(source), (size,), generator=gen)]
+        return x0, schedule.sample_timesteps(size, generator=gen), torch.randn(x0.shape, generator=gen)
+
+    batch, val = draw(data.train, cfg.batch_size), draw(data.val, cfg.val_batch_size)
+
+    def plain() -> None:
+        opt.zero_grad(set_to_none=True)
+        per_sample_loss(model, schedule, *batch).mean().backward()
+        opt.step()
+
+    def meta(route: str) -> None:
+        rater_opt.zero_grad(set_to_none=True)
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        precond = adam_preconditioner(opt, params, lambda: dict(model.named_parameters()))
+        step = meta_gradient(route, model, schedule, params, precond, cfg.virtual_lr, rater, [batch], val,
+                             tau=cfg.tau, fd_eps=cfg.fd_eps)
+        rater_opt.step()
+        for name, p in model.named_parameters():
+            p.grad = step.grad_theta0[name]
+        opt.step()
+
+    plain()  # Adam state exists from here on
+    runs: dict[str, list[float]] = {"plain": [], **{r: [] for r in routes}}
+    jobs = [("plain", plain)] + [(r, lambda r=r: meta(r)) for r in routes]
+    for _ in range(5):
+        for _, fn in jobs:
+            fn()
+    for _ in range(repeats):
+        for name, fn in jobs:
+            t0 = time.perf_counter()
+            fn()
+            runs[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(v) for name, v in runs.items()}
+    out = {f"{name}_ms": 1e3 * v for name, v in med.items()}
+    for route in routes:
+        out[f"{route}_over_plain"] = med[route] / med["plain"]
+    out.update({"batch_size": cfg.batch_size, "val_batch_size": cfg.val_batch_size, "repeats": repeats,
+                "threads": torch.get_num_threads(), "dataset": dataset})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(json.dumps(measure(args.dataset, args.repeats), indent=2))
+
+
+if __name__ == "__main__":
+    main()
