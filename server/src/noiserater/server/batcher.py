@@ -5,7 +5,9 @@ A request is queued with `submit`; the batching task takes the oldest request, t
 ones until the run would exceed `max_batch` triples or `max_delay_s` has passed since it started waiting,
 and runs the merged batch in a worker thread (off the event loop). While a run is in progress the next
 requests queue up, so under load batches form without waiting for the delay. A request larger than
-`max_batch` runs alone. With batching off (`max_batch == 0`) every request runs on its own, concurrently
+`max_batch` runs alone. Up to `instances` batches run at once (Triton's instance count): while all are
+busy, requests queue, so batches grow with load; a lone client's request is never held back for the
+delay. With batching off (`max_batch == 0`) every request runs on its own, concurrently
 in the thread pool, still bounded by `max_queue` requests in flight.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -21,6 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from noiserater.server.metrics import ServerMetrics
+
+log = logging.getLogger("rater-server.batcher")
 
 ScoreFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
@@ -48,7 +53,7 @@ class _Job:
 
 class DynamicBatcher:
     def __init__(self, score: ScoreFn, executor: Executor, metrics: ServerMetrics, labels: tuple[str, str],
-                 max_batch: int, max_delay_s: float, max_queue: int):
+                 max_batch: int, max_delay_s: float, max_queue: int, instances: int = 1):
         self._score = score
         self._executor = executor
         self._metrics = metrics
@@ -63,7 +68,11 @@ class DynamicBatcher:
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
         self._queue: collections.deque[_Job] = collections.deque()
-        self._wakeup = asyncio.Event()
+        self._queued_triples = 0
+        self._last_batch_requests = 1
+        self._slots = asyncio.Semaphore(max(1, instances))
+        self._runs: set[asyncio.Task] = set()
+        self._waiter: asyncio.Future | None = None
         self._pending = 0  # queued or running, i.e. accepted and not yet answered
         self._idle = asyncio.Event()
         self._idle.set()
@@ -92,8 +101,9 @@ class DynamicBatcher:
             loop.create_task(self._run([job]))
         else:
             self._queue.append(job)
-            self._m_depth.set(len(self._queue))
-            self._wakeup.set()
+            self._queued_triples += job.size
+            if len(self._queue) == 1 or self._queued_triples >= self.max_batch:
+                self._wake()
         return job.future
 
     def _done(self, _future: asyncio.Future) -> None:
@@ -101,32 +111,54 @@ class DynamicBatcher:
         if self._pending == 0:
             self._idle.set()
 
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self, timeout: float | None) -> None:
+        """Sleep until `_wake` (a first request, or a full batch) or the timeout: one future and at most
+        one timer per batch, not one wake-up per request."""
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        handle = loop.call_later(timeout, self._wake) if timeout is not None else None
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+            if handle is not None:
+                handle.cancel()
+
     async def _run_forever(self) -> None:
         while True:
-            while not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+            if not self._queue:
+                await self._wait(None)
+                continue
+            # With every instance busy, requests keep queueing: that is where batches grow under load.
+            await self._slots.acquire()
+            remaining = self._queue[0].enqueued + self.max_delay_s - time.perf_counter()
+            # Only wait for company while traffic is concurrent: a lone client is never delayed.
+            if remaining > 0 and self._queued_triples < self.max_batch and self._last_batch_requests > 1:
+                await self._wait(remaining)
             batch = [self._queue.popleft()]
             size = batch[0].size
-            deadline = batch[0].enqueued + self.max_delay_s
-            while size < self.max_batch:
-                if self._queue:
-                    if size + self._queue[0].size > self.max_batch:
-                        break
-                    job = self._queue.popleft()
-                    batch.append(job)
-                    size += job.size
-                    continue
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except TimeoutError:
-                    break
+            while self._queue and size + self._queue[0].size <= self.max_batch:
+                job = self._queue.popleft()
+                batch.append(job)
+                size += job.size
+            self._queued_triples -= size
+            self._last_batch_requests = len(batch) if len(batch) > 1 or not self._queue else 2
             self._m_depth.set(len(self._queue))
+            task = asyncio.get_running_loop().create_task(self._run_in_slot(batch))
+            self._runs.add(task)
+            task.add_done_callback(self._runs.discard)
+
+    async def _run_in_slot(self, batch: list[_Job]) -> None:
+        try:
             await self._run(batch)
+        except Exception:  # _run answers its jobs itself; never let a failure stop the batcher
+            log.exception("batch run failed")
+        finally:
+            self._slots.release()
 
     def _timed_score(self, x0: np.ndarray, t: np.ndarray, eps: np.ndarray) -> tuple[np.ndarray, float, float]:
         started = time.perf_counter()

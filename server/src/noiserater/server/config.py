@@ -26,6 +26,7 @@ class ServerConfig:
     max_batch: int = 8192
     max_delay_ms: float = 1.0
     max_queue: int = 1024  # requests waiting per model version before RESOURCE_EXHAUSTED
+    instances: int = 1  # onnxruntime runs in flight at once per model version (batching on)
     device: str = "auto"
     intra_op_threads: int = 0  # 0: onnxruntime's default (one per core)
     graph_optimization: str = "all"
@@ -84,6 +85,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="max time a queued request waits for others to join its batch (default %(default)s)")
     add("--max-queue", type=int, default=int(_env("max_queue", d.max_queue)),
         help="requests queued per model version before RESOURCE_EXHAUSTED (default %(default)s)")
+    add("--instances", type=int, default=int(_env("instances", d.instances)),
+        help="batches run at once per model version, like Triton's instance count (default %(default)s)")
     add("--device", choices=("auto", "cpu", "cuda"), default=_env("device", d.device),
         help="onnxruntime execution provider: auto = CUDA when available (default %(default)s)")
     add("--intra-op-threads", type=int, default=int(_env("intra_op_threads", d.intra_op_threads)),
@@ -120,7 +123,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     checks = (
         ("--port", 0 <= args.port < 65536), ("--metrics-port", 0 <= args.metrics_port < 65536),
         ("--max-batch", args.max_batch >= 0), ("--max-delay-ms", args.max_delay_ms >= 0),
-        ("--max-queue", args.max_queue >= 1), ("--intra-op-threads", args.intra_op_threads >= 0),
+        ("--max-queue", args.max_queue >= 1), ("--instances", args.instances >= 1),
+        ("--intra-op-threads", args.intra_op_threads >= 0),
         ("--max-message-mb", args.max_message_mb >= 1), ("--grace-s", args.grace_s >= 0),
         ("--stats-flush-s", args.stats_flush_s > 0), ("--stats-ttl-s", args.stats_ttl_s >= 1),
     )
@@ -130,7 +134,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         repository=Path(args.repository), host=args.host, port=args.port, metrics_port=args.metrics_port,
         redis_url=args.redis_url, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
-        max_queue=args.max_queue, device=args.device, intra_op_threads=args.intra_op_threads,
+        max_queue=args.max_queue, instances=args.instances, device=args.device,
+        intra_op_threads=args.intra_op_threads,
         graph_optimization=args.graph_optimization, auth_token_file=args.auth_token_file,
         auth_all=args.auth_all, tls_cert=args.tls_cert, tls_key=args.tls_key,
         max_message_mb=args.max_message_mb, grace_s=args.grace_s, stats_flush_s=args.stats_flush_s,
