@@ -253,6 +253,7 @@ def bench_serve(
     window_s: float = typer.Option(2.0, "--duration-s", "--window-s", help="Measurement window (s)."),
     max_windows: int = typer.Option(5, min=3, help="Windows per level at most (stops at 3 stable ones)."),
     stability: float = typer.Option(0.15, help="Max spread of the last 3 windows, relative to their mean."),
+    rounds: int = typer.Option(5, min=1, help="Paired rounds (both sides back to back) behind each summary ratio."),
     token_file: Path | None = typer.Option(None, help="Bearer token file, when the server uses --auth-all."),
     out: Path | None = typer.Option(None, help="Write the report JSON here."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -264,7 +265,7 @@ def bench_serve(
             raise ValueError(f"--onnx: no such file {onnx}")
         report = run(target, model, onnx, levels, batch, k, small_batch, unbatched_target,
                      shlex.split(server_args), device, threads, warmup_s, window_s, max_windows, stability,
-                     token_file, as_json)
+                     token_file, as_json, rounds)
     except (ValueError, RuntimeError, OSError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     report["command"] = "nrctl bench serve " + " ".join(shlex.quote(a) for a in sys.argv[3:] if a)
@@ -294,7 +295,7 @@ def bench_serve(
 
 
 def run(target, model, onnx, levels, batch, k, small_batch, unbatched_target, server_args, device, threads,
-        warmup_s, window_s, max_windows, stability, token_file, quiet) -> dict:
+        warmup_s, window_s, max_windows, stability, token_file, quiet, rounds=5) -> dict:
     import onnxruntime as ort
 
     from noiserater.proto.scoring import RaterSession, expand_candidates
@@ -330,25 +331,46 @@ def run(target, model, onnx, levels, batch, k, small_batch, unbatched_target, se
                                                     max_windows, metadata))
                 row[kind] = asdict(result)
             rows.append(row)
-        small = {"batch": small_batch, "k": k, "concurrency": 16}
-        for kind, where in (("batched", target), ("unbatched", unbatched_target)):
-            say(f"small requests (B={small_batch}), {kind} server, 16 clients ...")
-            small[kind] = asdict(asyncio.run(measure_server(where, small_request, 16, per_small, warmup_s,
-                                                            window_s, max_windows, metadata)))
-    say("in-process onnxruntime ceiling ...")
-    triples = expand_candidates(x0, t, candidates)
+        say(f"paired rounds at 16 clients, small requests (B={small_batch}): batching on vs off ...")
+        small_rounds = []
+        for _ in range(rounds):
+            on = asyncio.run(measure_server(target, small_request, 16, per_small, warmup_s, window_s, 1, metadata))
+            off = asyncio.run(measure_server(unbatched_target, small_request, 16, per_small, warmup_s, window_s, 1,
+                                             metadata))
+            small_rounds.append({"batched": asdict(on), "unbatched": asdict(off)})
+        best = max(rows, key=lambda r: r["batched"]["throughput"])
+        say(f"paired rounds: server at {best['concurrency']} clients vs in-process onnxruntime ...")
+        triples = expand_candidates(x0, t, candidates)
+        ceiling_rounds = []
+        for _ in range(rounds):
+            server = asyncio.run(measure_server(target, request, best["concurrency"], per_request, warmup_s,
+                                                window_s, 1, metadata))
+            local = measure_ceiling(onnx, device, threads, triples, per_request, warmup_s, window_s, 1)
+            ceiling_rounds.append({"server": asdict(server), "ceiling": asdict(local)})
+    say("in-process onnxruntime ceiling (full sweep figures) ...")
     ceiling = measure_ceiling(onnx, device, threads, triples, per_request, warmup_s, window_s, max_windows)
     select_path = measure_ceiling(onnx, device, threads, triples, per_request, warmup_s, window_s, max_windows,
                                   select_args=(x0, t, candidates))
-    best = max(rows, key=lambda r: r["batched"]["throughput"])
-    batched_16 = small["batched"]["throughput"]
-    unbatched_16 = small["unbatched"]["throughput"]
+
+    def ratio(a: dict, b: dict) -> float:
+        return a["throughput"] / b["throughput"] if b["throughput"] else float("inf")
+
+    small_ratios = [ratio(r["batched"], r["unbatched"]) for r in small_rounds]
+    ceiling_ratios = [ratio(r["server"], r["ceiling"]) for r in ceiling_rounds]
+    small = {"batch": small_batch, "k": k, "concurrency": 16, "rounds": small_rounds,
+             "batched_throughput_median": float(np.median([r["batched"]["throughput"] for r in small_rounds])),
+             "unbatched_throughput_median": float(np.median([r["unbatched"]["throughput"] for r in small_rounds])),
+             "ratio_per_round": small_ratios}
     summary = {
-        "batched_vs_unbatched_at_16": batched_16 / unbatched_16 if unbatched_16 else float("inf"),
-        "best_vs_ceiling": best["batched"]["throughput"] / ceiling.throughput if ceiling.throughput else 0.0,
+        # Medians of per-round ratios: each round measures both sides back to back, so load from other
+        # processes on the machine hits both sides of a ratio alike.
+        "batched_vs_unbatched_at_16": float(np.median(small_ratios)),
+        "best_vs_ceiling": float(np.median(ceiling_ratios)),
+        "best_vs_ceiling_per_round": ceiling_ratios,
         "best_concurrency": best["concurrency"],
-        "best_throughput": best["batched"]["throughput"],
-        "ceiling_throughput": ceiling.throughput,
+        "best_throughput_sweep": best["batched"]["throughput"],
+        "ceiling_throughput_sweep": ceiling.throughput,
+        "best_vs_ceiling_sweep": ratio(best["batched"], asdict(ceiling)),
         "goals": {"batched_vs_unbatched_at_16": GOAL_BATCHED_VS_UNBATCHED,
                   "best_vs_ceiling": GOAL_BEST_VS_CEILING},
     }
@@ -357,11 +379,12 @@ def run(target, model, onnx, levels, batch, k, small_batch, unbatched_target, se
         "model": {"name": model, "onnx": str(onnx), "data_shape": list(info.data_shape),
                   "num_timesteps": info.num_timesteps},
         "batch": batch, "k": k, "candidates_per_request": per_request, "levels": rows,
-        "small_requests": small, "ceiling": asdict(ceiling), "in_process_select": asdict(select_path),
+        "small_requests": small, "ceiling": asdict(ceiling), "ceiling_rounds": ceiling_rounds,
+        "in_process_select": asdict(select_path),
         "summary": summary,
         "targets": {"batched": target, "unbatched": unbatched_target},
         "servers_started_by_bench": {kind: " ".join(cmd) for kind, cmd in commands.items()},
-        "method": {"warmup_s": warmup_s, "window_s": window_s, "max_windows": max_windows,
+        "method": {"warmup_s": warmup_s, "window_s": window_s, "max_windows": max_windows, "rounds": rounds,
                    "stability": stability, "client": "grpc.aio closed loop, pre-encoded request, <=4 channels"},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "onnxruntime": ort.__version__, "ceiling_provider": RaterSession(onnx, device=device).provider,
