@@ -26,7 +26,10 @@ def resolve_rater(rater: Path, out_dir: Path, dataset: str) -> Path:
     from noiserater.trainer.export import export_rater
     from noiserater.trainer.rater import load_rater
 
-    model, info = load_rater(checkpoint)
+    try:
+        model, info = load_rater(checkpoint)
+    except Exception as exc:  # torch.load / state-dict errors of many kinds
+        raise ValueError(f"--rater {checkpoint}: cannot load the rater ({str(exc).splitlines()[0]})") from None
     onnx_path = out_dir / "rater.onnx"
     export_rater(model, onnx_path, dataset=info.get("dataset") or dataset, schedule=info.get("schedule", ""),
                  provenance={"checkpoint": str(checkpoint), **(info.get("provenance") or {})})

@@ -64,6 +64,7 @@ class Stage2Config:
     sample_count: int = 0  # 0: as many samples as held-out items (so the metric's floor is comparable)
     sample_steps: int | None = None  # DDPM sampling steps (None: all T)
     device: str = "cpu"
+    rater_threads: int = 1  # onnxruntime intra-op threads of the in-process rater (0: onnxruntime's default)
 
 
 @dataclass
@@ -111,6 +112,25 @@ def kanneal_schedule(k: int, steps: int, end_fraction: float) -> Callable[[int],
     return lambda step: max(1, int(round(k - (k - 1) * min(step, end) / end)))
 
 
+class OnnxBackend:
+    """NoiseSelector.local's in-process backend with a fixed onnxruntime thread count (on a shared CPU a
+    single non-spinning thread is faster than a pool). Scores and chooses through `RaterSession.select`,
+    the code path the server uses."""
+
+    def __init__(self, onnx_path: str | Path, threads: int = 1):
+        from noiserater.proto.scoring import RaterSession
+
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise Stage2Error(f"rater file not found: {path}")
+        self.session = RaterSession(path, device="cpu", intra_op_threads=threads)
+        self.version = 0
+
+    def choose(self, x0, t, candidates, rule, temperature, seed):
+        indices, _ = self.session.select(x0, t, candidates, 1, rule, temperature, seed)
+        return indices
+
+
 class NoiseSource:
     """method -> eps for a batch; min-snr's loss weights come from `weights`."""
 
@@ -129,7 +149,8 @@ class NoiseSource:
             from noiserater.trainer.selector import NoiseSelector
 
             rule = RATER_RULES.get(method, "argmax")
-            self.selector = NoiseSelector.local(rater, k=cfg.k, rule=rule, temperature=cfg.temperature, seed=seed)
+            self.selector = NoiseSelector(OnnxBackend(rater, cfg.rater_threads), k=cfg.k, rule=rule,
+                                          temperature=cfg.temperature, seed=seed)
         if method == "rater-kanneal" and self.k_schedule is None:
             self.k_schedule = kanneal_schedule(cfg.k, cfg.steps, cfg.kanneal_end)
 
