@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import grpc
 import numpy as np
 
 from noiserater.proto import codec, scoring
@@ -9,7 +12,7 @@ from noiserater.proto.v1 import rater_service_pb2 as pb
 from noiserater.proto.v1 import rater_service_pb2_grpc as pb_grpc
 from noiserater.proto.v1 import tensor_pb2
 from noiserater.server import stats as stats_mod
-from noiserater.server.errors import CallLabels, RequestCounters, rpc
+from noiserater.server.errors import CallLabels, RequestCounters, RpcError, rpc
 from noiserater.server.metrics import ServerMetrics
 from noiserater.server.models import ModelRegistry, ModelVersion
 from noiserater.server.stats import StatsRecorder
@@ -126,7 +129,12 @@ class RaterServicer(pb_grpc.RaterServiceServicer):
     async def GetStats(self, request: pb.GetStatsRequest, context, labels: CallLabels):
         if request.dataset:
             stats_mod.check_dataset(request.dataset)
-        found = await self.recorder.read(request.dataset, request.model, request.version)
+        try:
+            found = await asyncio.wait_for(self.recorder.read(request.dataset, request.model, request.version), 5.0)
+        except Exception as exc:  # Redis down or slow: say so, quickly
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, f"stats: the statistics store is unreachable ({detail})") \
+                from None
         buckets = [
             pb.StatsBucket(dataset=k[0], model=k[1], version=k[2], timestep_bucket=k[3], count=m.count,
                            mean=m.mean, m2=m.m2, min=m.min, max=m.max, histogram=m.hist.tolist(),
