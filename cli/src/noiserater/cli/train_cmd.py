@@ -46,7 +46,7 @@ def train_rater(
         if bar is None:  # created at the first step, so an early error stays a single line
             console.print(f"train-rater: dataset={cfg.dataset} out={out} steps={total} U={cfg.inner_steps} "
                           f"P={cfg.population} meta-grad={cfg.meta_grad} seed={cfg.seed} device={cfg.device} "
-                          f"threads={torch.get_num_threads()}", highlight=False)
+                          f"threads={torch.get_num_threads()}", highlight=False, soft_wrap=True)
             bar = tqdm(total=total, initial=step - 1, desc="meta steps", unit="step", dynamic_ncols=True)
         bar.n = step
         post = {"outer": f"{row['outer_loss']:.4f}", "inner": f"{row['inner_loss']:.4f}"}

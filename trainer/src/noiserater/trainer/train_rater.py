@@ -130,6 +130,7 @@ class MetaTrainer:
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + 17 + rank)  # this rank's data and resets
         self.members = [Member(self._fresh_denoiser(), cfg.inner_lr) for _ in range(cfg.population)]
         self.step_count = 0
+        self.wall_seconds = 0.0  # over all calls that trained this run
         if world > 1:
             for p in self.rater.parameters():
                 dist.broadcast(p.data, src=0)
@@ -221,6 +222,7 @@ class MetaTrainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step_count,
+            "wall_seconds": self.wall_seconds,
             "config": asdict(self.cfg),
             "rater_kind": self.rater_kind,
             "rater": self.rater.state_dict(),
@@ -234,6 +236,7 @@ class MetaTrainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step_count = state["step"]
+        self.wall_seconds = state.get("wall_seconds", 0.0)
         self.rater.load_state_dict(state["rater"])
         self.rater_opt.load_state_dict(state["rater_opt"])
         for member, ms in zip(self.members, state["members"], strict=True):
@@ -252,14 +255,14 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _provenance(cfg: TrainConfig, trainer: MetaTrainer, wall: float) -> dict[str, Any]:
+def _provenance(cfg: TrainConfig, trainer: MetaTrainer) -> dict[str, Any]:
     return {
         "stage": "stage1-meta",
         "steps": trainer.step_count,
         "config": asdict(cfg),
         "world_size": trainer.world,
-        "wall_seconds": round(wall, 3),
-        "torch": torch.__version__,
+        "wall_seconds": round(trainer.wall_seconds, 3),
+        "torch": str(torch.__version__),  # a plain str: rater.pt is read back with weights_only=True
         "python": platform.python_version(),
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -371,6 +374,7 @@ def train_rater(cfg: TrainConfig, out: str | Path, progress: Callable[[int, int,
         step = trainer.step_count + 1
         evaluate = step % cfg.log_every == 0 or step == cfg.steps
         row = trainer.step(evaluate=evaluate)
+        trainer.wall_seconds += row["seconds_per_step"]
         done_here += 1
         if rank == 0 and evaluate:
             with metrics_path.open("a") as fh:
@@ -382,13 +386,14 @@ def train_rater(cfg: TrainConfig, out: str | Path, progress: Callable[[int, int,
     _atomic_save(trainer.state_dict(), ckpt_path)
     wall = time.perf_counter() - started
     summary: dict[str, Any] = {"out": str(out), "steps": trainer.step_count, "resumed_from": resumed_from,
-                               "world_size": world, "device": str(device), "wall_seconds": round(wall, 2)}
+                               "world_size": world, "device": str(device), "wall_seconds": round(wall, 2),
+                               "train_seconds_total": round(trainer.wall_seconds, 2)}
     if rank == 0:
         rater_cpu = build_rater(trainer.rater_kind, data.data_shape, cfg.num_timesteps, **cfg.rater_kwargs)
         rater_cpu.load_state_dict({k: v.cpu() for k, v in trainer.rater.state_dict().items()})
         save_rater(out / RATER_FILE, rater_cpu, trainer.rater_kind, dataset=cfg.dataset,
                    schedule=cfg.schedule, rater_kwargs=cfg.rater_kwargs,
-                   provenance=_provenance(cfg, trainer, wall))
+                   provenance=_provenance(cfg, trainer))
         plot_curves(out)
         summary.update(last_quarter_summary(read_metrics(out)))
         summary["rater"] = str(out / RATER_FILE)
