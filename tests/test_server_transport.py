@@ -1,0 +1,53 @@
+"""Transport: TLS with --tls-cert/--tls-key, and the max message size (oversized -> RESOURCE_EXHAUSTED)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import grpc
+import numpy as np
+import pytest
+
+from noiserater.proto import codec
+from noiserater.proto.v1 import rater_service_pb2 as pb
+from noiserater.proto.v1 import rater_service_pb2_grpc as pb_grpc
+from noiserater.server.config import ServerConfig
+from noiserater.server.embedded import ServerThread, make_repository
+
+
+def score_request(n: int) -> pb.ScoreRequest:
+    rng = np.random.default_rng(n)
+    x0, eps = rng.standard_normal((2, n, 64)).astype(np.float32)
+    return pb.ScoreRequest(model=pb.ModelRef(name="digits"), x0=codec.encode(x0),
+                           t=codec.encode(rng.integers(0, 100, n)), eps=codec.encode(eps))
+
+
+def test_tls(tmp_path, rater_onnx):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    repo = make_repository(tmp_path / "repo", {"digits": [rater_onnx]})
+    config = ServerConfig(repository=repo, host="127.0.0.1", port=0, device="cpu", tls_cert=str(cert),
+                          tls_key=str(key))
+    with ServerThread(config) as server:
+        credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        with grpc.secure_channel(f"localhost:{server.port}", credentials) as channel:
+            assert pb_grpc.RaterServiceStub(channel).Score(score_request(3)).model.version == 1
+        with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as err:
+            pb_grpc.RaterServiceStub(channel).Score(score_request(3), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_oversized_message_is_refused_and_the_server_keeps_serving(tmp_path, rater_onnx):
+    repo = make_repository(tmp_path / "repo", {"digits": [rater_onnx]})
+    config = ServerConfig(repository=repo, host="127.0.0.1", port=0, device="cpu", max_message_mb=1)
+    with ServerThread(config) as server, grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.RaterServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Score(score_request(4096))  # 2 x 4096 x 64 x 4 bytes = 2 MiB
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert stub.Score(score_request(16)).model.version == 1
