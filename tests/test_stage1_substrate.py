@@ -59,3 +59,24 @@ def test_datasets(tmp_path):
     assert load_dataset(str(tmp_path / "arr.npy")).data_shape == (4,)
     with pytest.raises(ValueError):
         load_dataset(str(tmp_path / "missing.npy"))
+
+
+def test_user_arrays_and_image_folders(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.standard_normal((40, 2, 4, 4)).astype(np.float32), y=np.arange(40))
+    d = load_dataset(str(tmp_path / "data.npz"))
+    assert d.data_shape == (2, 4, 4) and len(d.train) + len(d.val) + len(d.test) == 40 and "train" in d.labels
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (6, 6), dtype=np.uint8)).save(folder / f"{i}.png")
+    d = load_dataset(str(folder))
+    assert d.data_shape == (1, 6, 6) and d.train.min() >= -1 and d.train.max() <= 1
+    Image.fromarray(rng.integers(0, 256, (5, 5), dtype=np.uint8)).save(folder / "odd.png")
+    with pytest.raises(ValueError, match="size"):
+        load_dataset(str(folder))
+    np.save(tmp_path / "bad.npy", np.array([[np.nan, 1.0], [0.0, 1.0], [1.0, 2.0]]))
+    with pytest.raises(ValueError, match="NaN"):
+        load_dataset(str(tmp_path / "bad.npy"))

@@ -101,6 +101,19 @@ def test_cli_writes_a_complete_run_dir_and_resumes(tmp_path):
     assert json.loads(again.stdout)["resumed_from"] == 3
 
 
+def test_cli_corrupt_checkpoint_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from noiserater.cli.main import app
+
+    out = tmp_path / "corrupt"
+    out.mkdir()
+    (out / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+    result = CliRunner().invoke(app, ["train-rater", "--dataset", "moons", "--out", str(out), "--steps", "2"])
+    assert result.exit_code == 1 and "cannot read the checkpoint" in result.output
+    assert "Traceback" not in result.output
+
+
 @pytest.mark.parametrize("args", [
     ["--dataset", "no-such-dataset"],
     ["--dataset", "digits", "--meta-grad", "second-order"],

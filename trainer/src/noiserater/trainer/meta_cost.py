@@ -5,7 +5,8 @@
 Plain step: per-sample loss, mean, backward, Adam step. Meta step (per inner model): the rater's scores and
 soft weights, the meta-gradient by the chosen route into the rater (for "fast": weighted forward/backward,
 held-out forward/backward, two forwards for the directional derivative, the rater's backward), then the real
-Adam step that reuses the weighted gradient. The two kinds of step are interleaved and the medians compared,
+Adam step that reuses the weighted gradient. Also timed: the rater scoring K = 8 candidates for every item of
+the batch (stage 2's selection cost). The kinds of step are interleaved and the medians compared,
 so a busy machine slows both alike.
 """
 
@@ -60,9 +61,17 @@ def measure(dataset: str = "digits", repeats: int = 200, routes: tuple[str, ...]
             p.grad = step.grad_theta0[name]
         opt.step()
 
+    k = 8
+    candidates = (batch[0].repeat_interleave(k, 0), batch[1].repeat_interleave(k, 0),
+                  torch.randn((cfg.batch_size * k, *data.data_shape), generator=gen))
+
+    def score_k() -> None:
+        with torch.no_grad():
+            rater(*candidates)
+
     plain()  # Adam state exists from here on
-    runs: dict[str, list[float]] = {"plain": [], **{r: [] for r in routes}}
-    jobs = [("plain", plain)] + [(r, lambda r=r: meta(r)) for r in routes]
+    runs: dict[str, list[float]] = {"plain": [], "score_k8": [], **{r: [] for r in routes}}
+    jobs = [("plain", plain), ("score_k8", score_k)] + [(r, lambda r=r: meta(r)) for r in routes]
     for _ in range(5):
         for _, fn in jobs:
             fn()
@@ -73,6 +82,7 @@ def measure(dataset: str = "digits", repeats: int = 200, routes: tuple[str, ...]
             runs[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(v) for name, v in runs.items()}
     out = {f"{name}_ms": 1e3 * v for name, v in med.items()}
+    out["score_k8_over_plain"] = med["score_k8"] / med["plain"]  # rating K=8 candidates per item of the batch
     for route in routes:
         out[f"{route}_over_plain"] = med[route] / med["plain"]
     out.update({"batch_size": cfg.batch_size, "val_batch_size": cfg.val_batch_size, "repeats": repeats,

@@ -351,7 +351,11 @@ def train_rater(cfg: TrainConfig, out: str | Path, progress: Callable[[int, int,
     ckpt_path = _checkpoint_path(out, rank)
     resumed_from = 0
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # a truncated or foreign file: say which, in one line
+            raise ValueError(f"{ckpt_path}: cannot read the checkpoint ({type(exc).__name__}); "
+                             "delete it to start over") from None
         saved = TrainConfig.from_dict(state["config"])
         if (saved.dataset, saved.seed, saved.population) != (cfg.dataset, cfg.seed, cfg.population):
             raise ValueError(f"{out} holds a run of dataset={saved.dataset} seed={saved.seed} "
