@@ -24,7 +24,7 @@ class ServerConfig:
     # Dynamic batching: at most max_batch triples per onnxruntime run, waiting at most max_delay_ms for
     # more requests once one is queued. max_batch 0 switches batching off (one run per request).
     max_batch: int = 8192
-    max_delay_ms: float = 1.0
+    max_delay_ms: float = 0.0  # Triton's default too: batch what queued up while the instances were busy
     max_queue: int = 1024  # requests waiting per model version before RESOURCE_EXHAUSTED
     instances: int = 1  # onnxruntime runs in flight at once per model version (batching on)
     device: str = "auto"
