@@ -48,10 +48,11 @@ class VectorRater(nn.Module):
 
 
 class ImageRater(nn.Module):
-    """A small conv net over the channels [x0, eps, x0*eps] with the timestep embedding added after the
-    first conv, global average pooling and a linear head. Ops: Conv, SiLU, Add, Mul, ReduceMean, Gemm."""
+    """A small conv net over the channels [x0, eps, x0*eps]: one full-resolution conv, the timestep embedding
+    added per channel, then convs at half resolution, global average pooling and a linear head.
+    Ops: Conv, SiLU, Add, Mul, ReduceMean, Gemm. Rating K = 8 candidates costs ~0.1 UNet training steps."""
 
-    def __init__(self, data_shape: tuple[int, ...], num_timesteps: int, channels: int = 32, time_dim: int = 32):
+    def __init__(self, data_shape: tuple[int, ...], num_timesteps: int, channels: int = 16, time_dim: int = 32):
         super().__init__()
         if len(data_shape) != 3:
             raise ValueError(f"ImageRater needs image data (C, H, W), got shape {tuple(data_shape)}")
@@ -63,12 +64,12 @@ class ImageRater(nn.Module):
         self.time = nn.Linear(time_dim, channels)
         self.body = nn.Sequential(
             nn.SiLU(),
-            nn.Conv2d(channels, channels, 3, padding=1),
-            nn.SiLU(),
             nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1),
             nn.SiLU(),
+            nn.Conv2d(2 * channels, 2 * channels, 3, padding=1),
+            nn.SiLU(),
         )
-        self.head = nn.Sequential(nn.Linear(2 * channels, channels), nn.SiLU(), nn.Linear(channels, 1))
+        self.head = nn.Sequential(nn.Linear(2 * channels, 2 * channels), nn.SiLU(), nn.Linear(2 * channels, 1))
 
     def forward(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         emb = self.time(timestep_embedding(t, self.time_dim, self.num_timesteps).to(x0.dtype))
