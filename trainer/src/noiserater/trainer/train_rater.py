@@ -124,8 +124,10 @@ class MetaTrainer:
         self.train_x = data.train.to(device)
         self.val_x = data.val.to(device)
         self.rater_kind = cfg.rater if cfg.rater != "auto" else default_rater_kind(data.data_shape)
-        torch.manual_seed(cfg.seed)  # same rater initialisation on every rank
-        self.rater = build_rater(self.rater_kind, data.data_shape, cfg.num_timesteps, **cfg.rater_kwargs).to(device)
+        with torch.random.fork_rng(devices=[]):  # same rater initialisation on every rank; global RNG untouched
+            torch.manual_seed(cfg.seed)
+            rater = build_rater(self.rater_kind, data.data_shape, cfg.num_timesteps, **cfg.rater_kwargs)
+        self.rater = rater.to(device)
         self.rater_opt = torch.optim.Adam(self.rater.parameters(), lr=cfg.rater_lr)
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + 17 + rank)  # this rank's data and resets
         self.members = [Member(self._fresh_denoiser(), cfg.inner_lr) for _ in range(cfg.population)]
@@ -325,10 +327,10 @@ def plot_curves(out: str | Path) -> Path | None:
     return path
 
 
-def _dist_env() -> tuple[int, int]:
+def _dist_env(device: torch.device) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if world > 1:
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -340,10 +342,11 @@ def train_rater(cfg: TrainConfig, out: str | Path, progress: Callable[[int, int,
     steps of this call (for tests of resumption); the run's own length stays `cfg.steps`."""
     cfg.validate()
     out = Path(out)
-    rank, world = _dist_env()
     device = resolve_device(cfg.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", rank % torch.cuda.device_count())
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    rank, world = _dist_env(device)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     if world > 1:
