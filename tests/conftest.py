@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -9,6 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+
+# The models under test are tiny; with several processes (server, redis, pytest) on 2 cores, torch's
+# and onnxruntime's thread pools oversubscribe the CPU and a 20-step run takes a minute instead of
+# seconds. Set before torch is imported; subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def free_port() -> int:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,20 +66,28 @@ def export_rater(rater: nn.Module, out_path: str | Path, *, dataset: str = "", s
     rater = rater.eval()
     example = _example_inputs(rater, 2, seed=0)
     batch = torch.export.Dim("batch")
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "rater.onnx"
-        torch.onnx.export(
-            rater,
-            example,
-            str(raw),
-            input_names=list(scoring.INPUT_NAMES),
-            output_names=[scoring.OUTPUT_SCORE],
-            dynamic_shapes=tuple({0: batch} for _ in scoring.INPUT_NAMES),
-            opset_version=opset,
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
+    onnx_logger = logging.getLogger("torch.onnx")
+    level = onnx_logger.level
+    # The exporter's own chatter (optional torchvision ops, pytree deprecations) says nothing about this model.
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_logger.setLevel(logging.ERROR)
+        try:
+            raw = Path(tmp) / "rater.onnx"
+            torch.onnx.export(
+                rater,
+                example,
+                str(raw),
+                input_names=list(scoring.INPUT_NAMES),
+                output_names=[scoring.OUTPUT_SCORE],
+                dynamic_shapes=tuple({0: batch} for _ in scoring.INPUT_NAMES),
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+        finally:
+            onnx_logger.setLevel(level)
         model = onnx.load(str(raw))
     metadata = {
         scoring.META_FORMAT: scoring.FORMAT_VERSION,

@@ -1,0 +1,166 @@
+"""nrctl quickstart: the whole pipeline on the built-in digits data, end to end, in a few minutes.
+
+train-rater (short) -> export -> rater-server (a real subprocess on a free port) -> deploy over gRPC ->
+stage-2 training through the remote selector next to plain Gaussian noise -> a printed comparison and the
+server's score statistics. Everything lands in --workdir. The server is the installed `rater-server`
+console script, started as a user would start it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import typer
+
+from noiserater.cli.output import console, emit_json, fail, table
+
+SERVER_START_TIMEOUT_S = 120.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def rater_server(repository: Path, log_path: Path):
+    """Run `rater-server serve` on a free loopback port until the block ends (SIGTERM, then wait)."""
+    import grpc
+
+    from noiserater.proto.v1 import rater_service_pb2 as pb
+    from noiserater.proto.v1 import rater_service_pb2_grpc as pb_grpc
+
+    binary = shutil.which("rater-server") or str(Path(sys.executable).with_name("rater-server"))
+    if not Path(binary).exists():
+        fail("rater-server is not installed (pip install ./server, or run `make demo`)")
+    port = _free_port()
+    target = f"127.0.0.1:{port}"
+    log = log_path.open("w")
+    proc = subprocess.Popen([binary, "serve", "--repository", str(repository), "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        channel = grpc.insecure_channel(target)
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while True:  # ready = the server answers ListModels; each try waits on the channel, not a timer
+            if proc.poll() is not None:
+                fail(f"rater-server exited with code {proc.returncode}; see {log_path}")
+            try:
+                pb_grpc.RaterServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=2, wait_for_ready=True)
+                break
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    fail(f"rater-server did not become ready in {SERVER_START_TIMEOUT_S:.0f} s; see {log_path}")
+        channel.close()
+        yield target
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()
+
+
+def quickstart(
+    workdir: Path = typer.Option(None, "--workdir", help="Where runs, models and logs go (default: a temp dir)."),
+    rater_steps: int = typer.Option(150, "--rater-steps", help="Meta steps of the short stage-1 run."),
+    train_steps: int = typer.Option(1500, "--train-steps", help="Stage-2 training steps per method."),
+    k: int = typer.Option(8, "--k", help="Candidates per sample for the rater's selection."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every stage."),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
+) -> None:
+    """Run the whole pipeline on digits: train-rater, export, serve, deploy, select remotely, compare."""
+    import grpc
+    from tqdm import tqdm
+
+    from noiserater.proto.v1 import rater_service_pb2 as pb
+    from noiserater.proto.v1 import rater_service_pb2_grpc as pb_grpc
+    from noiserater.trainer.data import load_dataset
+    from noiserater.trainer.export import export_rater
+    from noiserater.trainer.rater import load_rater
+    from noiserater.trainer.selector import NoiseSelector
+    from noiserater.trainer.stage2 import EvalContext, Stage2Config, train_stage2
+    from noiserater.trainer.train_rater import TrainConfig, train_rater
+
+    work = workdir or Path(tempfile.mkdtemp(prefix="nrctl-quickstart-"))
+    work.mkdir(parents=True, exist_ok=True)
+    say = (lambda *a, **kw: None) if as_json else console.print
+    started = time.perf_counter()
+
+    say(f"[bold]1/5 train-rater[/] digits, {rater_steps} meta steps -> {work / 'run'}")
+    with tqdm(total=rater_steps, desc="meta steps", unit="step", disable=as_json, dynamic_ncols=True) as bar:
+        summary = train_rater(TrainConfig(dataset="digits", steps=rater_steps, seed=seed), work / "run",
+                              progress=lambda step, total, row: bar.update(step - bar.n))
+    learned = summary.get("last_quarter_learned", float("nan"))
+    uniform = summary.get("last_quarter_uniform", float("nan"))
+    say(f"    last quarter: held-out loss after a virtual step, learned weights {learned:.5f} vs uniform {uniform:.5f}")
+
+    say("[bold]2/5 export[/] -> digits.onnx")
+    rater, info = load_rater(work / "run" / "rater.pt")
+    onnx_path = work / "digits.onnx"
+    report = export_rater(rater, onnx_path, dataset="digits", schedule=info.get("schedule", ""),
+                          provenance=info.get("provenance", {}))
+    say(f"    parity with torch: max |diff| = {report.max_abs_diff:.2e}")
+
+    repository = work / "models"
+    repository.mkdir(exist_ok=True)
+    say("[bold]3/5 serve[/] rater-server on a free loopback port, then deploy over gRPC")
+    with rater_server(repository, work / "rater-server.log") as target:
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.RaterServiceStub(channel)
+            deployed = stub.DeployModel(pb.DeployModelRequest(name="digits", onnx=onnx_path.read_bytes()),
+                                        timeout=60).model
+            say(f"    {target}: deployed digits version {deployed.version}")
+
+            say(f"[bold]4/5 stage 2[/] {train_steps} steps each: uniform Gaussian noise vs the served rater "
+                f"(argmax of K={k}, remote selector)")
+            data = load_dataset("digits", seed=seed)
+            cfg = Stage2Config(steps=train_steps, k=k)
+            context = EvalContext.build(data, cfg)
+            results = {}
+            selector = NoiseSelector.remote(target, model="digits", dataset="digits", k=k, seed=seed)
+            for method, sel in (("uniform", None), ("rater-argmax", selector)):
+                with tqdm(total=train_steps, desc=method, unit="step", disable=as_json, dynamic_ncols=True) as bar:
+                    results[method] = train_stage2(data, method, train_steps, seed, selector=sel, config=cfg,
+                                                   context=context, progress=bar.update)
+            fallbacks = selector.counters["fallback_local"] + selector.counters["fallback_gaussian"]
+            selector.close()
+
+            say("[bold]5/5 statistics[/] the server's score statistics for dataset digits")
+            stats = stub.GetStats(pb.GetStatsRequest(dataset="digits"), timeout=10)
+    scored = sum(b.count for b in stats.buckets)
+
+    metrics = ["val_loss", "frechet", "swd", "ms_per_step", "noise_sq_norm_per_dim", "noise_cosine_with_x0"]
+    rows = {m: {name: r.metrics.get(name) for name in metrics} for m, r in results.items()}
+    base, ours = rows["uniform"], rows["rater-argmax"]
+    verdict = {name: ("rater better" if ours[name] < base[name] else "rater worse")
+               for name in ("val_loss", "frechet", "swd") if ours.get(name) is not None and base.get(name) is not None}
+    payload = {"workdir": str(work), "model_version": deployed.version, "candidates_scored_on_server": scored,
+               "selector_fallbacks": fallbacks, "methods": rows, "verdict": verdict,
+               "seconds": round(time.perf_counter() - started, 1), "seed": seed}
+    if as_json:
+        emit_json(payload)
+        return
+    table("stage 2 on digits, one seed (lower is better for val_loss, frechet, swd)", ["metric", *rows],
+          [[name, *(rows[m].get(name) if rows[m].get(name) is not None else "-" for m in rows)] for name in metrics])
+    say(f"verdict (one seed, not a benchmark; see `nrctl bench train` for seeds and error bars): "
+        f"{json.dumps(verdict)}")
+    say(f"server scored {scored} candidates for dataset digits; selector fallbacks: {fallbacks}; "
+        f"total {payload['seconds']} s; files in {work}")
+    if fallbacks:
+        fail(f"the remote selector fell back {fallbacks} times; see {work / 'rater-server.log'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(quickstart)
