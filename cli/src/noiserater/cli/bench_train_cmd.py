@@ -52,7 +52,8 @@ def bench_train(
     denoiser: str = typer.Option("auto", help="auto | mlp | unet"),
     sample_steps: int | None = typer.Option(None, help="DDPM steps when sampling for frechet/swd (default all T)."),
     no_quality: bool = typer.Option(False, "--no-quality", help="Skip sampling (no frechet / swd)."),
-    threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+    threads: int = typer.Option(0, help="torch threads per training (0: torch's default)."),
+    jobs: int = typer.Option(1, min=1, help="Trainings run at once in worker processes (results are identical)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Train a fresh denoiser per method and seed on the same budget; write an honest report."""
@@ -93,7 +94,8 @@ def bench_train(
                                              f"val {result.metrics['val_loss']:.4f}")
 
             result = run_bench(data, method_list, range(seeds), steps, out, rater_onnx=onnx_path, config=cfg,
-                               command=command, progress=lambda n: bar.advance(task, n), on_run=on_run)
+                               command=command, progress=lambda n: bar.advance(task, n), on_run=on_run,
+                               jobs=jobs)
     except (Stage2Error, ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     report, details = result["report"], result["details"]

@@ -44,6 +44,20 @@ BASELINE = "uniform"
 KNN = "immiscible-knn"
 
 
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(data: DataSplits, cfg: dict[str, Any], threads: int) -> None:
+    torch.set_num_threads(threads)
+    config = Stage2Config(**cfg)
+    _WORKER.update(data=data, cfg=config, context=EvalContext.build(data, config))
+
+
+def _worker_run(method: str, steps: int, seed: int, rater: str | None) -> Stage2Result:
+    return train_stage2(_WORKER["data"], method, steps, seed, rater=rater, config=_WORKER["cfg"],
+                        context=_WORKER["context"])
+
+
 def parse_methods(text: str | Sequence[str]) -> list[str]:
     methods = [m.strip() for m in text.split(",")] if isinstance(text, str) else list(text)
     methods = [m for m in methods if m]
@@ -102,8 +116,9 @@ def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
 def run_bench(data: DataSplits, methods: Sequence[str], seeds: Sequence[int], steps: int, out_dir: str | Path, *,
               rater_onnx: str | Path | None = None, config: Stage2Config | None = None,
               command: str = "", progress: Callable[[int], None] | None = None,
-              on_run: Callable[[Stage2Result], None] | None = None) -> dict[str, Any]:
-    """Train every method for every seed with the same budget; write the report files; return details."""
+              on_run: Callable[[Stage2Result], None] | None = None, jobs: int = 1) -> dict[str, Any]:
+    """Train every method for every seed with the same budget; write the report files; return details.
+    `jobs` > 1 runs that many trainings at once in worker processes (each with this process's torch threads)."""
     methods = parse_methods(list(methods))
     if BASELINE not in methods:
         methods = [BASELINE, *methods]  # every comparison is paired against uniform
@@ -118,13 +133,34 @@ def run_bench(data: DataSplits, methods: Sequence[str], seeds: Sequence[int], st
     context = EvalContext.build(data, cfg)
     runs: dict[str, list[Stage2Result]] = {m: [] for m in methods}
     started = time.time()
-    for seed in seeds:
-        for method in methods:
+    jobs_list = [(method, seed) for seed in seeds for method in methods]
+    if jobs <= 1:
+        for method, seed in jobs_list:
             result = train_stage2(data, method, steps, seed, rater=rater_onnx if method.startswith("rater-") else None,
                                   config=cfg, context=context, progress=progress)
             runs[method].append(result)
             if on_run is not None:
                 on_run(result)
+    else:  # independent runs in worker processes; results are the same as in one process, in seed order
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        done: dict[tuple[str, int], Stage2Result] = {}
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_worker,
+                                 initargs=(data, asdict(cfg), torch.get_num_threads())) as pool:
+            futures = {pool.submit(_worker_run, method, steps, seed,
+                                   str(rater_onnx) if method.startswith("rater-") else None): (method, seed)
+                       for method, seed in jobs_list}
+            for future in as_completed(futures):
+                result = future.result()
+                done[futures[future]] = result
+                if progress is not None:
+                    progress(int(steps))
+                if on_run is not None:
+                    on_run(result)
+        for method, seed in jobs_list:
+            runs[method].append(done[(method, seed)])
 
     metric_names = [m for m in (*QUALITY_METRICS, *COST_METRICS, *NOISE_METRICS) if m in runs[BASELINE][0].metrics]
     report: dict[str, dict[str, Any]] = {}
