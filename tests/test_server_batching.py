@@ -108,7 +108,8 @@ def test_full_queue_is_resource_exhausted():
     asyncio.run(scenario())
 
 
-def test_batcher_splits_merged_results_back_in_order():
+@pytest.mark.parametrize("inline", [0, 1000], ids=["worker-thread", "inline"])
+def test_batcher_splits_merged_results_back_in_order(inline):
     calls: list[int] = []
 
     def score(x0, t, eps):
@@ -118,7 +119,7 @@ def test_batcher_splits_merged_results_back_in_order():
     async def scenario() -> None:
         with ThreadPoolExecutor(max_workers=1) as pool:
             batcher = DynamicBatcher(score, pool, ServerMetrics(), ("m", "1"), max_batch=100, max_delay_s=5.0,
-                                     max_queue=100)
+                                     max_queue=100, inline_max_triples=inline)
             jobs = []
             for i, n in enumerate((3, 5, 92)):  # fills max_batch exactly: one run, no waiting on the delay
                 x0 = np.full((n, 2), float(i), np.float32)

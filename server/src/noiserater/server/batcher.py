@@ -53,7 +53,8 @@ class _Job:
 
 class DynamicBatcher:
     def __init__(self, score: ScoreFn, executor: Executor, metrics: ServerMetrics, labels: tuple[str, str],
-                 max_batch: int, max_delay_s: float, max_queue: int, instances: int = 1):
+                 max_batch: int, max_delay_s: float, max_queue: int, instances: int = 1,
+                 inline_max_triples: int = 0):
         self._score = score
         self._executor = executor
         self._metrics = metrics
@@ -67,6 +68,7 @@ class DynamicBatcher:
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
+        self.inline_max_triples = inline_max_triples
         self._queue: collections.deque[_Job] = collections.deque()
         self._queued_triples = 0
         self._last_batch_requests = 1
@@ -176,8 +178,14 @@ class DynamicBatcher:
                 x0 = np.concatenate([job.x0 for job in live])
                 t = np.concatenate([job.t for job in live])
                 eps = np.concatenate([job.eps for job in live])
-            loop = asyncio.get_running_loop()
-            scores, started, elapsed = await loop.run_in_executor(self._executor, self._timed_score, x0, t, eps)
+            if x0.shape[0] <= self.inline_max_triples:
+                # Small runs take less time than handing them to a worker thread and back costs the
+                # busy event loop (two GIL handoffs): run them right here.
+                scores, started, elapsed = self._timed_score(x0, t, eps)
+            else:
+                loop = asyncio.get_running_loop()
+                scores, started, elapsed = await loop.run_in_executor(self._executor, self._timed_score, x0, t,
+                                                                      eps)
             if scores.shape != (x0.shape[0],):
                 raise RuntimeError(f"model returned scores of shape {list(scores.shape)} for {x0.shape[0]} triples")
         except Exception as exc:  # onnxruntime errors go back to every request of the batch

@@ -27,6 +27,7 @@ class ServerConfig:
     max_delay_ms: float = 0.0  # Triton's default too: batch what queued up while the instances were busy
     max_queue: int = 1024  # requests waiting per model version before RESOURCE_EXHAUSTED
     instances: int = 1  # onnxruntime runs in flight at once per model version (batching on)
+    inline_max_triples: int = 0  # runs this small execute on the event loop thread, not in a worker
     device: str = "auto"
     intra_op_threads: int = 0  # 0: onnxruntime's default (one per core)
     graph_optimization: str = "all"
@@ -36,6 +37,7 @@ class ServerConfig:
     tls_key: str = ""
     max_message_mb: int = 64
     grace_s: float = 10.0
+    switch_interval_ms: float = 0.5  # Python's GIL switch interval in the server process
     stats_flush_s: float = 0.5
     stats_ttl_s: int = 7 * 24 * 3600
 
@@ -87,6 +89,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="requests queued per model version before RESOURCE_EXHAUSTED (default %(default)s)")
     add("--instances", type=int, default=int(_env("instances", d.instances)),
         help="batches run at once per model version, like Triton's instance count (default %(default)s)")
+    add("--inline-max-triples", type=int, default=int(_env("inline_max_triples", d.inline_max_triples)),
+        help="runs of at most this many triples execute on the event loop, skipping the thread handoff; "
+             "0 = never (default %(default)s)")
     add("--device", choices=("auto", "cpu", "cuda"), default=_env("device", d.device),
         help="onnxruntime execution provider: auto = CUDA when available (default %(default)s)")
     add("--intra-op-threads", type=int, default=int(_env("intra_op_threads", d.intra_op_threads)),
@@ -103,6 +108,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="max gRPC message size in MiB, both directions (default %(default)s)")
     add("--grace-s", type=float, default=float(_env("grace_s", d.grace_s)),
         help="on SIGTERM, time in-flight requests get to finish (default %(default)s)")
+    add("--switch-interval-ms", type=float, default=float(_env("switch_interval_ms", d.switch_interval_ms)),
+        help="Python GIL switch interval; short keeps onnxruntime threads from waiting (default %(default)s)")
     add("--stats-flush-s", type=float, default=float(_env("stats_flush_s", d.stats_flush_s)),
         help="interval of the background statistics flush (default %(default)s)")
     add("--stats-ttl-s", type=int, default=int(_env("stats_ttl_s", d.stats_ttl_s)),
@@ -124,8 +131,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         ("--port", 0 <= args.port < 65536), ("--metrics-port", 0 <= args.metrics_port < 65536),
         ("--max-batch", args.max_batch >= 0), ("--max-delay-ms", args.max_delay_ms >= 0),
         ("--max-queue", args.max_queue >= 1), ("--instances", args.instances >= 1),
+        ("--inline-max-triples", args.inline_max_triples >= 0),
         ("--intra-op-threads", args.intra_op_threads >= 0),
         ("--max-message-mb", args.max_message_mb >= 1), ("--grace-s", args.grace_s >= 0),
+        ("--switch-interval-ms", args.switch_interval_ms > 0),
         ("--stats-flush-s", args.stats_flush_s > 0), ("--stats-ttl-s", args.stats_ttl_s >= 1),
     )
     for flag, ok in checks:
@@ -135,9 +144,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         repository=Path(args.repository), host=args.host, port=args.port, metrics_port=args.metrics_port,
         redis_url=args.redis_url, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
         max_queue=args.max_queue, instances=args.instances, device=args.device,
+        inline_max_triples=args.inline_max_triples,
         intra_op_threads=args.intra_op_threads,
         graph_optimization=args.graph_optimization, auth_token_file=args.auth_token_file,
         auth_all=args.auth_all, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        max_message_mb=args.max_message_mb, grace_s=args.grace_s, stats_flush_s=args.stats_flush_s,
+        max_message_mb=args.max_message_mb, grace_s=args.grace_s,
+        switch_interval_ms=args.switch_interval_ms, stats_flush_s=args.stats_flush_s,
         stats_ttl_s=args.stats_ttl_s,
     )

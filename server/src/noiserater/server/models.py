@@ -122,7 +122,8 @@ class ModelRegistry:
     async def _activate(self, name: str, version: int, session: RaterSession, path: Path) -> ModelVersion:
         labels = (name, str(version))
         batcher = DynamicBatcher(session.score, self.executor, self.metrics, labels, self.config.max_batch,
-                                 self.config.max_delay_ms / 1000.0, self.config.max_queue, self.config.instances)
+                                 self.config.max_delay_ms / 1000.0, self.config.max_queue, self.config.instances,
+                                 self.config.inline_max_triples)
         loaded = ModelVersion(name, version, session, batcher, path)
         if loaded.cpu_fallback and self.config.device in ("auto", "cuda"):
             log.warning("%s version %d runs on CPU (device=%s requested, CUDA unavailable)", name, version,
