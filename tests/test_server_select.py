@@ -157,3 +157,26 @@ def test_config_errors_are_one_line(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().count("\n") == 0 and "tls" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_reflection_lists_the_services(server):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(server.target) as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"noiserater.v1.RaterService", "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= services
+
+
+def test_cpu_fallback_is_counted_when_cuda_was_asked_for(server):
+    loaded = server.server.registry.get("digits")
+    fallbacks = server.server.metrics.cpu_fallbacks.labels("digits", "1")._value.get()
+    assert fallbacks == (1 if loaded.session.provider == "CPUExecutionProvider" else 0)  # device=auto here
+
+
+def test_check_command(rater_onnx, tmp_path):
+    ok = subprocess.run([*rater_server_command(), "check", str(rater_onnx)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "data_shape=[64]" in ok.stdout
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"garbage")
+    result = subprocess.run([*rater_server_command(), "check", str(bad)], capture_output=True, text=True)
+    assert result.returncode == 1 and "onnx:" in result.stderr and "Traceback" not in result.stderr
