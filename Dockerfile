@@ -20,7 +20,8 @@ COPY server/pyproject.toml server/pyproject.toml
 COPY server/src server/src
 # Same pins as requirements-dev.txt; noiserater-proto comes from ./proto, never from an index.
 RUN pip install "onnxruntime-gpu==1.31.1" "onnx==1.23.2" "grpcio==1.85.3" "grpcio-health-checking==1.85.1" \
-      "grpcio-reflection==1.85.1" "protobuf>=7.35,<8" "numpy>=1.26,<3" "redis>=5.0" "prometheus-client>=0.20" \
+      "grpcio-reflection==1.85.1" "protobuf>=7.35,<8" "numpy>=1.26,<3" "scipy>=1.11" "redis>=5.0" \
+      "prometheus-client>=0.20" \
  && pip install --no-deps ./proto ./server \
  && rm -rf /src
 
