@@ -54,6 +54,7 @@ class Stage2Config:
     kanneal_end: float = 0.5  # rater-kanneal: K reaches 1 at this fraction of the run
     select_from: float = 0.0  # rater-*: select only for steps in [select_from, select_until) * steps,
     select_until: float = 1.0  # plain Gaussian noise outside (the "when does selection help" knob)
+    symmetrise: bool = False  # rater-*: flip each selected noise's sign by a fair coin (removes any mean shift)
     num_timesteps: int = 1000
     schedule: str = "linear"
     denoiser: str = "auto"
@@ -161,7 +162,11 @@ class NoiseSource:
             k = self.k_schedule(step) if self.k_schedule is not None else None
             if not lo <= step < hi or k == 1:
                 return peers.gaussian(x0, self.gen)
-            return self.selector.select(x0, t, k=k)
+            eps = self.selector.select(x0, t, k=k)
+            if self.cfg.symmetrise:
+                coin = torch.randint(0, 2, (eps.shape[0],), generator=self.gen, device=self.gen.device)
+                eps = eps * (2 * coin - 1).to(eps.device, eps.dtype).view(-1, *([1] * (eps.dim() - 1)))
+            return eps
         if m in ("uniform", "min-snr"):
             return peers.gaussian(x0, self.gen)
         if m == "immiscible":
