@@ -26,7 +26,7 @@ demo: venv
 	$(VENV)/bin/nrctl quickstart
 
 lint: venv
-	$(VENV)/bin/ruff check proto server trainer cli tests bench
+	$(VENV)/bin/ruff check .
 	cd proto && ../$(VENV)/bin/buf lint
 
 test: venv redis-server lint
