@@ -116,3 +116,30 @@ def test_k_anneal_schedule_goes_from_k_to_one():
     ks = [k_at(s) for s in range(1000)]
     assert ks[0] == 8 and ks[499] == 1 and ks[-1] == 1
     assert all(a >= b for a, b in itertools.pairwise(ks))
+
+
+def test_noise_source_selects_only_above_t_min_and_symmetrise_only_flips_signs(dot_onnx):
+    from noiserater.trainer import peers
+    from noiserater.trainer.selector import NoiseSelector
+    from noiserater.trainer.stage2 import NoiseSource, OnnxBackend, Stage2Config
+
+    cpu = torch.device("cpu")
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.randn(6, D, generator=gen)
+    t = torch.tensor([0, 10, 30, 40, 24, 49])
+    high = t >= 25
+    cfg = Stage2Config(steps=10, k=4, num_timesteps=T, select_t_min=25)
+    eps = NoiseSource("rater-argmax", cfg, seed=0, device=cpu, rater=dot_onnx)(x0, t, 0)
+    gaussian = peers.gaussian(x0, torch.Generator().manual_seed(0 * 1000 + 2))
+    torch.testing.assert_close(eps[~high], gaussian[~high])
+    candidates = NoiseSelector(OnnxBackend(dot_onnx), k=4, seed=0).draw_candidates(x0[high], 4)
+    best = (x0[high][:, None, :] * candidates).sum(-1).argmax(1)
+    torch.testing.assert_close(eps[high], candidates[torch.arange(int(high.sum())), best])
+
+    plain = NoiseSource("rater-argmax", Stage2Config(steps=10, k=4, num_timesteps=T), 3, cpu, rater=dot_onnx)
+    flipped = NoiseSource("rater-argmax", Stage2Config(steps=10, k=4, num_timesteps=T, symmetrise=True), 3, cpu,
+                          rater=dot_onnx)
+    a, b = plain(x0, t, 0), flipped(x0, t, 0)
+    ratio = (b / a)[:, 0]
+    assert set(ratio.round().tolist()) <= {-1.0, 1.0}
+    torch.testing.assert_close(b, a * ratio[:, None])

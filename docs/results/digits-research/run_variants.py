@@ -44,6 +44,12 @@ VARIANTS: dict[str, tuple[str, dict, str | None, str]] = {
     "min-snr": ("min-snr", {}, None, "peer: Min-SNR-5 loss weighting"),
     "argmax-k8-symm": ("rater-argmax", {"k": 8, "symmetrise": True}, "default",
                        "top-1 of 8, then a random sign per sample (removes the selection's mean shift)"),
+    "sample-k8-t1-symm": ("rater-sample", {"k": 8, "temperature": 1.0, "symmetrise": True}, "default",
+                          "softmax(s/1) over K=8, random sign"),
+    "argmax-k8-tmin200": ("rater-argmax", {"k": 8, "select_t_min": 200}, "default",
+                          "top-1 of 8 only where t >= 200 (Gaussian at low t, where argmax hurt most)"),
+    "sample-k8-t1-tmin200": ("rater-sample", {"k": 8, "temperature": 1.0, "select_t_min": 200}, "default",
+                             "softmax(s/1) over 8 only where t >= 200"),
     "kanneal-0.5-symm": ("rater-kanneal", {"k": 8, "kanneal_end": 0.5, "symmetrise": True}, "default",
                          "K 8->1 over the first half, random sign"),
     "argmax-k8-u3": ("rater-argmax", {"k": 8}, "u3", "rater meta-learned with U=3 unrolled steps"),
@@ -120,7 +126,7 @@ def summarise(args: argparse.Namespace) -> None:
     metrics = ("val_loss", "frechet", "swd")
     lines = ["| variant | steps | seeds | what it tests | " + " | ".join(f"Δ{m} vs uniform" for m in metrics)
              + " | ‖eps‖²/d | cos(eps,x0) | Δval by t-bucket (low t → high t) |",
-             "|---" * (8 + len(metrics) - 3) + "|"]
+             "|---" * (7 + len(metrics)) + "|"]
     for (name, steps), seeds in sorted(by.items(), key=lambda kv: (kv[0][1], list(VARIANTS).index(kv[0][0]))):
         if name == "uniform":
             continue

@@ -55,6 +55,7 @@ class Stage2Config:
     select_from: float = 0.0  # rater-*: select only for steps in [select_from, select_until) * steps,
     select_until: float = 1.0  # plain Gaussian noise outside (the "when does selection help" knob)
     symmetrise: bool = False  # rater-*: flip each selected noise's sign by a fair coin (removes any mean shift)
+    select_t_min: int = 0  # rater-*: select only for samples with t >= this; Gaussian noise below
     num_timesteps: int = 1000
     schedule: str = "linear"
     denoiser: str = "auto"
@@ -162,7 +163,13 @@ class NoiseSource:
             k = self.k_schedule(step) if self.k_schedule is not None else None
             if not lo <= step < hi or k == 1:
                 return peers.gaussian(x0, self.gen)
-            eps = self.selector.select(x0, t, k=k)
+            if self.cfg.select_t_min > 0:
+                eps = peers.gaussian(x0, self.gen)
+                chosen = t >= self.cfg.select_t_min
+                if bool(chosen.any()):
+                    eps[chosen] = self.selector.select(x0[chosen], t[chosen], k=k)
+            else:
+                eps = self.selector.select(x0, t, k=k)
             if self.cfg.symmetrise:
                 coin = torch.randint(0, 2, (eps.shape[0],), generator=self.gen, device=self.gen.device)
                 eps = eps * (2 * coin - 1).to(eps.device, eps.dtype).view(-1, *([1] * (eps.dim() - 1)))
