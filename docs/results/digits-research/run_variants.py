@@ -50,6 +50,8 @@ VARIANTS: dict[str, tuple[str, dict, str | None, str]] = {
                           "top-1 of 8 only where t >= 200 (Gaussian at low t, where argmax hurt most)"),
     "sample-k8-t1-tmin200": ("rater-sample", {"k": 8, "temperature": 1.0, "select_t_min": 200}, "default",
                              "softmax(s/1) over 8 only where t >= 200"),
+    "sample-k8-t1-is": ("rater-sample", {"k": 8, "temperature": 1.0, "importance_weights": True}, "default",
+                        "softmax(s/1) over 8 with loss weight 1/(K p): unbiased (importance sampling)"),
     "kanneal-0.5-symm": ("rater-kanneal", {"k": 8, "kanneal_end": 0.5, "symmetrise": True}, "default",
                          "K 8->1 over the first half, random sign"),
     "argmax-k8-u3": ("rater-argmax", {"k": 8}, "u3", "rater meta-learned with U=3 unrolled steps"),

@@ -56,6 +56,8 @@ class Stage2Config:
     select_until: float = 1.0  # plain Gaussian noise outside (the "when does selection help" knob)
     symmetrise: bool = False  # rater-*: flip each selected noise's sign by a fair coin (removes any mean shift)
     select_t_min: int = 0  # rater-*: select only for samples with t >= this; Gaussian noise below
+    importance_weights: bool = False  # rater-sample: weight each loss by 1 / (K p_chosen), which makes the
+    # expected gradient exactly the Gaussian one (importance sampling; needs `rater`, not a remote selector)
     num_timesteps: int = 1000
     schedule: str = "linear"
     denoiser: str = "auto"
@@ -153,6 +155,12 @@ class NoiseSource:
             rule = RATER_RULES.get(method, "argmax")
             self.selector = NoiseSelector(OnnxBackend(rater, cfg.rater_threads), k=cfg.k, rule=rule,
                                           temperature=cfg.temperature, seed=seed)
+        self._is_weights: torch.Tensor | None = None
+        self._is_calls = 0
+        if cfg.importance_weights:
+            if method != "rater-sample" or rater is None:
+                raise Stage2Error("importance_weights needs method rater-sample and a rater ONNX file")
+            self._session = OnnxBackend(rater, cfg.rater_threads).session
         if method == "rater-kanneal" and self.k_schedule is None:
             self.k_schedule = kanneal_schedule(cfg.k, cfg.steps, cfg.kanneal_end)
 
@@ -163,6 +171,8 @@ class NoiseSource:
             k = self.k_schedule(step) if self.k_schedule is not None else None
             if not lo <= step < hi or k == 1:
                 return peers.gaussian(x0, self.gen)
+            if self.cfg.importance_weights:
+                return self._sample_with_weights(x0, t, k or self.cfg.k)
             if self.cfg.select_t_min > 0:
                 eps = peers.gaussian(x0, self.gen)
                 chosen = t >= self.cfg.select_t_min
@@ -182,9 +192,27 @@ class NoiseSource:
             return peers.immiscible_knn(x0, self.gen, self.cfg.k)
         raise Stage2Error(f"method: unknown {m!r}")
 
+    def _sample_with_weights(self, x0: torch.Tensor, t: torch.Tensor, k: int) -> torch.Tensor:
+        """rater-sample through the shared scoring code, keeping 1 / (K p_chosen) as the loss weights."""
+        from noiserater.proto import scoring
+
+        b = x0.shape[0]
+        candidates = torch.randn((b, k, *x0.shape[1:]), generator=self.gen, device=self.gen.device)
+        x0_np, t_np = x0.detach().cpu().float().numpy(), t.detach().cpu().numpy()
+        flat = self._session.score(*scoring.expand_candidates(x0_np, t_np, candidates.cpu().numpy()))
+        self._is_calls += 1
+        idx, _ = scoring.choose(flat, b, k, 1, scoring.RULE_SAMPLE, self.cfg.temperature, seed=self._is_calls)
+        logits = torch.from_numpy(flat.reshape(b, k)).double() / self.cfg.temperature
+        chosen = torch.from_numpy(idx[:, 0])
+        log_p = logits.log_softmax(1)[torch.arange(b), chosen]
+        self._is_weights = (1.0 / (k * log_p.exp())).to(x0.device, torch.float32)
+        return candidates[torch.arange(b), chosen].to(x0.device, x0.dtype)
+
     def weights(self, schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor | None:
         if self.method == "min-snr":
             return peers.min_snr_weights(schedule.snr(t))
+        if self.cfg.importance_weights:
+            return self._is_weights
         return None
 
 
