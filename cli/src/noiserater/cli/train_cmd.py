@@ -21,6 +21,9 @@ def train_rater(
     meta_grad: str = typer.Option(None, "--meta-grad", help="exact (unrolled, torch.func) or fast "
                                                           "(directional derivatives; default)."),
     seed: int = typer.Option(None, "--seed", help="Random seed (default 0)."),
+    candidate_group: int = typer.Option(None, "--candidate-group", help="G: noises per (x0, t) in a train batch, "
+                                        "weights softmaxed within each group (default 1: over the batch)."),
+    tau: float = typer.Option(None, "--tau", help="Softmax temperature of the soft weights (default 1)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (no progress bar)."),
 ) -> None:
@@ -32,7 +35,7 @@ def train_rater(
     from noiserater.trainer.train_rater import train_rater as run
 
     overrides = {"steps": steps, "inner_steps": inner_steps, "population": population, "meta_grad": meta_grad,
-                 "seed": seed}
+                 "seed": seed, "candidate_group": candidate_group, "tau": tau}
     cfg = TrainConfig(dataset=dataset, device=device, **{k: v for k, v in overrides.items() if v is not None})
     rank = int(os.environ.get("RANK", "0"))
     # The proxy models are tiny: intra-op threads buy little and, on a shared machine, cost a lot.

@@ -36,11 +36,22 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x0, t, eps
 META_GRAD_ROUTES = ("exact", "fast")
 
 
-def soft_weights(scores: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    """w = B * softmax(z / tau), z = standardised scores (std floored at 1). Mean exactly 1, all positive."""
-    centred = scores - scores.mean()
+def soft_weights(scores: torch.Tensor, tau: float = 1.0, group: int = 1) -> torch.Tensor:
+    """w = B * softmax(z / tau), z = standardised scores (std floored at 1). Mean exactly 1, all positive.
+
+    group > 1: the batch is B/group runs of `group` consecutive rows that share (x0, t) and differ only in
+    eps (candidate groups); the softmax runs within each group (w = group * softmax over the group), so the
+    weights only redistribute between noises of one (x0, t) -- the decision hard selection makes in stage 2
+    -- and cannot become a timestep or data weighting.
+    """
+    if group <= 1:
+        centred = scores - scores.mean()
+        scale = centred.pow(2).mean().add(1e-12).sqrt().clamp(min=1.0)
+        return scores.numel() * torch.softmax(centred / scale / tau, dim=0)
+    grouped = scores.reshape(-1, group)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
     scale = centred.pow(2).mean().add(1e-12).sqrt().clamp(min=1.0)
-    return scores.numel() * torch.softmax(centred / scale / tau, dim=0)
+    return (group * torch.softmax(centred / scale / tau, dim=1)).reshape(scores.shape)
 
 
 def weight_stats(w: torch.Tensor) -> dict[str, float]:
@@ -112,12 +123,13 @@ def meta_gradient(
     entropy_coef: float = 0.0,
     fd_eps: float = 1e-3,
     grad_scale: float = 1.0,
+    group: int = 1,
 ) -> VirtualStep:
     """Accumulate grad_scale * dL_val(theta_U(phi))/dphi (+ the entropy penalty's gradient) into the rater's
     .grad, for one inner model with parameters `params` and one train batch per unrolled step."""
     if route not in META_GRAD_ROUTES:
         raise ValueError(f"unknown meta-gradient route {route!r} (one of {', '.join(META_GRAD_ROUTES)})")
-    weights = [soft_weights(rater(*b), tau) for b in batches]
+    weights = [soft_weights(rater(*b), tau, group) for b in batches]
     penalty = entropy_coef * sum(entropy_gap(w) for w in weights) / len(weights)
     run = _exact if route == "exact" else _fast
     outer, dw, g0, inner = run(model, schedule, params, precond, alpha, weights, batches, val_batch, fd_eps)

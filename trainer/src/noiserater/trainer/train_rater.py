@@ -63,6 +63,10 @@ class TrainConfig:
     virtual_lr: float = 1e-4  # alpha of the virtual (Adam-preconditioned SGD) step
     rater_lr: float = 1e-3
     tau: float = 1.0
+    # G > 1: train batches hold batch_size/G (x0, t) pairs with G noise candidates each and the weights
+    # are a softmax within each group (see meta.soft_weights): the rater learns to rank noises for a
+    # given (x0, t), which is what stage-2 selection asks of it. 1: one softmax over the whole batch.
+    candidate_group: int = 1
     entropy_coef: float = 0.0
     reset_every: int = 300  # each inner model is re-initialised this often, at staggered offsets
     fd_eps: float = 1e-3
@@ -76,6 +80,9 @@ class TrainConfig:
                      "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.candidate_group < 1 or self.batch_size % self.candidate_group:
+            raise ValueError(f"candidate_group must be >= 1 and divide batch_size={self.batch_size}, "
+                             f"got {self.candidate_group}")
         if self.tau <= 0:
             raise ValueError(f"tau must be > 0, got {self.tau}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -146,10 +153,12 @@ class MetaTrainer:
                                    **self.cfg.denoiser_kwargs)
         return model.to(self.device)
 
-    def _batch(self, source: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        idx = torch.randint(0, len(source), (size,), generator=self.gen)
+    def _batch(self, source: torch.Tensor, size: int,
+               group: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """size rows; with group > 1, size/group (x0, t) pairs each repeated over `group` fresh noises."""
+        idx = torch.randint(0, len(source), (size // group,), generator=self.gen).repeat_interleave(group)
         x0 = source[idx.to(source.device)]
-        t = self.schedule.sample_timesteps(size, generator=self.gen).to(self.device)
+        t = self.schedule.sample_timesteps(size // group, generator=self.gen).repeat_interleave(group).to(self.device)
         eps = torch.randn(x0.shape, generator=self.gen).to(self.device)
         return x0, t, eps
 
@@ -170,7 +179,7 @@ class MetaTrainer:
         for i, member in enumerate(self.members):
             if self._reset_due(i):
                 self.members[i] = member = Member(self._fresh_denoiser(), cfg.inner_lr)
-            batches = [self._batch(self.train_x, cfg.batch_size) for _ in range(cfg.inner_steps)]
+            batches = [self._batch(self.train_x, cfg.batch_size, cfg.candidate_group) for _ in range(cfg.inner_steps)]
             val_batch = self._batch(self.val_x, cfg.val_batch_size)
             params = member.params()
             if member.age == 0:  # Adam has no second moment yet: take one plain step so P is defined
@@ -179,7 +188,8 @@ class MetaTrainer:
             precond = adam_preconditioner(member.opt, params, lambda m=member: dict(m.model.named_parameters()))
             result = meta_gradient(cfg.meta_grad, member.model, self.schedule, params, precond, cfg.virtual_lr,
                                    self.rater, batches, val_batch, tau=cfg.tau, entropy_coef=cfg.entropy_coef,
-                                   fd_eps=cfg.fd_eps, grad_scale=1.0 / (len(self.members) * self.world))
+                                   fd_eps=cfg.fd_eps, grad_scale=1.0 / (len(self.members) * self.world),
+                                   group=cfg.candidate_group)
             if evaluate:
                 learned, uniform = virtual_step_losses(member.model, self.schedule, params, precond,
                                                        cfg.virtual_lr, batches[0], val_batch, result.weights[0])
