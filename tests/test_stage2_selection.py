@@ -143,3 +143,23 @@ def test_noise_source_selects_only_above_t_min_and_symmetrise_only_flips_signs(d
     ratio = (b / a)[:, 0]
     assert set(ratio.round().tolist()) <= {-1.0, 1.0}
     torch.testing.assert_close(b, a * ratio[:, None])
+
+
+def test_importance_weights_are_one_over_k_p(dot_onnx):
+    from noiserater.trainer.stage2 import NoiseSource, Stage2Config, Stage2Error
+
+    cfg = Stage2Config(steps=10, k=4, num_timesteps=T, importance_weights=True, temperature=1.0)
+    source = NoiseSource("rater-sample", cfg, seed=0, device=torch.device("cpu"), rater=dot_onnx)
+    t = torch.zeros(5, dtype=torch.long)
+    source(torch.zeros(5, D), t, 0)  # x0 = 0: every candidate scores 0, p = 1/K, weight exactly 1
+    torch.testing.assert_close(source.weights(None, t), torch.ones(5))
+    fresh = NoiseSource("rater-sample", cfg, seed=0, device=torch.device("cpu"), rater=dot_onnx)
+    x0 = torch.randn(5, D, generator=torch.Generator().manual_seed(0))
+    eps = fresh(x0, t, 0)
+    candidates = torch.randn((5, 4, D), generator=torch.Generator().manual_seed(0 * 1000 + 2))  # the same stream
+    chosen = [int(((candidates[i] - eps[i]).abs().sum(-1) < 1e-6).nonzero()[0]) for i in range(5)]
+    p = ((x0[:, None, :] * candidates).sum(-1).double() / cfg.temperature).softmax(1)
+    expected = 1.0 / (4 * p[torch.arange(5), torch.tensor(chosen)])
+    torch.testing.assert_close(fresh.weights(None, t), expected.float(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(Stage2Error, match="importance_weights"):
+        NoiseSource("rater-argmax", cfg, seed=0, device=torch.device("cpu"), rater=dot_onnx)
