@@ -65,8 +65,25 @@ def analyse(path: str) -> list[str]:
     return out + [""]
 
 
+def random_rater(path: str) -> str:
+    """The same rater architecture, untrained (torch.manual_seed(0)): the reference for what argmax does
+    with scores that carry no meta-learned information at all."""
+    import torch
+
+    from noiserater.trainer.export import export_rater
+    from noiserater.trainer.rater import build_rater
+
+    torch.manual_seed(0)
+    export_rater(build_rater("mlp", (64,), 1000), path, dataset="digits", schedule="linear")
+    return path
+
+
 if __name__ == "__main__":
+    import tempfile
+
     lines = []
     for p in sys.argv[1:]:
         lines += analyse(p)
+    with tempfile.TemporaryDirectory() as tmp:
+        lines += analyse(random_rater(f"{tmp}/untrained-random-rater.onnx"))
     print("\n".join(lines))

@@ -57,6 +57,13 @@ VARIANTS: dict[str, tuple[str, dict, str | None, str]] = {
     "argmax-k8-u3": ("rater-argmax", {"k": 8}, "u3", "rater meta-learned with U=3 unrolled steps"),
     "sample-k8-t1-u3": ("rater-sample", {"k": 8, "temperature": 1.0}, "u3", "U=3 rater, softmax tau=1"),
     "assign-u3": ("rater-assign", {}, "u3", "U=3 rater, batch assignment"),
+    "argmax-k8-random": ("rater-argmax", {"k": 8}, "random",
+                         "control: an untrained rater of the same architecture (torch.manual_seed(0))"),
+    "sample-k8-t1-random": ("rater-sample", {"k": 8, "temperature": 1.0}, "random", "control: untrained rater, tau=1"),
+    "argmax-k8-g8": ("rater-argmax", {"k": 8}, "g8",
+                     "rater meta-learned with weights softmaxed within groups of 8 noises per (x0, t)"),
+    "sample-k8-t1-g8": ("rater-sample", {"k": 8, "temperature": 1.0}, "g8", "grouped rater, softmax tau=1"),
+    "kanneal-0.5-g8": ("rater-kanneal", {"k": 8, "kanneal_end": 0.5}, "g8", "grouped rater, K 8->1 over half"),
 }
 
 
@@ -172,7 +179,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--sample-steps", type=int, default=100)
-    p.add_argument("--rater", action="append", default=[], help="key=path.onnx (keys: default, u3)")
+    p.add_argument("--rater", action="append", default=[], help="key=path.onnx (keys: default, u3, g8, random)")
     p.add_argument("--only", default="")
     sub.add_parser("summarise")
     args = parser.parse_args()
