@@ -251,8 +251,10 @@ def render_markdown(report: dict[str, Any], details: dict[str, Any]) -> str:
     if refs["feature_kind"]:
         acc = refs["classifier_test_accuracy"]
         lines.append(
-            f"- frechet: Fréchet distance of {refs['heldout_count']} DDPM samples (all T steps, clipped to the data "
-            f"range) to the training split in {refs['feature_kind']} features"
+            f"- frechet: Fréchet distance of {refs['heldout_count']} DDPM samples ("
+            + (f"{cfg['sample_steps']} respaced steps" if cfg.get("sample_steps") else "all T steps")
+            + ", clipped to the data "
+            "range) to the training split in " + f"{refs['feature_kind']} features"
             + (f" (in-project MLP classifier, test accuracy {acc:.3f})" if acc is not None else "")
             + "; floor (held-out real data vs training data, same count) "
             f"{_fmt(refs['frechet_floor_heldout_vs_train'])}."
@@ -304,6 +306,14 @@ def render_markdown(report: dict[str, Any], details: dict[str, Any]) -> str:
             lines.append(f"- {m}: {'met' if ok else 'not met'}")
     lines += ["", "![held-out loss curves](curves.png)", ""]
     return "\n".join(lines)
+
+
+def rerender(out_dir: str | Path) -> None:
+    """Rewrite report.md from report.json and details.json (no training)."""
+    out = Path(out_dir)
+    report = json.loads((out / "report.json").read_text())
+    details = json.loads((out / "details.json").read_text())
+    (out / "report.md").write_text(render_markdown(report, details))
 
 
 def plot_curves(runs: dict[str, list[Stage2Result]], path: Path, title: str = "") -> None:
