@@ -121,7 +121,7 @@ def test_k_anneal_schedule_goes_from_k_to_one():
 def test_noise_source_selects_only_above_t_min_and_symmetrise_only_flips_signs(dot_onnx):
     from noiserater.trainer import peers
     from noiserater.trainer.selector import NoiseSelector
-    from noiserater.trainer.stage2 import NoiseSource, OnnxBackend, Stage2Config
+    from noiserater.trainer.stage2 import NoiseSource, Stage2Config
 
     cpu = torch.device("cpu")
     gen = torch.Generator().manual_seed(1)
@@ -132,7 +132,7 @@ def test_noise_source_selects_only_above_t_min_and_symmetrise_only_flips_signs(d
     eps = NoiseSource("rater-argmax", cfg, seed=0, device=cpu, rater=dot_onnx)(x0, t, 0)
     gaussian = peers.gaussian(x0, torch.Generator().manual_seed(0 * 1000 + 2))
     torch.testing.assert_close(eps[~high], gaussian[~high])
-    candidates = NoiseSelector(OnnxBackend(dot_onnx), k=4, seed=0).draw_candidates(x0[high], 4)
+    candidates = NoiseSelector.local(dot_onnx, k=4, seed=0, intra_op_threads=1).draw_candidates(x0[high], 4)
     best = (x0[high][:, None, :] * candidates).sum(-1).argmax(1)
     torch.testing.assert_close(eps[high], candidates[torch.arange(int(high.sum())), best])
 

@@ -49,11 +49,11 @@ def selection_stats(eps: torch.Tensor, x0: torch.Tensor) -> dict[str, float]:
 
 
 class _LocalBackend:
-    def __init__(self, onnx_path: str | Path, device: str = "cpu"):
+    def __init__(self, onnx_path: str | Path, device: str = "cpu", intra_op_threads: int = 0):
         path = Path(onnx_path)
         if not path.is_file():
             raise SelectorError(f"rater file not found: {path}")
-        self.session = scoring.RaterSession(path, device=device)
+        self.session = scoring.RaterSession(path, device=device, intra_op_threads=intra_op_threads)
         self.version = 0
 
     def choose(self, x0, t, candidates, rule, temperature, seed) -> np.ndarray:
@@ -147,9 +147,15 @@ class NoiseSelector:
     # -- constructors ---------------------------------------------------------------------------------
     @classmethod
     def local(cls, onnx_path: str | Path, k: int = 8, rule: str = "argmax", temperature: float = 1.0,
-              seed: int = 0, device: str = "cpu") -> NoiseSelector:
-        """Score in-process with onnxruntime (`device` picks its execution provider)."""
-        return cls(_LocalBackend(onnx_path, device), k, rule, temperature, seed)
+              seed: int = 0, device: str = "cpu", intra_op_threads: int = 0) -> NoiseSelector:
+        """Score in-process with onnxruntime (`device` picks its execution provider; `intra_op_threads`
+        0 = onnxruntime's default pool, 1 = no pool, which is faster for small raters on a busy CPU)."""
+        return cls(_LocalBackend(onnx_path, device, intra_op_threads), k, rule, temperature, seed)
+
+    @property
+    def session(self) -> scoring.RaterSession | None:
+        """The in-process onnxruntime session (None for a remote selector)."""
+        return getattr(self.backend, "session", None)
 
     @classmethod
     def remote(cls, target: str, model: str, dataset: str = "", k: int = 8, rule: str = "argmax",

@@ -116,25 +116,6 @@ def kanneal_schedule(k: int, steps: int, end_fraction: float) -> Callable[[int],
     return lambda step: max(1, int(round(k - (k - 1) * min(step, end) / end)))
 
 
-class OnnxBackend:
-    """NoiseSelector.local's in-process backend with a fixed onnxruntime thread count (on a shared CPU a
-    single non-spinning thread is faster than a pool). Scores and chooses through `RaterSession.select`,
-    the code path the server uses."""
-
-    def __init__(self, onnx_path: str | Path, threads: int = 1):
-        from noiserater.proto.scoring import RaterSession
-
-        path = Path(onnx_path)
-        if not path.is_file():
-            raise Stage2Error(f"rater file not found: {path}")
-        self.session = RaterSession(path, device="cpu", intra_op_threads=threads)
-        self.version = 0
-
-    def choose(self, x0, t, candidates, rule, temperature, seed):
-        indices, _ = self.session.select(x0, t, candidates, 1, rule, temperature, seed)
-        return indices
-
-
 class NoiseSource:
     """method -> eps for a batch; min-snr's loss weights come from `weights`."""
 
@@ -150,17 +131,22 @@ class NoiseSource:
         if self.is_rater and selector is None:
             if rater is None:
                 raise Stage2Error(f"method {method!r} needs a rater (an ONNX file) or a NoiseSelector")
-            from noiserater.trainer.selector import NoiseSelector
+            from noiserater.trainer.selector import NoiseSelector, SelectorError
 
             rule = RATER_RULES.get(method, "argmax")
-            self.selector = NoiseSelector(OnnxBackend(rater, cfg.rater_threads), k=cfg.k, rule=rule,
-                                          temperature=cfg.temperature, seed=seed)
+            try:
+                self.selector = NoiseSelector.local(rater, k=cfg.k, rule=rule, temperature=cfg.temperature,
+                                                    seed=seed, intra_op_threads=cfg.rater_threads)
+            except SelectorError as exc:
+                raise Stage2Error(str(exc)) from None
         self._is_weights: torch.Tensor | None = None
         self._is_calls = 0
         if cfg.importance_weights:
             if method != "rater-sample" or rater is None:
                 raise Stage2Error("importance_weights needs method rater-sample and a rater ONNX file")
-            self._session = OnnxBackend(rater, cfg.rater_threads).session
+            self._session = self.selector.session
+            if self._session is None:
+                raise Stage2Error("importance_weights needs an in-process rater (rater=ONNX file, no remote selector)")
         if method == "rater-kanneal" and self.k_schedule is None:
             self.k_schedule = kanneal_schedule(cfg.k, cfg.steps, cfg.kanneal_end)
 
