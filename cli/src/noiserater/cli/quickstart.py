@@ -21,7 +21,7 @@ from pathlib import Path
 
 import typer
 
-from noiserater.cli.output import console, emit_json, fail, table
+from noiserater.cli.output import console, emit_json, fail, set_torch_threads, table
 
 SERVER_START_TIMEOUT_S = 120.0
 
@@ -93,6 +93,7 @@ def quickstart(
     from noiserater.trainer.stage2 import EvalContext, Stage2Config, train_stage2
     from noiserater.trainer.train_rater import TrainConfig, train_rater
 
+    set_torch_threads()
     work = workdir or Path(tempfile.mkdtemp(prefix="nrctl-quickstart-"))
     work.mkdir(parents=True, exist_ok=True)
     say = (lambda *a, **kw: None) if as_json else console.print

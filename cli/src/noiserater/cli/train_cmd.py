@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from noiserater.cli.output import console, emit_json, fail, table
+from noiserater.cli.output import console, emit_json, fail, set_torch_threads, table
 
 
 def train_rater(
@@ -38,8 +38,7 @@ def train_rater(
                  "seed": seed, "candidate_group": candidate_group, "tau": tau}
     cfg = TrainConfig(dataset=dataset, device=device, **{k: v for k, v in overrides.items() if v is not None})
     rank = int(os.environ.get("RANK", "0"))
-    # The proxy models are tiny: intra-op threads buy little and, on a shared machine, cost a lot.
-    torch.set_num_threads(int(os.environ.get("NOISERATER_THREADS") or os.environ.get("OMP_NUM_THREADS") or 1))
+    set_torch_threads()
     bar = None
 
     def progress(step: int, total: int, row: dict[str, float]) -> None:
