@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# GPU checks for a session that has the device machine (see the device tool's README); NOT a test.
+# Not yet run: no session so far had a device. Writes $OUT/gpu_check.json (+ logs) with:
+#   - stage 1 on CUDA: `nrctl train-rater --device cuda` (short) and its seconds per meta step,
+#     next to the same run on the machine's CPU, as a ratio measured in this one call;
+#   - CUDA execution provider serving: RaterSession on CUDA vs CPU, candidates scored per second at
+#     B x K = 64 x 8 and 1024 x 8; skipped with a reason when onnxruntime there has no CUDA provider
+#     (the device image ships CPU onnxruntime, and onnxruntime-gpu is larger than the 64 MiB carry limit).
+# The device image has python3 3.12 with torch, onnx, onnxruntime, grpcio, typer, rich, tqdm, scipy,
+# scikit-learn; protobuf may be older than our gencode (7.35), so carry a wheel made here first:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl "protobuf==7.36.2"
+# then run (device tool): carry [".whl"], timeout_s 420, command `bash bench/gpu_check.sh`.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/proto/src:$PWD/trainer/src:$PWD/server/src:$PWD/cli/src"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.csv" 2>&1
+for device in cuda cpu; do
+  timeout 150 python3 -m noiserater.cli.main train-rater --dataset digits --out "/tmp/run-$device" --steps 60 \
+    --device "$device" --json > "$OUT/train-$device.json" 2> "$OUT/train-$device.log"
+done
+python3 - "$OUT" <<'PY' > "$OUT/serve.log" 2>&1
+import json, sys, time
+from pathlib import Path
+import numpy as np
+out = Path(sys.argv[1])
+result = {}
+for device in ("cuda", "cpu"):
+    p = out / f"train-{device}.json"
+    try:
+        summary = json.loads(p.read_text())
+        rows = [json.loads(l) for l in Path(f"/tmp/run-{device}/metrics.jsonl").read_text().splitlines()]
+        result[f"stage1_{device}"] = {"wall_seconds": summary["wall_seconds"], "device": summary["device"],
+                                      "median_seconds_per_step": float(np.median([r["seconds_per_step"] for r in rows]))}
+    except Exception as exc:  # a failed run is reported, not hidden
+        result[f"stage1_{device}"] = {"error": f"{type(exc).__name__}: {exc}"}
+if all("median_seconds_per_step" in result.get(f"stage1_{d}", {}) for d in ("cuda", "cpu")):
+    result["stage1_cpu_over_cuda_step_time"] = (result["stage1_cpu"]["median_seconds_per_step"]
+                                                / result["stage1_cuda"]["median_seconds_per_step"])
+import onnxruntime as ort
+result["onnxruntime"] = {"version": ort.__version__, "providers": ort.get_available_providers()}
+from noiserater.proto import scoring
+from noiserater.trainer.export import export_rater
+from noiserater.trainer.rater import load_rater
+rater, _ = load_rater("/tmp/run-cpu/rater.pt")
+export_rater(rater, "/tmp/gpu_check.onnx")
+for device in ("cuda", "cpu"):
+    if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        result["serving_cuda"] = {"skipped": "onnxruntime on the device has no CUDAExecutionProvider"}
+        continue
+    session = scoring.RaterSession(Path("/tmp/gpu_check.onnx"), device=device)
+    figures = {"provider": session.provider}
+    for batch in (64, 1024):
+        rng = np.random.default_rng(0)
+        x0 = rng.standard_normal((batch, 64), dtype=np.float32)
+        t = rng.integers(0, 1000, batch)
+        cand = rng.standard_normal((batch, 8, 64), dtype=np.float32)
+        triples = scoring.expand_candidates(x0, t, cand)
+        for _ in range(10):
+            session.score(*triples)
+        start, runs = time.perf_counter(), 0
+        while time.perf_counter() - start < 3:
+            session.score(*triples); runs += 1
+        figures[f"candidates_per_s_b{batch}_k8"] = runs * batch * 8 / (time.perf_counter() - start)
+    result[f"serving_{device}"] = figures
+(out / "gpu_check.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+print(json.dumps(result, indent=2, sort_keys=True))
+PY
+cat "$OUT/gpu_check.json" 2>/dev/null || tail -20 "$OUT/serve.log"
