@@ -34,6 +34,13 @@ def test_validation_names_the_field(mutate, k, message):
         scoring.validate_selection(INFO, x0, t, c, k, scoring.RULE_TOP_K)
 
 
+def test_sample_needs_a_positive_temperature():
+    x0, t, c = request()
+    with pytest.raises(scoring.ScoringError, match=r"^temperature: must be > 0"):
+        scoring.validate_selection(INFO, x0, t, c, 1, scoring.RULE_SAMPLE, temperature=0.0)
+    scoring.validate_selection(INFO, x0, t, c, 1, scoring.RULE_TOP_K, temperature=0.0)  # unused by top_k
+
+
 def test_assign_requires_single_candidate():
     x0, t, c = request(k=2)
     with pytest.raises(scoring.ScoringError, match="assign"):

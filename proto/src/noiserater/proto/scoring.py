@@ -83,7 +83,7 @@ def validate_triples(info: RaterInfo, x0: np.ndarray, t: np.ndarray, eps: np.nda
 
 
 def validate_selection(info: RaterInfo, x0: np.ndarray, t: np.ndarray, candidates: np.ndarray, k: int,
-                       rule: str) -> None:
+                       rule: str, temperature: float = 1.0) -> None:
     """Everything a SelectNoise request must satisfy before it is scored."""
     if x0.ndim < 1 or tuple(x0.shape[1:]) != info.data_shape:
         raise ScoringError(f"x0: shape {list(x0.shape)} does not match [B, *{list(info.data_shape)}]")
@@ -101,6 +101,8 @@ def validate_selection(info: RaterInfo, x0: np.ndarray, t: np.ndarray, candidate
         raise ScoringError(f"candidates: rule 'assign' needs K=1 and k=1 (got K={num_candidates}, k={k})")
     if rule not in selection.RULES:
         raise ScoringError(f"rule: unknown rule {rule!r} (one of {', '.join(selection.RULES)})")
+    if rule == RULE_SAMPLE and not temperature > 0:
+        raise ScoringError(f"temperature: must be > 0 for rule 'sample', got {temperature}")
     _validate_common(info, x0, t)
     _check_finite("candidates", candidates)
 
@@ -218,7 +220,7 @@ class RaterSession:
     def select(self, x0: np.ndarray, t: np.ndarray, candidates: np.ndarray, k: int, rule: str = RULE_TOP_K,
                temperature: float = 1.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Validate, score and choose in one call (the in-process path)."""
-        validate_selection(self.info, x0, t, candidates, k, rule)
+        validate_selection(self.info, x0, t, candidates, k, rule, temperature)
         flat = self.score(*expand_candidates(x0, t, candidates, rule))
         return choose(flat, x0.shape[0], candidates.shape[1], k, rule, temperature, seed)
 

@@ -68,9 +68,7 @@ class RaterServicer(pb_grpc.RaterServiceServicer):
             raise scoring.ScoringError(f"rule: unknown selection rule {request.rule}")
         if x0.ndim >= 1 and x0.shape[0] == 0:
             raise scoring.ScoringError("x0: the batch is empty (B=0)")
-        scoring.validate_selection(info, x0, t, candidates, request.k, rule)
-        if rule == scoring.RULE_SAMPLE and not request.temperature > 0:
-            raise scoring.ScoringError(f"temperature: must be > 0 for rule 'sample', got {request.temperature}")
+        scoring.validate_selection(info, x0, t, candidates, request.k, rule, request.temperature)
         dataset = resolve_dataset(request.dataset, version)
         x0_flat, t_flat, eps_flat = scoring.expand_candidates(x0, t, candidates, rule)
         scores = await version.batcher.submit(x0_flat, t_flat, eps_flat)
