@@ -123,10 +123,9 @@ def test_typed_contents_and_bad_inputs(server):
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-FIELDS_OF = r"""
-import json
-from tritonclient.grpc import service_pb2
-
+# Run both in this process (our stubs) and in a subprocess (tritonclient's): the two register the same
+# protobuf package `inference` and cannot be imported into one process.
+FIELDS_SOURCE = r"""
 def fields(descriptor, prefix=""):
     out = {}
     for f in descriptor.fields:
@@ -134,6 +133,11 @@ def fields(descriptor, prefix=""):
     for nested in descriptor.nested_types:
         out.update(fields(nested, prefix + descriptor.name + "."))
     return out
+"""
+
+FIELDS_OF = FIELDS_SOURCE + r"""
+import json
+from tritonclient.grpc import service_pb2
 
 names = json.loads(input())
 result = {}
@@ -144,13 +148,9 @@ print(json.dumps(result))
 
 
 def test_field_numbers_equal_tritons():
-    def fields(descriptor, prefix=""):
-        out = {}
-        for f in descriptor.fields:
-            out[prefix + descriptor.name + "." + f.name] = [f.number, f.type, f.is_repeated]
-        for nested in descriptor.nested_types:
-            out.update(fields(nested, prefix + descriptor.name + "."))
-        return out
+    namespace: dict = {}
+    exec(FIELDS_SOURCE, namespace)
+    fields = namespace["fields"]
 
     names = sorted(kserve_pb.DESCRIPTOR.message_types_by_name)
     ours: dict = {}
