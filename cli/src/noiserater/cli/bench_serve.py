@@ -23,8 +23,6 @@ import os
 import platform
 import shlex
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
+from noiserater.cli.local_server import start_rater_server, wait_serving
 from noiserater.cli.output import emit_json, fail, table
 
 GOAL_BATCHED_VS_UNBATCHED = 3.0
@@ -56,56 +55,12 @@ class Level:
     stable: bool = False
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_serving(target: str, proc: subprocess.Popen | None, timeout_s: float = 120.0) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"rater-server for {target} exited with code {proc.returncode}")
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1, wait_for_ready=True)
-            except grpc.RpcError:
-                continue
-            if status.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-    raise RuntimeError(f"rater-server at {target} did not report SERVING within {timeout_s:g}s")
-
-
 def start_local_server(stack: ExitStack, onnx: Path, model: str, server_args: list[str]) -> tuple[str, list[str]]:
     """A `rater-server serve` on a free loopback port over a temporary repository holding `onnx`."""
     repo = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nr-bench-")))
     (repo / model / "1").mkdir(parents=True)
     shutil.copyfile(onnx, repo / model / "1" / "model.onnx")
-    port = _free_port()
-    script = shutil.which("rater-server") or str(Path(sys.executable).parent / "rater-server")
-    base = [script] if Path(script).exists() else [sys.executable, "-m", "noiserater.server.main"]
-    command = [*base, "serve", "--repository", str(repo), "--host", "127.0.0.1", "--port", str(port), *server_args]
-    log = stack.enter_context(open(repo / "server.log", "w"))  # noqa: SIM115 - closed by the stack
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-
-    def stop() -> None:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    stack.callback(stop)
-    target = f"127.0.0.1:{port}"
-    _wait_serving(target, proc)
-    return target, command
+    return start_rater_server(stack, repo, server_args)
 
 
 def make_request(model: str, data_shape: tuple[int, ...], num_timesteps: int, batch: int, k: int, seed: int = 0):
@@ -316,12 +271,12 @@ def run(target, model, onnx, levels, batch, k, small_batch, unbatched_target, se
         if target is None:
             target, commands["batched"] = start_local_server(stack, onnx, model, server_args)
         else:
-            _wait_serving(target, None, timeout_s=30)
+            wait_serving(target, None, timeout_s=30)
         if unbatched_target is None:
             unbatched_target, commands["unbatched"] = start_local_server(stack, onnx, model,
                                                                          [*server_args, "--max-batch", "0"])
         else:
-            _wait_serving(unbatched_target, None, timeout_s=30)
+            wait_serving(unbatched_target, None, timeout_s=30)
         rows = []
         for level in levels:
             row = {"concurrency": level}

@@ -8,68 +8,16 @@ console script, started as a user would start it.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import typer
 
+from noiserater.cli.local_server import start_rater_server
 from noiserater.cli.output import console, emit_json, fail, set_torch_threads, table
-
-SERVER_START_TIMEOUT_S = 120.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def rater_server(repository: Path, log_path: Path):
-    """Run `rater-server serve` on a free loopback port until the block ends (SIGTERM, then wait)."""
-    import grpc
-
-    from noiserater.proto.v1 import rater_service_pb2 as pb
-    from noiserater.proto.v1 import rater_service_pb2_grpc as pb_grpc
-
-    binary = shutil.which("rater-server") or str(Path(sys.executable).with_name("rater-server"))
-    if not Path(binary).exists():
-        fail("rater-server is not installed (pip install ./server, or run `make demo`)")
-    port = _free_port()
-    target = f"127.0.0.1:{port}"
-    log = log_path.open("w")
-    proc = subprocess.Popen([binary, "serve", "--repository", str(repository), "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        channel = grpc.insecure_channel(target)
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:  # ready = the server answers ListModels; each try waits on the channel, not a timer
-            if proc.poll() is not None:
-                fail(f"rater-server exited with code {proc.returncode}; see {log_path}")
-            try:
-                pb_grpc.RaterServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=2, wait_for_ready=True)
-                break
-            except grpc.RpcError:
-                if time.monotonic() > deadline:
-                    fail(f"rater-server did not become ready in {SERVER_START_TIMEOUT_S:.0f} s; see {log_path}")
-        channel.close()
-        yield target
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        log.close()
 
 
 def quickstart(
@@ -117,7 +65,11 @@ def quickstart(
     repository = work / "models"
     repository.mkdir(exist_ok=True)
     say("[bold]3/5 serve[/] rater-server on a free loopback port, then deploy over gRPC")
-    with rater_server(repository, work / "rater-server.log") as target:
+    with ExitStack() as stack:
+        try:
+            target, _ = start_rater_server(stack, repository, log_path=work / "rater-server.log")
+        except (RuntimeError, OSError) as exc:
+            fail(f"{exc}; see {work / 'rater-server.log'}")
         with grpc.insecure_channel(target) as channel:
             stub = pb_grpc.RaterServiceStub(channel)
             deployed = stub.DeployModel(pb.DeployModelRequest(name="digits", onnx=onnx_path.read_bytes()),

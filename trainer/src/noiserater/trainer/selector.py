@@ -69,7 +69,7 @@ class _RemoteBackend:
         from noiserater.proto.v1 import rater_service_pb2 as pb
         from noiserater.proto.v1 import rater_service_pb2_grpc as pb_grpc
 
-        self._grpc, self._pb = grpc, pb
+        self._pb = pb
         service_config: dict[str, Any] = {
             "methodConfig": [{
                 "name": [{"service": "noiserater.v1.RaterService"}],
@@ -193,10 +193,11 @@ class NoiseSelector:
         t_np = t.detach().to("cpu", torch.int64).numpy()
         return candidates, x0_np, t_np, candidates.cpu().numpy(), seed
 
-    def _choose(self, x0_np, t_np, cand_np, seed) -> tuple[np.ndarray | None, str]:
+    def _choose(self, x0_np, t_np, cand_np, seed) -> np.ndarray | None:
+        """Chosen indices, or None when plain Gaussian noise (the first candidate) must do."""
         rule = RULES[self.rule]
         try:
-            return self.backend.choose(x0_np, t_np, cand_np, rule, self.temperature, seed), "ok"
+            return self.backend.choose(x0_np, t_np, cand_np, rule, self.temperature, seed)
         except scoring.ScoringError as exc:
             raise SelectorError(str(exc)) from None
         except Exception as exc:  # grpc.RpcError and transport failures
@@ -208,11 +209,11 @@ class NoiseSelector:
             self.counters["fallback_local"] += 1
             log.warning("rater server unavailable (%s): selecting with the local rater (fallback %d)",
                         reason, self.counters["fallback_local"])
-            return self.fallback.choose(x0_np, t_np, cand_np, rule, self.temperature, seed), reason
+            return self.fallback.choose(x0_np, t_np, cand_np, rule, self.temperature, seed)
         self.counters["fallback_gaussian"] += 1
         log.warning("rater server unavailable (%s): using plain Gaussian noise (fallback %d)",
                     reason, self.counters["fallback_gaussian"])
-        return None, reason
+        return None
 
     def _finish(self, x0: torch.Tensor, candidates: torch.Tensor, indices: np.ndarray | None) -> torch.Tensor:
         if indices is None:
@@ -237,7 +238,7 @@ class NoiseSelector:
             candidates, indices = pending[2].result()
             return self._finish(x0, candidates, indices)
         candidates, x0_np, t_np, cand_np, seed = self._prepare(x0, t, k)
-        indices, _ = self._choose(x0_np, t_np, cand_np, seed)
+        indices = self._choose(x0_np, t_np, cand_np, seed)
         return self._finish(x0, candidates, indices)
 
     def prefetch(self, x0: torch.Tensor, t: torch.Tensor, *, k: int | None = None) -> None:
@@ -246,7 +247,7 @@ class NoiseSelector:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noise-prefetch")
         candidates, x0_np, t_np, cand_np, seed = self._prepare(x0, t, k)
-        future = self._pool.submit(lambda: (candidates, self._choose(x0_np, t_np, cand_np, seed)[0]))
+        future = self._pool.submit(lambda: (candidates, self._choose(x0_np, t_np, cand_np, seed)))
         with self._lock:
             self._pending = (id(x0), id(t), future)
 
