@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PACKAGES := proto trainer server cli
 
-.PHONY: venv demo test lint proto redis-server clean
+.PHONY: venv demo test lint proto system-packages clean
 
 venv: $(STAMP)
 
@@ -18,9 +18,13 @@ $(STAMP): requirements-dev.txt $(addsuffix /pyproject.toml,$(PACKAGES))
 	$(PY) -m pip install -q --no-deps $(addprefix -e ./,$(PACKAGES))
 	touch $(STAMP)
 
-# Tests start their own redis-server on a free port; install it when the machine lacks it.
-redis-server:
-	@command -v redis-server >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
+# Debian packages the tests need, installed when the machine lacks them: redis-server (tests start their
+# own on a free port) and libb64-0d (tritonclient's perf_analyzer binary links against it).
+system-packages:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	/sbin/ldconfig -p | grep -q 'libb64\.so\.0d' || missing="$$missing libb64-0d"; \
+	if [ -n "$$missing" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi
 
 demo: venv
 	$(VENV)/bin/nrctl quickstart
@@ -29,7 +33,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	cd proto && ../$(VENV)/bin/buf lint
 
-test: venv redis-server lint
+test: venv system-packages lint
 	$(PY) -m pytest -q tests
 
 # Regenerate the committed gRPC stubs after editing a .proto.

@@ -128,6 +128,28 @@ def test_bad_requests_are_named_and_the_server_keeps_serving(stub, case):
     assert codec.decode(stub.SelectNoise(request(x0, t, candidates, k=2)).indices).shape == (2, 2)
 
 
+def test_select_stream_answers_every_request_and_survives_bad_ones(stub):
+    """One stream carries good and bad requests: each good one equals the unary answer, each bad one gets
+    the unary call's status code and message, and the stream goes on to the next request."""
+    goods = [request(*random_batch(seed, batch=3, k=4), k=2) for seed in range(6)]
+    bads = [case[1] for case in _bad_requests()]
+    sent = [(f"good-{i}", r) for i, r in enumerate(goods)] + [(f"bad-{i}", r) for i, r in enumerate(bads)]
+    sent.sort(key=lambda item: item[0][-1])  # interleave good and bad ones
+    responses = list(stub.SelectNoiseStream(
+        iter([pb.SelectNoiseStreamRequest(request_id=rid, request=r) for rid, r in sent]), timeout=60))
+    by_id = {r.request_id: r for r in responses}
+    assert len(responses) == len(sent) and set(by_id) == {rid for rid, _ in sent}
+    for i, good in enumerate(goods):
+        streamed = by_id[f"good-{i}"]
+        unary = stub.SelectNoise(good)
+        assert streamed.error_code == 0 and streamed.response.model.version == 1
+        np.testing.assert_array_equal(codec.decode(streamed.response.indices), codec.decode(unary.indices))
+    for i, (_, _, code, fragment) in enumerate(_bad_requests()):
+        streamed = by_id[f"bad-{i}"]
+        assert streamed.error_code == code.value[0] and fragment in streamed.error_message
+        assert not streamed.HasField("response")
+
+
 def test_score_and_metadata(stub, rater_onnx):
     local = RaterSession(rater_onnx, device="cpu")
     rng = np.random.default_rng(5)

@@ -51,6 +51,42 @@ class _Job:
         return self.x0.shape[0]
 
 
+@dataclass
+class RunStatistics:
+    """Cumulative counts behind the KServe ModelStatistics RPC, with Triton's meanings: queue and compute
+    time are counted once per request (a request's share of a merged run is the whole run)."""
+
+    inference_count: int = 0  # triples scored
+    execution_count: int = 0  # onnxruntime runs
+    success_count: int = 0
+    success_ns: int = 0  # queueing to scores, summed over requests
+    fail_count: int = 0
+    fail_ns: int = 0
+    queue_ns: int = 0
+    compute_input_ns: int = 0  # merging the requests' inputs into one run
+    compute_ns: int = 0  # onnxruntime
+    compute_output_ns: int = 0  # splitting the scores back
+    last_inference_ms: int = 0  # wall clock of the last run
+
+    def count_run(self, enqueued: list[float], started: float, elapsed: float, triples: int, merge_s: float,
+                  split_s: float) -> None:
+        finished = started + elapsed + split_s
+        self.inference_count += triples
+        self.execution_count += 1
+        self.success_count += len(enqueued)
+        self.success_ns += int(sum(finished - e for e in enqueued) * 1e9)
+        self.queue_ns += int(sum(max(0.0, started - e) for e in enqueued) * 1e9)
+        self.compute_input_ns += int(merge_s * 1e9) * len(enqueued)
+        self.compute_ns += int(elapsed * 1e9) * len(enqueued)
+        self.compute_output_ns += int(split_s * 1e9) * len(enqueued)
+        self.last_inference_ms = int(time.time() * 1000)
+
+    def count_failure(self, enqueued: list[float]) -> None:
+        now = time.perf_counter()
+        self.fail_count += len(enqueued)
+        self.fail_ns += int(sum(now - e for e in enqueued) * 1e9)
+
+
 class DynamicBatcher:
     def __init__(self, score: ScoreFn, executor: Executor, metrics: ServerMetrics, labels: tuple[str, str],
                  max_batch: int, max_delay_s: float, max_queue: int, instances: int = 1,
@@ -79,6 +115,7 @@ class DynamicBatcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
+        self.statistics = RunStatistics()
         self._task: asyncio.Task | None = None
         if max_batch > 0:
             self._task = asyncio.get_running_loop().create_task(self._run_forever())
@@ -171,6 +208,7 @@ class DynamicBatcher:
         live = [job for job in batch if not job.future.done()]  # a cancelled RPC needs no scores
         if not live:
             return
+        merge_started = time.perf_counter()
         try:
             if len(live) == 1:
                 x0, t, eps = live[0].x0, live[0].t, live[0].eps
@@ -178,6 +216,7 @@ class DynamicBatcher:
                 x0 = np.concatenate([job.x0 for job in live])
                 t = np.concatenate([job.t for job in live])
                 eps = np.concatenate([job.eps for job in live])
+            merge_s = time.perf_counter() - merge_started
             if x0.shape[0] <= self.inline_max_triples:
                 # Small runs take less time than handing them to a worker thread and back costs the
                 # busy event loop (two GIL handoffs): run them right here.
@@ -189,22 +228,26 @@ class DynamicBatcher:
             if scores.shape != (x0.shape[0],):
                 raise RuntimeError(f"model returned scores of shape {list(scores.shape)} for {x0.shape[0]} triples")
         except Exception as exc:  # onnxruntime errors go back to every request of the batch
+            self.statistics.count_failure([job.enqueued for job in live])
             for job in live:
                 if not job.future.done():
                     job.future.set_exception(exc)
             return
-        for job in live:
-            self._m_queue.observe(max(0.0, started - job.enqueued))
-        self._m_compute.observe(elapsed)
-        self._m_batch_requests.observe(len(live))
-        self._m_batch_triples.observe(x0.shape[0])
-        self._m_candidates.inc(x0.shape[0])
+        split_started = time.perf_counter()
         offset = 0
         for job in live:
             part = scores[offset:offset + job.size]
             offset += job.size
             if not job.future.done():
                 job.future.set_result(part)
+        self.statistics.count_run([job.enqueued for job in live], started, elapsed, x0.shape[0], merge_s,
+                                  time.perf_counter() - split_started)
+        for job in live:
+            self._m_queue.observe(max(0.0, started - job.enqueued))
+        self._m_compute.observe(elapsed)
+        self._m_batch_requests.observe(len(live))
+        self._m_batch_triples.observe(x0.shape[0])
+        self._m_candidates.inc(x0.shape[0])
 
     async def close(self, timeout: float | None = None) -> None:
         """Refuse new requests, let every accepted one finish (up to `timeout`), then stop."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,41 +75,78 @@ def status_of(exc: BaseException) -> grpc.StatusCode | None:
     return None
 
 
-def rpc(method: str, metrics_attr: str = "metrics", inference: bool = False):
-    """Wrap `async def handler(self, request, context, labels)`: map errors to status codes, count."""
+async def answer(owner: Any, method: str, inference: bool,
+                 run: Callable[[CallLabels], Awaitable[Any]]) -> tuple[Any, grpc.StatusCode, str]:
+    """Run one request's handler with the server's accounting: refuse inference while draining, map
+    exceptions to status codes, count the answer. Returns (response or None, code, message)."""
+    metrics: ServerMetrics = owner.metrics
+    counters: RequestCounters = owner.counters
+    labels = CallLabels()
+    if inference and counters.draining:
+        code = grpc.StatusCode.UNAVAILABLE
+        metrics.requests.labels(method, "", "", code.name).inc()
+        return None, code, "server is shutting down; retry on another replica"
+    if inference:
+        counters.received += 1
+    code, message, response = grpc.StatusCode.OK, "", None
+    try:
+        response = await run(labels)
+    except asyncio.CancelledError:
+        code = grpc.StatusCode.CANCELLED
+        if inference:
+            counters.dropped += 1
+        raise
+    except Exception as exc:
+        known = status_of(exc)
+        if known is None:
+            log.exception("%s failed", method)
+            code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+        else:
+            code, message = known, str(exc)
+    finally:
+        metrics.requests.labels(method, labels.model, labels.version, code.name).inc()
+        if inference and code != grpc.StatusCode.CANCELLED:
+            counters.answered += 1
+    return response, code, message
+
+
+def rpc(method: str, inference: bool = False):
+    """Wrap a unary `async def handler(self, request, context, labels)` with `answer`; a failure ends the
+    call with its status code."""
 
     def decorate(handler: Callable[..., Awaitable[Any]]):
         @functools.wraps(handler)
         async def wrapper(self, request, context: grpc.aio.ServicerContext):
-            metrics: ServerMetrics = getattr(self, metrics_attr)
-            counters: RequestCounters = self.counters
-            labels = CallLabels()
-            if inference and counters.draining:
-                metrics.requests.labels(method, "", "", grpc.StatusCode.UNAVAILABLE.name).inc()
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another replica")
-            if inference:
-                counters.received += 1
-            code, message = grpc.StatusCode.OK, ""
-            try:
-                return await handler(self, request, context, labels)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                if inference:
-                    counters.dropped += 1
-                raise
-            except Exception as exc:
-                known = status_of(exc)
-                if known is None:
-                    log.exception("%s failed", method)
-                    code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
-                else:
-                    code, message = known, str(exc)
-            finally:
-                metrics.requests.labels(method, labels.model, labels.version, code.name).inc()
-                if inference and code != grpc.StatusCode.CANCELLED:
-                    counters.answered += 1
+            response, code, message = await answer(
+                self, method, inference, lambda labels: handler(self, request, context, labels))
+            if code == grpc.StatusCode.OK:
+                return response
             await context.abort(code, message)
 
         return wrapper
 
     return decorate
+
+
+async def serve_stream(request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext,
+                       answer_one: Callable[[Any], Awaitable[Any]]) -> None:
+    """A bidirectional stream of independent requests: each is answered concurrently with the others (so
+    one stream's requests batch like separate calls) and its response written as soon as it is ready."""
+    write_lock = asyncio.Lock()
+    tasks: set[asyncio.Task] = set()
+
+    async def one(request: Any) -> None:
+        response = await answer_one(request)
+        async with write_lock:
+            await context.write(response)
+
+    try:
+        async for request in request_iterator:
+            task = asyncio.get_running_loop().create_task(one(request))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        while tasks:  # the client is done sending; finish what it sent
+            await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()

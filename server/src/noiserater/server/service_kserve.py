@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 
+import grpc
 import numpy as np
 
 from noiserater.proto import scoring
 from noiserater.proto.inference import grpc_service_pb2 as pb
 from noiserater.proto.inference import grpc_service_pb2_grpc as pb_grpc
-from noiserater.server.errors import CallLabels, RequestCounters, rpc
+from noiserater.proto.inference import model_config_pb2 as config_pb
+from noiserater.server.errors import CallLabels, RequestCounters, answer, rpc, serve_stream
 from noiserater.server.metrics import ServerMetrics
 from noiserater.server.models import ModelNotFoundError, ModelRegistry, ModelVersion
 from noiserater.server.service_v1 import score_triples
@@ -25,6 +27,67 @@ DATATYPES: dict[str, tuple[np.dtype, str]] = {
     "INT32": (np.dtype("<i4"), "int_contents"),
 }
 PLATFORM = "onnxruntime_onnx"
+TENSOR_TYPES = {"FP32": config_pb.TYPE_FP32, "INT64": config_pb.TYPE_INT64}
+
+
+TensorSpec = tuple[str, str, list[int]]  # name, KServe datatype, shape
+
+
+def tensor_signature(version: ModelVersion) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(name, KServe datatype, shape) of the rater's inputs and output; -1 marks the N-triples axis."""
+    data = [-1, *version.session.info.data_shape]
+    inputs = [(scoring.INPUT_X0, "FP32", data), (scoring.INPUT_T, "INT64", [-1]), (scoring.INPUT_EPS, "FP32", data)]
+    return inputs, [(scoring.OUTPUT_SCORE, "FP32", [-1])]
+
+
+def model_config(version: ModelVersion, config) -> config_pb.ModelConfig:
+    """The version's configuration in Triton's terms. max_batch_size is 0 because every input carries its
+    own N axis; the batcher that merges requests along it is described in `parameters`."""
+    inputs, outputs = tensor_signature(version)
+    batching = config.max_batch > 0
+    kind = (config_pb.ModelInstanceGroup.KIND_CPU if version.cpu_fallback
+            else config_pb.ModelInstanceGroup.KIND_GPU)
+    parameters = {f"metadata.{k}": v for k, v in version.session.info.metadata.items()}
+    parameters.update({
+        "dynamic_batching": "on" if batching else "off",
+        "max_batch_triples": str(config.max_batch),
+        "max_queue_delay_microseconds": str(int(config.max_delay_ms * 1000)),
+        "max_queue_requests": str(config.max_queue),
+        "execution_provider": version.session.provider,
+    })
+    return config_pb.ModelConfig(
+        name=version.name, platform=PLATFORM, backend="onnxruntime", max_batch_size=0,
+        input=[config_pb.ModelInput(name=n, data_type=TENSOR_TYPES[d], dims=shape) for n, d, shape in inputs],
+        output=[config_pb.ModelOutput(name=n, data_type=TENSOR_TYPES[d], dims=shape) for n, d, shape in outputs],
+        # With batching off every request runs on its own, as many at once as the worker threads allow.
+        instance_group=[config_pb.ModelInstanceGroup(name=version.name, kind=kind,
+                                                     count=config.instances if batching else 0)],
+        default_model_filename="model.onnx",
+        parameters={k: config_pb.ModelParameter(string_value=v) for k, v in parameters.items()})
+
+
+def model_statistics(version: ModelVersion) -> pb.ModelStatistics:
+    s = version.batcher.statistics
+    duration = pb.StatisticDuration
+    return pb.ModelStatistics(
+        name=version.name, version=str(version.version), last_inference=s.last_inference_ms,
+        inference_count=s.inference_count, execution_count=s.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=duration(count=s.success_count, ns=s.success_ns),
+            fail=duration(count=s.fail_count, ns=s.fail_ns),
+            queue=duration(count=s.success_count, ns=s.queue_ns),
+            compute_input=duration(count=s.success_count, ns=s.compute_input_ns),
+            compute_infer=duration(count=s.success_count, ns=s.compute_ns),
+            compute_output=duration(count=s.success_count, ns=s.compute_output_ns)))
+
+
+def server_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("noiserater-server")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def parse_version(text: str, field: str = "model_version") -> int:
@@ -97,6 +160,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=self._is_ready())
 
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name="rater-server", version=server_version(),
+                                         extensions=["model_configuration", "statistics"])
+
     async def ModelReady(self, request: pb.ModelReadyRequest, context):
         try:
             self.registry.get(request.name, parse_version(request.version))
@@ -107,20 +174,52 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc("ModelMetadata")
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context, labels: CallLabels):
         version = self._lookup(request.name, request.version, labels)
-        data = [-1, *version.session.info.data_shape]
+        inputs, outputs = tensor_signature(version)
         tm = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=version.name,
             versions=[str(v) for v in sorted(self.registry.models[version.name].versions)],
             platform=PLATFORM,
-            inputs=[tm(name=scoring.INPUT_X0, datatype="FP32", shape=data),
-                    tm(name=scoring.INPUT_T, datatype="INT64", shape=[-1]),
-                    tm(name=scoring.INPUT_EPS, datatype="FP32", shape=data)],
-            outputs=[tm(name=scoring.OUTPUT_SCORE, datatype="FP32", shape=[-1])],
+            inputs=[tm(name=n, datatype=d, shape=shape) for n, d, shape in inputs],
+            outputs=[tm(name=n, datatype=d, shape=shape) for n, d, shape in outputs],
         )
+
+    @rpc("ModelConfig")
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context, labels: CallLabels):
+        version = self._lookup(request.name, request.version, labels)
+        return pb.ModelConfigResponse(config=model_config(version, self.registry.config))
+
+    @rpc("ModelStatistics")
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context, labels: CallLabels):
+        if request.name:
+            if request.version:
+                versions = [self._lookup(request.name, request.version, labels)]
+            else:
+                self._lookup(request.name, "", labels)  # NOT_FOUND for an unknown model
+                versions = list(self.registry.models[request.name].versions.values())
+        else:
+            versions = [v for m in self.registry.models.values() for v in m.versions.values()]
+        versions.sort(key=lambda v: (v.name, v.version))
+        return pb.ModelStatisticsResponse(model_stats=[model_statistics(v) for v in versions])
 
     @rpc("ModelInfer", inference=True)
     async def ModelInfer(self, request: pb.ModelInferRequest, context, labels: CallLabels):
+        return await self._infer(request, labels)
+
+    async def ModelStreamInfer(self, request_iterator, context) -> None:
+        async def answer_one(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            response, code, text = await answer(self, "ModelStreamInfer", True,
+                                                lambda labels: self._infer(request, labels))
+            if code == grpc.StatusCode.OK:
+                return pb.ModelStreamInferResponse(infer_response=response)
+            return pb.ModelStreamInferResponse(
+                error_message=f"{code.name}: {text}",
+                infer_response=pb.ModelInferResponse(model_name=request.model_name,
+                                                     model_version=request.model_version, id=request.id))
+
+        await serve_stream(request_iterator, context, answer_one)
+
+    async def _infer(self, request: pb.ModelInferRequest, labels: CallLabels) -> pb.ModelInferResponse:
         version = self._lookup(request.model_name, request.model_version, labels)
         for wanted in request.outputs:
             if wanted.name != scoring.OUTPUT_SCORE:

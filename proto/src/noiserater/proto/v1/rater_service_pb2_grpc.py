@@ -40,6 +40,11 @@ class RaterServiceStub:
                 request_serializer=noiserater_dot_v1_dot_rater__service__pb2.SelectNoiseRequest.SerializeToString,
                 response_deserializer=noiserater_dot_v1_dot_rater__service__pb2.SelectNoiseResponse.FromString,
                 _registered_method=True)
+        self.SelectNoiseStream = channel.stream_stream(
+                '/noiserater.v1.RaterService/SelectNoiseStream',
+                request_serializer=noiserater_dot_v1_dot_rater__service__pb2.SelectNoiseStreamRequest.SerializeToString,
+                response_deserializer=noiserater_dot_v1_dot_rater__service__pb2.SelectNoiseStreamResponse.FromString,
+                _registered_method=True)
         self.Score = channel.unary_unary(
                 '/noiserater.v1.RaterService/Score',
                 request_serializer=noiserater_dot_v1_dot_rater__service__pb2.ScoreRequest.SerializeToString,
@@ -83,6 +88,16 @@ class RaterServiceServicer:
 
     def SelectNoise(self, request, context):
         """Picks k of the K candidate noises of every sample.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SelectNoiseStream(self, request_iterator, context):
+        """SelectNoise over one long-lived stream: a client sends requests as it needs them and gets one
+        response per request. Per-message cost is a fraction of a unary call's, and a failed request gets
+        its own error response while the stream stays open. Requests on one stream run concurrently (and
+        are batched with everyone else's); responses come back as they finish, matched by request_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -144,6 +159,11 @@ def add_RaterServiceServicer_to_server(servicer, server):
                     servicer.SelectNoise,
                     request_deserializer=noiserater_dot_v1_dot_rater__service__pb2.SelectNoiseRequest.FromString,
                     response_serializer=noiserater_dot_v1_dot_rater__service__pb2.SelectNoiseResponse.SerializeToString,
+            ),
+            'SelectNoiseStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SelectNoiseStream,
+                    request_deserializer=noiserater_dot_v1_dot_rater__service__pb2.SelectNoiseStreamRequest.FromString,
+                    response_serializer=noiserater_dot_v1_dot_rater__service__pb2.SelectNoiseStreamResponse.SerializeToString,
             ),
             'Score': grpc.unary_unary_rpc_method_handler(
                     servicer.Score,
@@ -209,6 +229,33 @@ class RaterService:
             '/noiserater.v1.RaterService/SelectNoise',
             noiserater_dot_v1_dot_rater__service__pb2.SelectNoiseRequest.SerializeToString,
             noiserater_dot_v1_dot_rater__service__pb2.SelectNoiseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SelectNoiseStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/noiserater.v1.RaterService/SelectNoiseStream',
+            noiserater_dot_v1_dot_rater__service__pb2.SelectNoiseStreamRequest.SerializeToString,
+            noiserater_dot_v1_dot_rater__service__pb2.SelectNoiseStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
