@@ -22,10 +22,11 @@ def batches(n, b=16, seed=0):
             for _ in range(n)]
 
 
+@pytest.mark.parametrize("transport", ["stream", "unary"])
 @pytest.mark.parametrize("rule, k", [("argmax", 8), ("sample", 8), ("assign", 1)])
-def test_remote_equals_local(server, rater_onnx, rule, k):
+def test_remote_equals_local(server, rater_onnx, rule, k, transport):
     remote = NoiseSelector.remote(server.target, model="digits", dataset="digits", k=k, rule=rule,
-                                  temperature=0.7, seed=3)
+                                  temperature=0.7, seed=3, transport=transport)
     local = NoiseSelector.local(rater_onnx, k=k, rule=rule, temperature=0.7, seed=3)
     uniform = NoiseSelector.local(rater_onnx, k=k, rule=rule, seed=3)
     for x0, t in batches(3):

@@ -44,8 +44,9 @@ def statistics(stub) -> kserve_pb.ModelStatistics:
 def test_model_config_describes_the_rater_and_the_batcher(stub):
     config = stub.ModelConfig(kserve_pb.ModelConfigRequest(name="digits")).config
     assert config.name == "digits" and config.platform == "onnxruntime_onnx" and config.max_batch_size == 0
+    fp32, int64 = config_pb.TYPE_FP32, config_pb.TYPE_INT64
     assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
-        ("x0", config_pb.TYPE_FP32, [-1, 64]), ("t", config_pb.TYPE_INT64, [-1]), ("eps", config_pb.TYPE_FP32, [-1, 64])]
+        ("x0", fp32, [-1, 64]), ("t", int64, [-1]), ("eps", fp32, [-1, 64])]
     assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [("score", config_pb.TYPE_FP32, [-1])]
     assert config.parameters["dynamic_batching"].string_value == "on"
     assert config.parameters["metadata.noiserater.num_timesteps"].string_value == "100"

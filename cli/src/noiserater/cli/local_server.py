@@ -10,6 +10,7 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import NamedTuple
 
 
 def free_port() -> int:
@@ -38,9 +39,15 @@ def wait_serving(target: str, proc: subprocess.Popen | None = None, timeout_s: f
     raise RuntimeError(f"rater-server at {target} did not report SERVING within {timeout_s:g}s")
 
 
+class LocalServer(NamedTuple):
+    target: str
+    command: list[str]
+    pid: int
+
+
 def start_rater_server(stack: ExitStack, repository: Path, server_args: list[str] | tuple[str, ...] = (),
-                       log_path: Path | None = None) -> tuple[str, list[str]]:
-    """Serve `repository` until `stack` closes (SIGTERM, then kill after 30 s); returns (target, command)."""
+                       log_path: Path | None = None) -> LocalServer:
+    """Serve `repository` until `stack` closes (SIGTERM, then kill after 30 s)."""
     port = free_port()
     script = shutil.which("rater-server") or str(Path(sys.executable).parent / "rater-server")
     base = [script] if Path(script).exists() else [sys.executable, "-m", "noiserater.server.main"]
@@ -62,4 +69,4 @@ def start_rater_server(stack: ExitStack, repository: Path, server_args: list[str
     stack.callback(stop)
     target = f"127.0.0.1:{port}"
     wait_serving(target, proc)
-    return target, command
+    return LocalServer(target, command, proc.pid)

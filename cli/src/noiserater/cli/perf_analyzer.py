@@ -81,8 +81,8 @@ def run(target: str, model: str, input_data: Path, concurrency: list[int], windo
         done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout_s)
         if done.returncode != 0 or not csv_path.exists():
             lines = (done.stderr + done.stdout).strip().splitlines()
-            raise RuntimeError(f"perf_analyzer failed at concurrency {level}: "
-                               f"{next((ln for ln in lines if 'rror' in ln or 'ailed' in ln), lines[-1] if lines else done.returncode)}")
+            why = next((ln for ln in lines if "rror" in ln or "ailed" in ln), lines[-1] if lines else done.returncode)
+            raise RuntimeError(f"perf_analyzer failed at concurrency {level}: {why}")
         with csv_path.open() as handle:
             rows.extend({k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle))
         csv_path.unlink()

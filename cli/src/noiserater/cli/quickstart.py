@@ -67,7 +67,7 @@ def quickstart(
     say("[bold]3/5 serve[/] rater-server on a free loopback port, then deploy over gRPC")
     with ExitStack() as stack:
         try:
-            target, _ = start_rater_server(stack, repository, log_path=work / "rater-server.log")
+            target = start_rater_server(stack, repository, log_path=work / "rater-server.log").target
         except (RuntimeError, OSError) as exc:
             fail(f"{exc}; see {work / 'rater-server.log'}")
         with grpc.insecure_channel(target) as channel:

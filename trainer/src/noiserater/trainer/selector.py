@@ -11,7 +11,8 @@ choose through `noiserater.proto.scoring`, so for the same seed they return the 
   the summed score (batch-level assignment), so the multiset of noises stays i.i.d. Gaussian.
 
 The remote selector never stalls training: every call has a deadline, UNAVAILABLE is retried with
-exponential backoff by the gRPC channel, and when the server still cannot answer the selector falls back
+exponential backoff (by the stream transport, or by the gRPC channel for unary calls), and when the
+server still cannot answer the selector falls back
 to a local ONNX rater (if given) or else to plain Gaussian noise. Each fallback is counted in
 `selector.counters` and logged. Only INVALID_ARGUMENT (a bug in the caller) raises.
 """
@@ -61,13 +62,17 @@ class _LocalBackend:
         return indices
 
 
+TRANSPORTS = ("stream", "unary")
+
+
 class _RemoteBackend:
     def __init__(self, target: str, model: str, dataset: str, version: int, timeout_s: float, max_attempts: int,
-                 token: str | None, tls_root_cert: bytes | None, round_robin: bool):
+                 token: str | None, tls_root_cert: bytes | None, round_robin: bool, transport: str = "stream"):
         import grpc
 
         from noiserater.proto.v1 import rater_service_pb2 as pb
         from noiserater.proto.v1 import rater_service_pb2_grpc as pb_grpc
+        from noiserater.trainer.select_stream import StreamTransport
 
         self._pb = pb
         service_config: dict[str, Any] = {
@@ -100,6 +105,13 @@ class _RemoteBackend:
         self.timeout_s = timeout_s
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.version = 0
+        if transport not in TRANSPORTS:
+            raise SelectorError(f"transport: {transport!r} is not one of {', '.join(TRANSPORTS)}")
+        self.stream = StreamTransport(self.stub, pb, self.metadata, max_attempts, self._unary) \
+            if transport == "stream" else None
+
+    def _unary(self, request, timeout_s: float):
+        return self.stub.SelectNoise(request, timeout=timeout_s, metadata=self.metadata)
 
     def choose(self, x0, t, candidates, rule, temperature, seed) -> np.ndarray:
         request = self._pb.SelectNoiseRequest(
@@ -113,11 +125,16 @@ class _RemoteBackend:
             temperature=temperature,
             seed=seed,
         )
-        response = self.stub.SelectNoise(request, timeout=self.timeout_s, metadata=self.metadata)
+        if self.stream is not None:
+            response = self.stream.select(request, self.timeout_s)
+        else:
+            response = self._unary(request, self.timeout_s)
         self.version = response.model.version
         return np.array(codec.decode(response.indices, "indices"))
 
     def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
         self.channel.close()
 
 
@@ -161,10 +178,13 @@ class NoiseSelector:
     def remote(cls, target: str, model: str, dataset: str = "", k: int = 8, rule: str = "argmax",
                temperature: float = 1.0, seed: int = 0, version: int = 0, timeout_s: float = 5.0,
                max_attempts: int = 4, fallback_onnx: str | Path | None = None, token: str | None = None,
-               tls_root_cert: bytes | None = None, round_robin: bool = False) -> NoiseSelector:
-        """Ask the rater server at `target` (one channel, kept open). `version` 0 = the server's default."""
+               tls_root_cert: bytes | None = None, round_robin: bool = False,
+               transport: str = "stream") -> NoiseSelector:
+        """Ask the rater server at `target` (one channel, kept open). `version` 0 = the server's default.
+        `transport` "stream" sends every selection over one SelectNoiseStream (cheaper per request for
+        both sides, see select_stream.py); "unary" makes one SelectNoise call per selection."""
         backend = _RemoteBackend(target, model, dataset, version, timeout_s, max_attempts, token, tls_root_cert,
-                                 round_robin)
+                                 round_robin, transport)
         fallback = _LocalBackend(fallback_onnx) if fallback_onnx is not None else None
         return cls(backend, k, rule, temperature, seed, fallback)
 
