@@ -4,7 +4,10 @@
 #   - stage 1 on CUDA: `nrctl train-rater --device cuda` (short) and its seconds per meta step,
 #     next to the same run on the machine's CPU, as a ratio measured in this one call;
 #   - CUDA execution provider serving: RaterSession on CUDA vs CPU, candidates scored per second at
-#     B x K = 64 x 8 and 1024 x 8; skipped with a reason when onnxruntime there has no CUDA provider
+#     B x K = 1 x 8, 64 x 8 and 1024 x 8, and per device the batching gain bound (candidates/s of one
+#     1024 x 8 run over that of 1 x 8 runs: what merging small requests can gain at most, the figure
+#     `nrctl bench serve` reports as batching_gain_bound); skipped with a reason when onnxruntime there
+#     has no CUDA provider
 #     (the device image ships CPU onnxruntime, and onnxruntime-gpu is larger than the 64 MiB carry limit).
 # The device image has python3 3.12 with torch, onnx, onnxruntime, grpcio, typer, rich, tqdm, scipy,
 # scikit-learn; protobuf may be older than our gencode (7.35), so carry a wheel made here first:
@@ -56,7 +59,7 @@ for device in ("cuda", "cpu"):
         continue
     session = scoring.RaterSession(Path("/tmp/gpu_check.onnx"), device=device)
     figures = {"provider": session.provider}
-    for batch in (64, 1024):
+    for batch in (1, 64, 1024):
         rng = np.random.default_rng(0)
         x0 = rng.standard_normal((batch, 64), dtype=np.float32)
         t = rng.integers(0, 1000, batch)
@@ -68,6 +71,7 @@ for device in ("cuda", "cpu"):
         while time.perf_counter() - start < 3:
             session.score(*triples); runs += 1
         figures[f"candidates_per_s_b{batch}_k8"] = runs * batch * 8 / (time.perf_counter() - start)
+    figures["batching_gain_bound"] = figures["candidates_per_s_b1024_k8"] / figures["candidates_per_s_b1_k8"]
     result[f"serving_{device}"] = figures
 (out / "gpu_check.json").write_text(json.dumps(result, indent=2, sort_keys=True))
 print(json.dumps(result, indent=2, sort_keys=True))

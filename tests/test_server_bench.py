@@ -21,6 +21,7 @@ def test_bench_serve_writes_a_report(tmp_path, rater_onnx, transport):
          "--batch", "4", "--k", "4", "--small-batch", "1", "--duration-s", "0.2", "--warmup-s", "0.05",
          "--max-windows", "3", "--rounds", "1", "--server-args", "--device cpu", "--device", "cpu",
          "--transport", transport, "--ceiling-callers", "2",
+         *(["--perf-analyzer", "--stability", "1.0"] if transport == "stream" else []),
          "--out", str(out), "--json"],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -36,6 +37,14 @@ def test_bench_serve_writes_a_report(tmp_path, rater_onnx, transport):
     assert report["ceiling_one_caller"]["throughput"] > 0 and report["ceiling_parallel"]["concurrency"] == 2
     assert report["candidates_per_request"] == 16
     assert report["small_requests"]["onnxruntime_us_per_small_run"] > 0
+    if transport == "stream":  # Triton's perf_analyzer measured both servers at every level, both modes
+        assert [row["concurrency"] for row in report["perf_analyzer"]] == [1, 2]
+        for row in report["perf_analyzer"]:
+            for kind in ("batched", "unbatched"):
+                for mode in ("unary", "streaming"):
+                    assert row[kind][mode]["throughput"] > 0 and row[kind][mode]["p50_ms"] > 0, row
+    else:
+        assert report["perf_analyzer"] is None
     summary = report["summary"]
     assert summary["batched_vs_unbatched_at_16"] > 0 and summary["best_vs_ceiling"] > 0
     assert summary["batching_gain_bound"] > 0

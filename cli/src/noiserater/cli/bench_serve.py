@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
+from noiserater.cli import perf_analyzer
 from noiserater.cli.local_server import LocalServer, start_rater_server, wait_serving
 from noiserater.cli.output import emit_json, fail, table
 
@@ -266,6 +267,9 @@ def bench_serve(
     stability: float = typer.Option(0.15, help="Max spread of the last 3 windows, relative to their mean."),
     rounds: int = typer.Option(5, min=1, help="Paired rounds (both sides back to back) behind each summary ratio."),
     token_file: Path | None = typer.Option(None, help="Bearer token file, when the server uses --auth-all."),
+    with_perf_analyzer: bool = typer.Option(False, "--perf-analyzer", help="Also measure every level with "
+                                            "Triton's perf_analyzer (KServe ModelInfer of the same B x K "
+                                            "triples, unary and --streaming) against both servers."),
     out: Path | None = typer.Option(None, help="Write the report JSON here."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
@@ -277,7 +281,9 @@ def bench_serve(
         if transport not in TRANSPORTS:
             raise ValueError(f"--transport: {transport!r} is not one of {', '.join(TRANSPORTS)}")
         settings = Settings(transport, warmup_s, window_s, max_windows, rounds, device, threads,
-                            ceiling_callers or os.cpu_count() or 1)
+                            ceiling_callers or os.cpu_count() or 1, with_perf_analyzer)
+        if with_perf_analyzer:
+            perf_analyzer.find()  # fail now, with what is missing, rather than after the sweep
         STABILITY[0] = stability
         report = run(target, model, onnx, levels, batch, k, small_batch, unbatched_target,
                      shlex.split(server_args), token_file, as_json, settings)
@@ -326,6 +332,34 @@ class Settings:
     device: str
     threads: int
     ceiling_callers: int
+    perf_analyzer: bool = False
+
+
+def perf_analyzer_levels(targets: dict[str, str], model: str, triples, levels: list[int], st: Settings,
+                         work: Path) -> list[dict]:
+    """perf_analyzer's figures per level, server and mode, in the report's units (candidates/s, ms)."""
+    data = perf_analyzer.write_input_data(work / "perf_analyzer_input.json", *triples)
+    per_request = triples[0].shape[0]
+    rows = []
+    for level in levels:
+        row: dict = {"concurrency": level}
+        for kind, where in targets.items():
+            for streaming in (False, True):
+                mode = "streaming" if streaming else "unary"
+                try:
+                    (got,) = perf_analyzer.run(where, model, data, [level], int(st.window_s * 1000),
+                                               work / "perf_analyzer.csv", streaming=streaming,
+                                               stability_percent=STABILITY[0] * 100, max_trials=st.max_windows)
+                except RuntimeError as exc:  # e.g. no stable windows: recorded, the rest still measured
+                    row.setdefault(kind, {})[mode] = {"error": str(exc)}
+                    continue
+                row.setdefault(kind, {})[mode] = {
+                    "throughput": got["Inferences/Second"] * per_request, "requests_per_s": got["Inferences/Second"],
+                    "p50_ms": got["p50 latency"] / 1000, "p90_ms": got["p90 latency"] / 1000,
+                    "p99_ms": got["p99 latency"] / 1000, "server_queue_us": got["Server Queue"],
+                    "server_compute_us": got["Server Compute Infer"]}
+        rows.append(row)
+    return rows
 
 
 def run(target, model, onnx, levels, batch, k, small_batch, unbatched_target, server_args, token_file, quiet,
@@ -396,6 +430,11 @@ def run(target, model, onnx, levels, batch, k, small_batch, unbatched_target, se
             parallel = ceiling(triples, per_request, st.ceiling_callers, 1)
             ceiling_rounds.append({"server": server, "ceiling_one_caller": one.report(),
                                    "ceiling_parallel": parallel.report()})
+        pa_rows = None
+        if st.perf_analyzer:
+            say("perf_analyzer against both servers (KServe ModelInfer, unary and streaming) ...")
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nr-bench-pa-")))
+            pa_rows = perf_analyzer_levels(targets, model, triples, levels, st, work)
     say("in-process onnxruntime: full-length ceiling figures and small runs ...")
     ceiling_one = ceiling(triples, per_request, 1, st.max_windows)
     ceiling_parallel = ceiling(triples, per_request, st.ceiling_callers, st.max_windows)
@@ -455,6 +494,7 @@ def run(target, model, onnx, levels, batch, k, small_batch, unbatched_target, se
         "small_requests": small, "ceiling_one_caller": ceiling_one.report(),
         "ceiling_parallel": ceiling_parallel.report(), "ceiling_callers": st.ceiling_callers,
         "ceiling_rounds": ceiling_rounds, "in_process_select": select_path.report(),
+        "perf_analyzer": pa_rows,
         "summary": summary,
         "targets": targets,
         "servers_started_by_bench": {kind: " ".join(srv.command) for kind, srv in started.items()},

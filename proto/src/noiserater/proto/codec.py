@@ -66,13 +66,14 @@ def decode(tensor: tensor_pb2.Tensor, field: str = "tensor") -> np.ndarray:
     if any(d < 0 for d in shape):
         raise CodecError(field, f"negative dimension in shape {list(shape)}")
     expected = math.prod(shape) * dtype.itemsize
-    if len(tensor.data) != expected:
+    data = tensor.data  # each read of a bytes field copies it: read once
+    if len(data) != expected:
         raise CodecError(
             field,
-            f"byte count {len(tensor.data)} does not match shape {list(shape)} x "
+            f"byte count {len(data)} does not match shape {list(shape)} x "
             f"{dtype_name(tensor.dtype)} ({expected} bytes expected)",
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def decode_torch(tensor: tensor_pb2.Tensor, field: str = "tensor", device: Any = None, dtype: Any = None):
