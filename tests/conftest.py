@@ -83,3 +83,25 @@ def rater_onnx(tmp_path_factory) -> Path:
 def rater_onnx_v2(tmp_path_factory) -> Path:
     """A second rater with other weights, for version swaps."""
     return export_random_rater(tmp_path_factory.mktemp("rater2") / "model.onnx", seed=1)
+
+
+class SelectStream:
+    """A test client's closed loop over one SelectNoiseStream: `call` sends one request and returns its
+    response (a SelectNoiseStreamResponse); grpc.RpcError when the stream itself ends."""
+
+    def __init__(self, stub, timeout: float = 120):
+        import queue
+
+        self._outbox: queue.Queue = queue.Queue()
+        self._responses = stub.SelectNoiseStream(iter(self._outbox.get, None), timeout=timeout)
+        self._count = 0
+
+    def call(self, request):
+        from noiserater.proto.v1 import rater_service_pb2 as pb
+
+        self._count += 1
+        self._outbox.put(pb.SelectNoiseStreamRequest(request_id=str(self._count), request=request))
+        return next(self._responses)
+
+    def close(self) -> None:
+        self._outbox.put(None)

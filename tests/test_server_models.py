@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
+from conftest import SelectStream
 
 from noiserater.proto import codec
 from noiserater.proto.scoring import RaterSession
@@ -41,33 +42,63 @@ def score_request(seed: int, n: int = 4) -> tuple[pb.ScoreRequest, tuple[np.ndar
     return req, (x0, t, eps)
 
 
-def test_32_clients_see_no_error_while_a_new_version_is_deployed(server, rater_onnx, rater_onnx_v2):
+def select_request(seed: int, n: int = 4) -> tuple[pb.SelectNoiseRequest, tuple[np.ndarray, ...]]:
+    rng = np.random.default_rng(seed)
+    x0 = rng.standard_normal((n, 64)).astype(np.float32)
+    t = rng.integers(0, 100, n).astype(np.int64)
+    candidates = rng.standard_normal((n, 4, 64)).astype(np.float32)
+    req = pb.SelectNoiseRequest(model=pb.ModelRef(name="digits"), x0=codec.encode(x0), t=codec.encode(t),
+                                candidates=codec.encode(candidates), k=1)
+    return req, (x0, t, candidates)
+
+
+@pytest.mark.parametrize("transport", ["unary", "stream"])
+def test_32_clients_see_no_error_while_a_new_version_is_deployed(server, rater_onnx, rater_onnx_v2, transport):
+    """Unary: Score calls; stream: SelectNoiseStream, one stream per client kept open across the deploy."""
     sessions = {1: RaterSession(rater_onnx, device="cpu"), 2: RaterSession(rater_onnx_v2, device="cpu")}
     deployed = threading.Event()
     warmed = threading.Barrier(CLIENTS + 1)
     errors: list[str] = []
     seen: list[set[int]] = [set() for _ in range(CLIENTS)]
 
+    def unary_call(stub, seed: int):
+        req, triple = score_request(seed)
+        response = stub.Score(req, timeout=60)
+        ok = np.allclose(codec.decode(response.scores), sessions[response.model.version].score(*triple),
+                         rtol=1e-5, atol=1e-6)
+        return response.model.version, ok
+
+    def stream_call(stream: SelectStream, seed: int):
+        req, arrays = select_request(seed)
+        answer = stream.call(req)
+        if answer.error_code:
+            raise RuntimeError(f"status {answer.error_code}: {answer.error_message}")
+        version = answer.response.model.version
+        want, _ = sessions[version].select(*arrays, 1)
+        return version, np.array_equal(codec.decode(answer.response.indices), want)
+
     def client(i: int) -> None:
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.RaterServiceStub(channel)
-            for j in range(400):
-                req, triple = score_request(1000 * i + j)
-                try:
-                    response = stub.Score(req, timeout=60)
-                except grpc.RpcError as exc:
-                    errors.append(f"{exc.code()}: {exc.details()}")
-                    return
-                version = response.model.version
-                seen[i].add(version)
-                want = sessions[version].score(*triple)
-                if not np.allclose(codec.decode(response.scores), want, rtol=1e-5, atol=1e-6):
-                    errors.append(f"client {i}: wrong scores from version {version}")
-                    return
-                if j == 2:
-                    warmed.wait(timeout=60)  # every client is mid-run before the deploy starts
-                if deployed.is_set() and version == 2 and j >= 5:
-                    return
+            stream = SelectStream(stub) if transport == "stream" else None
+            try:
+                for j in range(400):
+                    try:
+                        version, ok = stream_call(stream, 1000 * i + j) if stream else unary_call(stub, 1000 * i + j)
+                    except (grpc.RpcError, RuntimeError) as exc:
+                        errors.append(f"client {i}: {exc}")
+                        return
+                    seen[i].add(version)
+                    if not ok:
+                        errors.append(f"client {i}: wrong answer from version {version}")
+                        return
+                    if j == 2:
+                        warmed.wait(timeout=60)  # every client is mid-run before the deploy starts
+                    if deployed.is_set() and version == 2 and j >= 5:
+                        return
+            finally:
+                if stream is not None:
+                    stream.close()
         errors.append(f"client {i} never saw version 2")
 
     with ThreadPoolExecutor(max_workers=CLIENTS) as pool:

@@ -1,5 +1,6 @@
 """Issue 5: SIGTERM under load drains: every request the server accepted is answered, the rest are
-refused with UNAVAILABLE, statistics are flushed, and the process exits 0."""
+refused with UNAVAILABLE, statistics are flushed, and the process exits 0; over unary calls and over
+SelectNoiseStream (where an answered request also has to be written back before the stream closes)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from conftest import free_port
+import pytest
+from conftest import SelectStream, free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from noiserater.proto import codec
@@ -37,7 +39,26 @@ def wait_until_serving(target: str, proc: subprocess.Popen) -> None:
         raise AssertionError("rater-server never reported SERVING")
 
 
-def test_sigterm_under_load_loses_no_accepted_request(tmp_path, rater_onnx, redis_url):
+def stream_client(stub, req, on_ok, on_failure) -> None:
+    """Closed loop over one SelectNoiseStream; stops at the first refusal."""
+    stream = SelectStream(stub)
+    try:
+        while True:
+            response = stream.call(req)
+            if response.error_code:
+                on_failure(grpc.StatusCode.UNAVAILABLE if response.error_code == 14 else response.error_code)
+                return
+            on_ok()
+    except grpc.RpcError as exc:  # the stream itself ended (server stopped)
+        on_failure(exc.code())
+    except StopIteration:
+        on_failure(grpc.StatusCode.CANCELLED)
+    finally:
+        stream.close()
+
+
+@pytest.mark.parametrize("transport", ["unary", "stream"])
+def test_sigterm_under_load_loses_no_accepted_request(tmp_path, rater_onnx, redis_url, transport):
     repo = make_repository(tmp_path / "repo", {"digits": [rater_onnx]})
     port = free_port()
     script = Path(sys.executable).parent / "rater-server"
@@ -55,12 +76,25 @@ def test_sigterm_under_load_loses_no_accepted_request(tmp_path, rater_onnx, redi
         def client(i: int) -> None:
             rng = np.random.default_rng(i)
             req = pb.SelectNoiseRequest(
-                model=pb.ModelRef(name="digits"), dataset="shutdown-test", k=2,
+                model=pb.ModelRef(name="digits"), dataset=f"shutdown-{transport}", k=2,
                 x0=codec.encode(rng.standard_normal((32, 64)).astype(np.float32)),
                 t=codec.encode(rng.integers(0, 100, 32)),
                 candidates=codec.encode(rng.standard_normal((32, 8, 64)).astype(np.float32)))
+
+            def on_ok() -> None:
+                with enough:
+                    ok[i] += 1
+                    enough.notify_all()
+
+            def on_failure(code) -> None:
+                with enough:
+                    failures.append(code)
+
             with grpc.insecure_channel(target) as channel:
                 stub = pb_grpc.RaterServiceStub(channel)
+                if transport == "stream":
+                    stream_client(stub, req, on_ok, on_failure)
+                    return
                 while True:
                     try:
                         stub.SelectNoise(req, timeout=60)
@@ -97,5 +131,5 @@ def test_sigterm_under_load_loses_no_accepted_request(tmp_path, rater_onnx, redi
     import redis
 
     client = redis.Redis.from_url(redis_url)
-    counted = sum(int(client.hget(k, "count")) for k in client.scan_iter(match="nr:stats:shutdown-test:*"))
+    counted = sum(int(client.hget(k, "count")) for k in client.scan_iter(match=f"nr:stats:shutdown-{transport}:*"))
     assert counted == sum(ok) * 32 * 8

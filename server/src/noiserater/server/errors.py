@@ -51,11 +51,12 @@ class RequestCounters:
     received: int = 0
     answered: int = 0
     dropped: int = 0
+    unwritten: int = 0  # stream responses answered but not yet written back to their stream
     draining: bool = False  # set on SIGTERM: new inference requests are refused with UNAVAILABLE
 
     @property
     def in_flight(self) -> int:
-        return self.received - self.answered - self.dropped
+        return self.received - self.answered - self.dropped + self.unwritten
 
 
 @dataclass
@@ -129,16 +130,21 @@ def rpc(method: str, inference: bool = False):
 
 
 async def serve_stream(request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext,
-                       answer_one: Callable[[Any], Awaitable[Any]]) -> None:
+                       answer_one: Callable[[Any], Awaitable[Any]], counters: RequestCounters) -> None:
     """A bidirectional stream of independent requests: each is answered concurrently with the others (so
-    one stream's requests batch like separate calls) and its response written as soon as it is ready."""
+    one stream's requests batch like separate calls) and its response written as soon as it is ready. A
+    response counts as in flight until it is written, so a draining server waits for it."""
     write_lock = asyncio.Lock()
     tasks: set[asyncio.Task] = set()
 
     async def one(request: Any) -> None:
         response = await answer_one(request)
-        async with write_lock:
-            await context.write(response)
+        counters.unwritten += 1  # no await since `answer` counted it answered: the drain never sees a gap
+        try:
+            async with write_lock:
+                await context.write(response)
+        finally:
+            counters.unwritten -= 1
 
     try:
         async for request in request_iterator:

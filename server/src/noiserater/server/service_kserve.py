@@ -217,7 +217,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 infer_response=pb.ModelInferResponse(model_name=request.model_name,
                                                      model_version=request.model_version, id=request.id))
 
-        await serve_stream(request_iterator, context, answer_one)
+        await serve_stream(request_iterator, context, answer_one, self.counters)
 
     async def _infer(self, request: pb.ModelInferRequest, labels: CallLabels) -> pb.ModelInferResponse:
         version = self._lookup(request.model_name, request.model_version, labels)

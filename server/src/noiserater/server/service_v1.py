@@ -69,7 +69,7 @@ class RaterServicer(pb_grpc.RaterServiceServicer):
             return pb.SelectNoiseStreamResponse(request_id=message.request_id, error_code=code.value[0],
                                                 error_message=text)
 
-        await serve_stream(request_iterator, context, answer_one)
+        await serve_stream(request_iterator, context, answer_one, self.counters)
 
     async def _select(self, request: pb.SelectNoiseRequest, labels: CallLabels) -> pb.SelectNoiseResponse:
         version = self._lookup(request.model, labels)
