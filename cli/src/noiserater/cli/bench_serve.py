@@ -42,6 +42,7 @@ import typer
 from noiserater.cli import perf_analyzer
 from noiserater.cli.local_server import LocalServer, start_rater_server, wait_serving
 from noiserater.cli.output import emit_json, fail, table
+from noiserater.trainer.select_stream import TRANSPORTS
 
 GOAL_BATCHED_VS_UNBATCHED = 3.0
 GOAL_BEST_VS_CEILING = 0.7
@@ -103,9 +104,6 @@ def _summarise(level: Level, candidates: int) -> Level:
 
 
 STABILITY = [0.15]  # set from --stability
-
-
-TRANSPORTS = ("stream", "unary")
 
 
 async def measure_server(target: str, request, concurrency: int, candidates: int, warmup_s: float,
@@ -445,9 +443,8 @@ def run(target, model, onnx, levels, batch, k, small_batch, unbatched_target, se
     def ratio(a: float, b: float) -> float:
         return a / b if b else float("inf")
 
-    def median_of(items: list[dict], *path: str) -> float | None:
-        values = [item[path[0]].get(path[1]) for item in items]
-        values = [v for v in values if v is not None]
+    def median_of(items: list[dict], kind: str, key: str) -> float | None:
+        values = [item[kind][key] for item in items if key in item[kind]]
         return float(np.median(values)) if values else None
 
     small_ratios = [ratio(r["batched"]["throughput"], r["unbatched"]["throughput"]) for r in small_rounds]

@@ -12,6 +12,7 @@ as an --input-data JSON file (one fixed set of triples) rather than generating r
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import shutil
@@ -38,8 +39,10 @@ def cuda_runtime_lib_dir() -> Path | None:
     return None
 
 
+@functools.cache
 def find() -> tuple[str, dict[str, str]]:
-    """The perf_analyzer binary and the environment it runs in; PerfAnalyzerUnavailable says what is missing."""
+    """The perf_analyzer binary and the environment it runs in, probed once per process;
+    PerfAnalyzerUnavailable says what is missing."""
     binary = shutil.which("perf_analyzer", path=os.pathsep.join([str(Path(sys.executable).parent),
                                                                    os.environ.get("PATH", "")]))
     if binary is None:

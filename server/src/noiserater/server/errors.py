@@ -129,20 +129,25 @@ def rpc(method: str, inference: bool = False):
     return decorate
 
 
-async def serve_stream(request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext,
-                       answer_one: Callable[[Any], Awaitable[Any]], counters: RequestCounters) -> None:
-    """A bidirectional stream of independent requests: each is answered concurrently with the others (so
-    one stream's requests batch like separate calls) and its response written as soon as it is ready. A
-    response counts as in flight until it is written, so a draining server waits for it."""
+async def serve_stream(owner: Any, method: str, request_iterator: AsyncIterator[Any],
+                       context: grpc.aio.ServicerContext, run: Callable[[Any, CallLabels], Awaitable[Any]],
+                       respond: Callable[[Any, Any, grpc.StatusCode, str], Any]) -> None:
+    """A bidirectional stream of independent inference requests. Each is handled by `run(request, labels)`
+    through `answer` (same accounting as a unary call), concurrently with the others so that one stream's
+    requests batch like separate calls; `respond(request, response, code, message)` makes its stream
+    message, written as soon as it is ready. A failed request gets its own message; the stream goes on.
+    A response counts as in flight until it is written, so a draining server waits for it."""
+    counters: RequestCounters = owner.counters
     write_lock = asyncio.Lock()
     tasks: set[asyncio.Task] = set()
 
     async def one(request: Any) -> None:
-        response = await answer_one(request)
+        response, code, message = await answer(owner, method, True, lambda labels: run(request, labels))
+        reply = respond(request, response, code, message)
         counters.unwritten += 1  # no await since `answer` counted it answered: the drain never sees a gap
         try:
             async with write_lock:
-                await context.write(response)
+                await context.write(reply)
         finally:
             counters.unwritten -= 1
 

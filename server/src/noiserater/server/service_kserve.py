@@ -12,7 +12,7 @@ from noiserater.proto import scoring
 from noiserater.proto.inference import grpc_service_pb2 as pb
 from noiserater.proto.inference import grpc_service_pb2_grpc as pb_grpc
 from noiserater.proto.inference import model_config_pb2 as config_pb
-from noiserater.server.errors import CallLabels, RequestCounters, answer, rpc, serve_stream
+from noiserater.server.errors import CallLabels, RequestCounters, rpc, serve_stream
 from noiserater.server.metrics import ServerMetrics
 from noiserater.server.models import ModelNotFoundError, ModelRegistry, ModelVersion
 from noiserater.server.service_v1 import score_triples
@@ -207,9 +207,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await self._infer(request, labels)
 
     async def ModelStreamInfer(self, request_iterator, context) -> None:
-        async def answer_one(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
-            response, code, text = await answer(self, "ModelStreamInfer", True,
-                                                lambda labels: self._infer(request, labels))
+        def respond(request: pb.ModelInferRequest, response, code: grpc.StatusCode, text: str):
             if code == grpc.StatusCode.OK:
                 return pb.ModelStreamInferResponse(infer_response=response)
             return pb.ModelStreamInferResponse(
@@ -217,7 +215,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 infer_response=pb.ModelInferResponse(model_name=request.model_name,
                                                      model_version=request.model_version, id=request.id))
 
-        await serve_stream(request_iterator, context, answer_one, self.counters)
+        await serve_stream(self, "ModelStreamInfer", request_iterator, context, self._infer, respond)
 
     async def _infer(self, request: pb.ModelInferRequest, labels: CallLabels) -> pb.ModelInferResponse:
         version = self._lookup(request.model_name, request.model_version, labels)

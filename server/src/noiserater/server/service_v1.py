@@ -12,7 +12,7 @@ from noiserater.proto.v1 import rater_service_pb2 as pb
 from noiserater.proto.v1 import rater_service_pb2_grpc as pb_grpc
 from noiserater.proto.v1 import tensor_pb2
 from noiserater.server import stats as stats_mod
-from noiserater.server.errors import CallLabels, RequestCounters, RpcError, answer, rpc, serve_stream
+from noiserater.server.errors import CallLabels, RequestCounters, RpcError, rpc, serve_stream
 from noiserater.server.metrics import ServerMetrics
 from noiserater.server.models import ModelRegistry, ModelVersion
 from noiserater.server.stats import StatsRecorder
@@ -61,15 +61,14 @@ class RaterServicer(pb_grpc.RaterServiceServicer):
         return await self._select(request, labels)
 
     async def SelectNoiseStream(self, request_iterator, context) -> None:
-        async def answer_one(message: pb.SelectNoiseStreamRequest) -> pb.SelectNoiseStreamResponse:
-            response, code, text = await answer(self, "SelectNoiseStream", True,
-                                                lambda labels: self._select(message.request, labels))
+        def respond(message: pb.SelectNoiseStreamRequest, response, code: grpc.StatusCode, text: str):
             if code == grpc.StatusCode.OK:
                 return pb.SelectNoiseStreamResponse(request_id=message.request_id, response=response)
             return pb.SelectNoiseStreamResponse(request_id=message.request_id, error_code=code.value[0],
                                                 error_message=text)
 
-        await serve_stream(request_iterator, context, answer_one, self.counters)
+        await serve_stream(self, "SelectNoiseStream", request_iterator, context,
+                           lambda message, labels: self._select(message.request, labels), respond)
 
     async def _select(self, request: pb.SelectNoiseRequest, labels: CallLabels) -> pb.SelectNoiseResponse:
         version = self._lookup(request.model, labels)

@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 
+TRANSPORTS = ("stream", "unary")  # NoiseSelector.remote(transport=...) and nrctl bench serve --transport
 _CLOSE = object()
 
 
@@ -116,36 +117,40 @@ class StreamTransport:
         if self.unsupported:
             return self._unary(request, timeout_s)
         deadline = time.monotonic() + timeout_s
-        backoff = 0.05
-        for attempt in range(1, self._max_attempts + 1):
-            message = self._pb.SelectNoiseStreamRequest(request_id=str(next(self._ids)), request=request)
-            stream = self._open()
+        backoff, attempt = 0.05, 1
+        while True:
             try:
-                response = stream.send(message).result(timeout=max(0.0, deadline - time.monotonic()))
-            except FutureTimeout:
-                stream.forget(message.request_id)
-                raise RemoteError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout_s:g}s") from None
-            except RemoteError as exc:
-                self._drop(stream)
-                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a server from before SelectNoiseStream
-                    self.unsupported = True
-                    return self._unary(request, max(0.0, deadline - time.monotonic()))
-                error = exc
-            else:
-                if response.error_code == 0:
-                    return response.response
-                error = RemoteError(_STATUS_BY_NUMBER.get(response.error_code, grpc.StatusCode.UNKNOWN),
-                                    response.error_message)
-                if error.code() == grpc.StatusCode.UNAVAILABLE:  # a draining server: try a new stream, which
-                    self._drop(stream)  # a load balancer may route to another replica
-            if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == self._max_attempts:
-                raise error
-            pause = min(backoff, max(0.0, deadline - time.monotonic()))
-            if pause <= 0:
-                raise error
+                return self._attempt(request, deadline, timeout_s)
+            except RemoteError as error:
+                pause = min(backoff, deadline - time.monotonic())
+                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self._max_attempts or pause <= 0:
+                    raise
             time.sleep(pause)
-            backoff = min(1.0, backoff * 2)
-        raise AssertionError("unreachable")
+            backoff, attempt = min(1.0, backoff * 2), attempt + 1
+
+    def _attempt(self, request: Any, deadline: float, timeout_s: float) -> Any:
+        """One try on the shared stream: the SelectNoiseResponse, or RemoteError. A broken stream and a
+        draining server's UNAVAILABLE drop the stream, so a retry opens a new one (which a load balancer
+        may route to another replica)."""
+        message = self._pb.SelectNoiseStreamRequest(request_id=str(next(self._ids)), request=request)
+        stream = self._open()
+        try:
+            response = stream.send(message).result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            stream.forget(message.request_id)
+            raise RemoteError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout_s:g}s") from None
+        except RemoteError as exc:
+            self._drop(stream)
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a server from before SelectNoiseStream
+                self.unsupported = True
+                return self._unary(request, max(0.0, deadline - time.monotonic()))
+            raise
+        if response.error_code == 0:
+            return response.response
+        code = _STATUS_BY_NUMBER.get(response.error_code, grpc.StatusCode.UNKNOWN)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            self._drop(stream)
+        raise RemoteError(code, response.error_message)
 
     def close(self) -> None:
         with self._lock:

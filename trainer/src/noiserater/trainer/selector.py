@@ -12,8 +12,8 @@ choose through `noiserater.proto.scoring`, so for the same seed they return the 
 
 The remote selector never stalls training: every call has a deadline, UNAVAILABLE is retried with
 exponential backoff (by the stream transport, or by the gRPC channel for unary calls), and when the
-server still cannot answer the selector falls back
-to a local ONNX rater (if given) or else to plain Gaussian noise. Each fallback is counted in
+server still cannot answer the selector falls back to a local ONNX rater (if given) or else to plain
+Gaussian noise. Each fallback is counted in
 `selector.counters` and logged. Only INVALID_ARGUMENT (a bug in the caller) raises.
 """
 
@@ -62,9 +62,6 @@ class _LocalBackend:
         return indices
 
 
-TRANSPORTS = ("stream", "unary")
-
-
 class _RemoteBackend:
     def __init__(self, target: str, model: str, dataset: str, version: int, timeout_s: float, max_attempts: int,
                  token: str | None, tls_root_cert: bytes | None, round_robin: bool, transport: str = "stream"):
@@ -72,8 +69,10 @@ class _RemoteBackend:
 
         from noiserater.proto.v1 import rater_service_pb2 as pb
         from noiserater.proto.v1 import rater_service_pb2_grpc as pb_grpc
-        from noiserater.trainer.select_stream import StreamTransport
+        from noiserater.trainer.select_stream import TRANSPORTS, StreamTransport
 
+        if transport not in TRANSPORTS:
+            raise SelectorError(f"transport: {transport!r} is not one of {', '.join(TRANSPORTS)}")
         self._pb = pb
         service_config: dict[str, Any] = {
             "methodConfig": [{
@@ -105,8 +104,6 @@ class _RemoteBackend:
         self.timeout_s = timeout_s
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.version = 0
-        if transport not in TRANSPORTS:
-            raise SelectorError(f"transport: {transport!r} is not one of {', '.join(TRANSPORTS)}")
         self.stream = StreamTransport(self.stub, pb, self.metadata, max_attempts, self._unary) \
             if transport == "stream" else None
 

@@ -183,7 +183,7 @@ class MetaTrainer:
             val_batch = self._batch(self.val_x, cfg.val_batch_size)
             params = member.params()
             if member.age == 0:  # Adam has no second moment yet: take one plain step so P is defined
-                self._real_step(member, params, batches[0], None)
+                self._real_step(member, batches[0], None)
                 params = member.params()
             precond = adam_preconditioner(member.opt, params, lambda m=member: dict(m.model.named_parameters()))
             result = meta_gradient(cfg.meta_grad, member.model, self.schedule, params, precond, cfg.virtual_lr,
@@ -199,7 +199,7 @@ class MetaTrainer:
                     record(key, value)
             record("outer_loss", result.outer_loss)
             record("inner_loss", result.inner_loss)
-            self._real_step(member, params, batches[0], result.grad_theta0)
+            self._real_step(member, batches[0], result.grad_theta0)
         if self.world > 1:
             for p in self.rater.parameters():
                 if p.grad is None:
@@ -218,7 +218,7 @@ class MetaTrainer:
         out["seconds_per_step"] = time.perf_counter() - t0
         return out
 
-    def _real_step(self, member: Member, params, batch, grads) -> None:
+    def _real_step(self, member: Member, batch, grads) -> None:
         """One Adam step of the inner model on the rater-weighted loss (gradient reused from the meta step)."""
         if grads is None:
             member.opt.zero_grad(set_to_none=True)
