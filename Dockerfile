@@ -1,4 +1,4 @@
-# The rater-server image: CUDA runtime + cuDNN, onnxruntime-gpu, the proto and server distributions only
+# The rater-server image: CUDA runtime + cuDNN, onnxruntime-gpu, the core and server distributions only
 # (no torch, no trainer). Not built on the development machine (no Docker engine there).
 #   docker build -t noiserater/rater-server .
 #   docker run --gpus all -p 50051:50051 -p 9464:9464 -v $PWD/models:/models noiserater/rater-server
@@ -14,15 +14,15 @@ RUN apt-get update \
  && python3 -m venv /opt/venv
 
 WORKDIR /src
-COPY proto/pyproject.toml proto/pyproject.toml
-COPY proto/src proto/src
+COPY core/pyproject.toml core/pyproject.toml
+COPY core/src core/src
 COPY server/pyproject.toml server/pyproject.toml
 COPY server/src server/src
-# Same pins as requirements-dev.txt; noiserater-proto comes from ./proto, never from an index.
+# Same pins as requirements-dev.txt; noiserater-core comes from ./core, never from an index.
 RUN pip install "onnxruntime-gpu==1.31.1" "onnx==1.23.2" "grpcio==1.85.3" "grpcio-health-checking==1.85.1" \
       "grpcio-reflection==1.85.1" "protobuf>=7.35,<8" "numpy>=1.26,<3" "scipy>=1.11" "redis>=5.0" \
       "prometheus-client>=0.20" \
- && pip install --no-deps ./proto ./server \
+ && pip install --no-deps ./core ./server \
  && rm -rf /src
 
 RUN useradd --system --uid 10001 --create-home rater && mkdir -p /models && chown rater /models

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-PACKAGES := proto trainer server cli
+PACKAGES := core client trainer server cli
 
 .PHONY: venv demo test lint proto system-packages clean
 

@@ -21,7 +21,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/proto/src:$PWD/trainer/src:$PWD/server/src:$PWD/cli/src"
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/core/src:$PWD/client/src:$PWD/trainer/src:$PWD/server/src:$PWD/cli/src"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.csv" 2>&1
 for device in cuda cpu; do
@@ -48,7 +48,7 @@ if all("median_seconds_per_step" in result.get(f"stage1_{d}", {}) for d in ("cud
                                                 / result["stage1_cuda"]["median_seconds_per_step"])
 import onnxruntime as ort
 result["onnxruntime"] = {"version": ort.__version__, "providers": ort.get_available_providers()}
-from noiserater.proto import scoring
+from noiserater.core import scoring
 from noiserater.trainer.export import export_rater
 from noiserater.trainer.rater import load_rater
 rater, _ = load_rater("/tmp/run-cpu/rater.pt")

@@ -1,13 +1,13 @@
-"""Generate the Python stubs of every .proto under proto/ into proto/src/noiserater/proto/.
+"""Generate the Python stubs of every .proto under proto/ into core/src/noiserater/core/.
 
-The stubs are committed (so the server image and a plain `pip install ./proto` need no grpcio-tools);
+The stubs are committed (so the server image and a plain `pip install ./core` need no grpcio-tools);
 `tests/test_proto_stubs.py` regenerates them into a temporary folder and fails when they differ, so a
 .proto edit without `make proto` cannot land.
 
 protoc names Python modules after the .proto path (noiserater/v1/x.proto -> noiserater.v1.x_pb2); the
-package lives at noiserater.proto.v1, so imports are rewritten after generation.
+package lives at noiserater.core.v1, so imports are rewritten after generation.
 
-Usage: python proto/generate.py [OUT_DIR]   (default: proto/src/noiserater/proto)
+Usage: python proto/generate.py [OUT_DIR]   (default: core/src/noiserater/core)
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ import tempfile
 from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
-DEFAULT_OUT = PROTO_ROOT / "src" / "noiserater" / "proto"
+DEFAULT_OUT = PROTO_ROOT.parent / "core" / "src" / "noiserater" / "core"
 
 
 def proto_files() -> list[Path]:
-    return sorted(p for p in PROTO_ROOT.rglob("*.proto") if "src" not in p.relative_to(PROTO_ROOT).parts)
+    return sorted(PROTO_ROOT.rglob("*.proto"))
 
 
 def python_package(proto_dir: str) -> str:
-    """noiserater/v1 -> v1, inference -> inference (relative to noiserater.proto)."""
+    """noiserater/v1 -> v1, inference -> inference (relative to noiserater.core)."""
     parts = proto_dir.split("/")
     if parts[0] == "noiserater":
         parts = parts[1:]
@@ -52,7 +52,7 @@ def generate(out_dir: Path) -> list[Path]:
                 module = proto_dir.replace("/", ".")
                 text = re.sub(
                     rf"^from {re.escape(module)} import",
-                    f"from noiserater.proto.{python_package(proto_dir)} import",
+                    f"from noiserater.core.{python_package(proto_dir)} import",
                     text,
                     flags=re.MULTILINE,
                 )

@@ -1,26 +1,21 @@
-"""Shared fixtures: a real redis-server on a free loopback port, and small exported raters."""
+"""Shared fixtures: a real redis-server on a free loopback port, and small exported raters. The helpers
+they use live in tests/support/."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from support import export_random_rater, free_port
 
 # The models under test are tiny; with several processes (server, redis, pytest) on 2 cores, torch's
 # and onnxruntime's thread pools oversubscribe the CPU and a 20-step run takes a minute instead of
 # seconds. Set before torch is imported; subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -56,23 +51,6 @@ def redis_url(tmp_path_factory):
     proc.wait(timeout=10)
 
 
-DIGITS_SHAPE = (64,)
-TINY_TIMESTEPS = 100
-
-
-def export_random_rater(path: Path, seed: int = 0, data_shape=DIGITS_SHAPE, num_timesteps=TINY_TIMESTEPS,
-                        dataset: str = "digits") -> Path:
-    import torch
-
-    from noiserater.trainer.export import export_rater
-    from noiserater.trainer.rater import build_rater
-
-    torch.manual_seed(seed)
-    rater = build_rater("mlp", data_shape, num_timesteps, hidden=32)
-    export_rater(rater, path, dataset=dataset, schedule="linear", provenance={"test": True})
-    return path
-
-
 @pytest.fixture(scope="session")
 def rater_onnx(tmp_path_factory) -> Path:
     """A random (untrained) 64-D rater exported to ONNX with full metadata."""
@@ -83,25 +61,3 @@ def rater_onnx(tmp_path_factory) -> Path:
 def rater_onnx_v2(tmp_path_factory) -> Path:
     """A second rater with other weights, for version swaps."""
     return export_random_rater(tmp_path_factory.mktemp("rater2") / "model.onnx", seed=1)
-
-
-class SelectStream:
-    """A test client's closed loop over one SelectNoiseStream: `call` sends one request and returns its
-    response (a SelectNoiseStreamResponse); grpc.RpcError when the stream itself ends."""
-
-    def __init__(self, stub, timeout: float = 120):
-        import queue
-
-        self._outbox: queue.Queue = queue.Queue()
-        self._responses = stub.SelectNoiseStream(iter(self._outbox.get, None), timeout=timeout)
-        self._count = 0
-
-    def call(self, request):
-        from noiserater.proto.v1 import rater_service_pb2 as pb
-
-        self._count += 1
-        self._outbox.put(pb.SelectNoiseStreamRequest(request_id=str(self._count), request=request))
-        return next(self._responses)
-
-    def close(self) -> None:
-        self._outbox.put(None)

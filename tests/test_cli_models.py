@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from noiserater.proto import repository, scoring
+from noiserater.core import repository, scoring
 from noiserater.trainer.rater import RATER_FILE, build_rater, save_rater
 
 

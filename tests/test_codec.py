@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from noiserater.proto import codec
-from noiserater.proto.v1 import tensor_pb2
+from noiserater.core import codec
+from noiserater.core.v1 import tensor_pb2
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int64, np.int32])

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMITTED = ROOT / "proto" / "src" / "noiserater" / "proto"
+COMMITTED = ROOT / "core" / "src" / "noiserater" / "core"
 
 
 def test_committed_stubs_match_the_protos(tmp_path):
@@ -20,7 +20,7 @@ def test_committed_stubs_match_the_protos(tmp_path):
 
 
 def test_stubs_import_under_the_namespace():
-    from noiserater.proto.v1 import rater_service_pb2, rater_service_pb2_grpc
+    from noiserater.core.v1 import rater_service_pb2, rater_service_pb2_grpc
 
     names = set(rater_service_pb2.DESCRIPTOR.services_by_name["RaterService"].methods_by_name)
     assert {"SelectNoise", "Score", "ListModels", "GetModelMetadata", "DeployModel", "GetStats"} <= names

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from noiserater.proto import scoring, selection
+from noiserater.core import scoring, selection
 
 INFO = scoring.RaterInfo(data_shape=(4,), num_timesteps=10)
 

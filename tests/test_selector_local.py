@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from conftest import free_port
+from support import free_port
 
-from noiserater.proto import scoring
-from noiserater.trainer.selector import NoiseSelector, SelectorError
+from noiserater.client.selector import NoiseSelector, SelectorError
+from noiserater.core import scoring
 
 
 def batch(b=6, seed=0):

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from support.server import ServerThread, make_repository
 
+from noiserater.client.selector import NoiseSelector, SelectorError
 from noiserater.server.config import ServerConfig
-from noiserater.server.embedded import ServerThread, make_repository
-from noiserater.trainer.selector import NoiseSelector, SelectorError
 
 
 @pytest.fixture(scope="module")

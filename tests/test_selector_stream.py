@@ -9,14 +9,14 @@ import time
 import grpc
 import numpy as np
 import pytest
+from support.server import ServerThread, make_repository
 
-from noiserater.proto import codec
-from noiserater.proto.scoring import RaterSession
-from noiserater.proto.v1 import rater_service_pb2 as pb
-from noiserater.proto.v1 import rater_service_pb2_grpc as pb_grpc
+from noiserater.client.transports import RemoteError, StreamTransport
+from noiserater.core import codec
+from noiserater.core.scoring import RaterSession
+from noiserater.core.v1 import rater_service_pb2 as pb
+from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
 from noiserater.server.config import ServerConfig
-from noiserater.server.embedded import ServerThread, make_repository
-from noiserater.trainer.select_stream import RemoteError, StreamTransport
 
 
 @pytest.fixture(scope="module")

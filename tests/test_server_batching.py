@@ -11,14 +11,14 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from conftest import free_port
+from support import free_port
+from support.server import ServerThread, make_repository
 
-from noiserater.proto import codec
-from noiserater.proto.v1 import rater_service_pb2 as pb
-from noiserater.proto.v1 import rater_service_pb2_grpc as pb_grpc
+from noiserater.core import codec
+from noiserater.core.v1 import rater_service_pb2 as pb
+from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
 from noiserater.server.batcher import DynamicBatcher, QueueFullError
 from noiserater.server.config import ServerConfig
-from noiserater.server.embedded import ServerThread, make_repository
 from noiserater.server.errors import status_of
 from noiserater.server.metrics import ServerMetrics
 

@@ -6,16 +6,16 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+from support.server import ServerThread, make_repository
 
-from noiserater.proto import codec
-from noiserater.proto.codec import CodecError
-from noiserater.proto.inference import grpc_service_pb2 as kserve_pb
-from noiserater.proto.scoring import ScoringError
-from noiserater.proto.v1 import rater_service_pb2 as pb
-from noiserater.proto.v1 import rater_service_pb2_grpc as pb_grpc
-from noiserater.proto.v1 import tensor_pb2
+from noiserater.core import codec
+from noiserater.core.codec import CodecError
+from noiserater.core.inference import grpc_service_pb2 as kserve_pb
+from noiserater.core.scoring import ScoringError
+from noiserater.core.v1 import rater_service_pb2 as pb
+from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
+from noiserater.core.v1 import tensor_pb2
 from noiserater.server.config import ServerConfig
-from noiserater.server.embedded import ServerThread, make_repository
 from noiserater.server.service_kserve import DATATYPES, decode_inputs
 
 FIELD_NAMES = ("x0", "t", "candidates", "eps", "inputs", "raw_input_contents", "k", "rule", "model", "dataset",

@@ -13,14 +13,14 @@ import sys
 import grpc
 import numpy as np
 import pytest
+from support.server import ServerThread, make_repository
 
-from noiserater.proto import codec
-from noiserater.proto.inference import grpc_service_pb2 as kserve_pb
-from noiserater.proto.inference import grpc_service_pb2_grpc as kserve_grpc
-from noiserater.proto.v1 import rater_service_pb2 as pb
-from noiserater.proto.v1 import rater_service_pb2_grpc as pb_grpc
+from noiserater.core import codec
+from noiserater.core.inference import grpc_service_pb2 as kserve_pb
+from noiserater.core.inference import grpc_service_pb2_grpc as kserve_grpc
+from noiserater.core.v1 import rater_service_pb2 as pb
+from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
 from noiserater.server.config import ServerConfig
-from noiserater.server.embedded import ServerThread, make_repository
 
 TRITON_CLIENT = r"""
 import json, sys
@@ -161,7 +161,7 @@ print(json.dumps({"service": module_fields(service_pb2, names["service"]),
 def test_field_numbers_equal_tritons():
     """Every message, field and enum value we declare exists in Triton's protocol with the same number and
     type; the messages we serve in full (requests, ModelInfer) have no field of Triton's missing."""
-    from noiserater.proto.inference import model_config_pb2 as config_pb
+    from noiserater.core.inference import model_config_pb2 as config_pb
 
     namespace: dict = {}
     exec(FIELDS_SOURCE, namespace)

@@ -8,14 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from conftest import SelectStream
+from support import SelectStream
+from support.server import ServerThread, make_repository
 
-from noiserater.proto import codec
-from noiserater.proto.scoring import RaterSession
-from noiserater.proto.v1 import rater_service_pb2 as pb
-from noiserater.proto.v1 import rater_service_pb2_grpc as pb_grpc
+from noiserater.core import codec
+from noiserater.core.scoring import RaterSession
+from noiserater.core.v1 import rater_service_pb2 as pb
+from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
 from noiserater.server.config import ServerConfig
-from noiserater.server.embedded import ServerThread, make_repository
 
 TOKEN = "s3cret-token"
 ADMIN = (("authorization", f"Bearer {TOKEN}"),)

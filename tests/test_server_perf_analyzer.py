@@ -6,13 +6,13 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+from support.server import ServerThread, make_repository
 
 from noiserater.cli import perf_analyzer
-from noiserater.proto.inference import grpc_service_pb2 as kserve_pb
-from noiserater.proto.inference import grpc_service_pb2_grpc as kserve_grpc
-from noiserater.proto.inference import model_config_pb2 as config_pb
+from noiserater.core.inference import grpc_service_pb2 as kserve_pb
+from noiserater.core.inference import grpc_service_pb2_grpc as kserve_grpc
+from noiserater.core.inference import model_config_pb2 as config_pb
 from noiserater.server.config import ServerConfig
-from noiserater.server.embedded import ServerThread, make_repository
 
 N_TRIPLES = 8
 

@@ -10,13 +10,13 @@ import grpc
 import numpy as np
 import pytest
 import redis
-from conftest import free_port
+from support import free_port
+from support.server import ServerThread, make_repository
 
-from noiserater.proto import codec
-from noiserater.proto.v1 import rater_service_pb2 as pb
-from noiserater.proto.v1 import rater_service_pb2_grpc as pb_grpc
+from noiserater.core import codec
+from noiserater.core.v1 import rater_service_pb2 as pb
+from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
 from noiserater.server.config import ServerConfig
-from noiserater.server.embedded import ServerThread, make_repository
 
 
 def start_redis(port: int, workdir) -> subprocess.Popen:

@@ -12,13 +12,13 @@ import grpc
 import numpy as np
 import pytest
 import redis
+from support.server import ServerThread, make_repository
 
-from noiserater.proto import codec
-from noiserater.proto.scoring import RaterSession
-from noiserater.proto.v1 import rater_service_pb2 as pb
-from noiserater.proto.v1 import rater_service_pb2_grpc as pb_grpc
+from noiserater.core import codec
+from noiserater.core.scoring import RaterSession
+from noiserater.core.v1 import rater_service_pb2 as pb
+from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
 from noiserater.server.config import ServerConfig
-from noiserater.server.embedded import ServerThread, make_repository
 
 DATASET = "digits-select-test"
 
@@ -85,7 +85,7 @@ def test_concurrent_selections_match_in_process_and_redis_counts_every_candidate
 
 
 def _expand(x0, t, candidates):
-    from noiserater.proto.scoring import expand_candidates
+    from noiserater.core.scoring import expand_candidates
 
     return expand_candidates(x0, t, candidates)
 

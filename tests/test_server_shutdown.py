@@ -14,13 +14,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import SelectStream, free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import SelectStream, free_port
+from support.server import make_repository
 
-from noiserater.proto import codec
-from noiserater.proto.v1 import rater_service_pb2 as pb
-from noiserater.proto.v1 import rater_service_pb2_grpc as pb_grpc
-from noiserater.server.embedded import make_repository
+from noiserater.core import codec
+from noiserater.core.v1 import rater_service_pb2 as pb
+from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
 
 CLIENTS = 8
 

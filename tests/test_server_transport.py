@@ -8,12 +8,12 @@ import subprocess
 import grpc
 import numpy as np
 import pytest
+from support.server import ServerThread, make_repository
 
-from noiserater.proto import codec
-from noiserater.proto.v1 import rater_service_pb2 as pb
-from noiserater.proto.v1 import rater_service_pb2_grpc as pb_grpc
+from noiserater.core import codec
+from noiserater.core.v1 import rater_service_pb2 as pb
+from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
 from noiserater.server.config import ServerConfig
-from noiserater.server.embedded import ServerThread, make_repository
 
 
 def score_request(n: int) -> pb.ScoreRequest:

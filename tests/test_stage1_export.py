@@ -1,5 +1,5 @@
 """Raters of both kinds (vector MLP, image conv net) export to ONNX with parity and load where the server
-loads them (noiserater.proto.scoring.RaterSession)."""
+loads them (noiserater.core.scoring.RaterSession)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from noiserater.proto import scoring
+from noiserater.core import scoring
 from noiserater.trainer.export import export_rater
 from noiserater.trainer.rater import RATER_FILE, build_rater, load_rater, save_rater
 

@@ -16,9 +16,9 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "diffusers_loop.py"
 def test_diffusers_loop_trains_on_selected_noise(tmp_path):
     import torch
 
+    from noiserater.client.selector import NoiseSelector
     from noiserater.trainer.export import export_rater
     from noiserater.trainer.rater import build_rater
-    from noiserater.trainer.selector import NoiseSelector
 
     torch.manual_seed(0)
     onnx = tmp_path / "digits-image.onnx"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from noiserater.proto import scoring, selection
+from noiserater.core import scoring, selection
 from noiserater.trainer.stage2 import kanneal_schedule
 
 D, T = 4, 50
@@ -89,7 +89,7 @@ def test_assign_maximises_the_summed_score_and_keeps_the_noise_multiset(dot_onnx
 
 
 def test_selector_rules_match_the_shared_functions(dot_onnx):
-    from noiserater.trainer.selector import NoiseSelector
+    from noiserater.client.selector import NoiseSelector
 
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(5, D, generator=gen)
@@ -119,8 +119,8 @@ def test_k_anneal_schedule_goes_from_k_to_one():
 
 
 def test_noise_source_selects_only_above_t_min_and_symmetrise_only_flips_signs(dot_onnx):
+    from noiserater.client.selector import NoiseSelector
     from noiserater.trainer import peers
-    from noiserater.trainer.selector import NoiseSelector
     from noiserater.trainer.stage2 import NoiseSource, Stage2Config
 
     cpu = torch.device("cpu")

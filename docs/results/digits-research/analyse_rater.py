@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from noiserater.proto import scoring, selection
+from noiserater.core import scoring, selection
 from noiserater.trainer.data import load_dataset
 
 K, BATCHES, B = 8, 8, 128

@@ -42,7 +42,7 @@ import typer
 from noiserater.cli import perf_analyzer
 from noiserater.cli.local_server import LocalServer, start_rater_server, wait_serving
 from noiserater.cli.output import emit_json, fail, table
-from noiserater.trainer.select_stream import TRANSPORTS
+from noiserater.client.transports import TRANSPORTS
 
 GOAL_BATCHED_VS_UNBATCHED = 3.0
 GOAL_BEST_VS_CEILING = 0.7
@@ -78,8 +78,8 @@ def start_local_server(stack: ExitStack, onnx: Path, model: str, server_args: li
 
 
 def make_request(model: str, data_shape: tuple[int, ...], num_timesteps: int, batch: int, k: int, seed: int = 0):
-    from noiserater.proto import codec
-    from noiserater.proto.v1 import rater_service_pb2 as pb
+    from noiserater.core import codec
+    from noiserater.core.v1 import rater_service_pb2 as pb
 
     rng = np.random.default_rng(seed)
     x0 = rng.standard_normal((batch, *data_shape)).astype(np.float32)
@@ -110,8 +110,8 @@ async def measure_server(target: str, request, concurrency: int, candidates: int
                          window_s: float, max_windows: int, metadata=None, transport: str = "stream") -> Level:
     import grpc
 
-    from noiserater.proto.v1 import rater_service_pb2 as pb
-    from noiserater.proto.v1 import rater_service_pb2_grpc as pb_grpc
+    from noiserater.core.v1 import rater_service_pb2 as pb
+    from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
 
     options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
     channels = [grpc.aio.insecure_channel(target, options=[*options, ("grpc.channel_id", i)])
@@ -195,7 +195,7 @@ def measure_ceiling(onnx: Path, device: str, threads: int, triples, candidates: 
                     window_s: float, max_windows: int, select_args=None, callers: int = 1) -> Level:
     """In-process runs back to back, no gRPC: `callers` threads sharing one session (onnxruntime releases
     the GIL, so they run in parallel as a server's instances do); score() or, with select_args, select()."""
-    from noiserater.proto.scoring import RaterSession
+    from noiserater.core.scoring import RaterSession
 
     session = RaterSession(onnx, device=device, intra_op_threads=threads)
     done: list[tuple[float, float]] = []
@@ -364,7 +364,7 @@ def run(target, model, onnx, levels, batch, k, small_batch, unbatched_target, se
         settings: Settings) -> dict:
     import onnxruntime as ort
 
-    from noiserater.proto.scoring import RaterSession, expand_candidates
+    from noiserater.core.scoring import RaterSession, expand_candidates
 
     st = settings
     info = RaterSession(onnx, device="cpu").info

@@ -35,7 +35,7 @@ def rater_stub(server: str | None):
     """A RaterService stub; any gRPC error inside the block becomes one line and exit code 1."""
     import grpc
 
-    from noiserater.proto.v1 import rater_service_pb2_grpc as pb_grpc
+    from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
 
     target = server_target(server)
     size = 64 * 1024 * 1024
@@ -96,8 +96,8 @@ def deploy(
     as_json: bool = JsonOpt,
 ) -> None:
     """Deploy an ONNX rater as a new version: into a repository folder, or hot-loaded on a server."""
-    from noiserater.proto import repository as repo
-    from noiserater.proto import scoring
+    from noiserater.core import repository as repo
+    from noiserater.core import scoring
 
     if (repository is None) == (server is None and not os.environ.get(SERVER_ENV)):
         fail("give exactly one of --repository DIR or --server HOST:PORT")
@@ -112,7 +112,7 @@ def deploy(
             fail(f"{model}: {exc}")
         result = {"name": name, "version": version, "path": str(path)}
     else:
-        from noiserater.proto.v1 import rater_service_pb2 as pb
+        from noiserater.core.v1 import rater_service_pb2 as pb
 
         with rater_stub(server) as stub:
             response = stub.DeployModel(pb.DeployModelRequest(name=name, version=version, onnx=data),
@@ -132,13 +132,13 @@ def models(
 ) -> None:
     """List models and versions on a server (or in a repository folder)."""
     if repository is not None:
-        from noiserater.proto import repository as repo
+        from noiserater.core import repository as repo
 
         found = repo.scan(repository)
         rows = [{"name": n, "versions": [{"version": v, "state": "ON_DISK"} for v in vs], "default_version": vs[-1]}
                 for n, vs in found.items()]
     else:
-        from noiserater.proto.v1 import rater_service_pb2 as pb
+        from noiserater.core.v1 import rater_service_pb2 as pb
 
         with rater_stub(server) as stub:
             response = stub.ListModels(pb.ListModelsRequest(), timeout=TIMEOUT_S)
@@ -162,7 +162,7 @@ def stats(
     as_json: bool = JsonOpt,
 ) -> None:
     """Show the shared per-dataset score statistics (count, mean, std, min, max per timestep bucket)."""
-    from noiserater.proto.v1 import rater_service_pb2 as pb
+    from noiserater.core.v1 import rater_service_pb2 as pb
 
     with rater_stub(server) as stub:
         response = stub.GetStats(pb.GetStatsRequest(dataset=dataset, model=model, version=version),

@@ -32,12 +32,12 @@ def quickstart(
     import grpc
     from tqdm import tqdm
 
-    from noiserater.proto.v1 import rater_service_pb2 as pb
-    from noiserater.proto.v1 import rater_service_pb2_grpc as pb_grpc
+    from noiserater.client.selector import NoiseSelector
+    from noiserater.core.v1 import rater_service_pb2 as pb
+    from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
     from noiserater.trainer.data import load_dataset
     from noiserater.trainer.export import export_rater
     from noiserater.trainer.rater import load_rater
-    from noiserater.trainer.selector import NoiseSelector
     from noiserater.trainer.stage2 import EvalContext, Stage2Config, train_stage2
     from noiserater.trainer.train_rater import TrainConfig, train_rater
 

@@ -12,10 +12,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from noiserater.proto.inference import grpc_service_pb2 as kserve_pb
-from noiserater.proto.inference import grpc_service_pb2_grpc as kserve_grpc
-from noiserater.proto.v1 import rater_service_pb2 as v1_pb
-from noiserater.proto.v1 import rater_service_pb2_grpc as v1_grpc
+from noiserater.core.inference import grpc_service_pb2 as kserve_pb
+from noiserater.core.inference import grpc_service_pb2_grpc as kserve_grpc
+from noiserater.core.v1 import rater_service_pb2 as v1_pb
+from noiserater.core.v1 import rater_service_pb2_grpc as v1_grpc
 from noiserater.server.auth import TokenAuthInterceptor, read_token
 from noiserater.server.config import ServerConfig
 from noiserater.server.errors import RequestCounters

@@ -12,10 +12,10 @@ from typing import Any
 
 import grpc
 
-from noiserater.proto.codec import CodecError
-from noiserater.proto.repository import RepositoryError
-from noiserater.proto.scoring import ScoringError
-from noiserater.proto.selection import SelectionError
+from noiserater.core.codec import CodecError
+from noiserater.core.repository import RepositoryError
+from noiserater.core.scoring import ScoringError
+from noiserater.core.selection import SelectionError
 from noiserater.server.batcher import BatcherClosedError, QueueFullError
 from noiserater.server.metrics import ServerMetrics
 from noiserater.server.models import ModelExistsError, ModelNotFoundError

@@ -15,8 +15,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from noiserater.proto import repository
-from noiserater.proto.scoring import RaterSession, ScoringError
+from noiserater.core import repository
+from noiserater.core.scoring import RaterSession, ScoringError
 from noiserater.server.batcher import DynamicBatcher
 from noiserater.server.config import ServerConfig
 from noiserater.server.metrics import ServerMetrics

@@ -8,10 +8,10 @@ import math
 import grpc
 import numpy as np
 
-from noiserater.proto import scoring
-from noiserater.proto.inference import grpc_service_pb2 as pb
-from noiserater.proto.inference import grpc_service_pb2_grpc as pb_grpc
-from noiserater.proto.inference import model_config_pb2 as config_pb
+from noiserater.core import scoring
+from noiserater.core.inference import grpc_service_pb2 as pb
+from noiserater.core.inference import grpc_service_pb2_grpc as pb_grpc
+from noiserater.core.inference import model_config_pb2 as config_pb
 from noiserater.server.errors import CallLabels, RequestCounters, rpc, serve_stream
 from noiserater.server.metrics import ServerMetrics
 from noiserater.server.models import ModelNotFoundError, ModelRegistry, ModelVersion

@@ -7,10 +7,10 @@ import asyncio
 import grpc
 import numpy as np
 
-from noiserater.proto import codec, scoring
-from noiserater.proto.v1 import rater_service_pb2 as pb
-from noiserater.proto.v1 import rater_service_pb2_grpc as pb_grpc
-from noiserater.proto.v1 import tensor_pb2
+from noiserater.core import codec, scoring
+from noiserater.core.v1 import rater_service_pb2 as pb
+from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
+from noiserater.core.v1 import tensor_pb2
 from noiserater.server import stats as stats_mod
 from noiserater.server.errors import CallLabels, RequestCounters, RpcError, rpc, serve_stream
 from noiserater.server.metrics import ServerMetrics

@@ -73,14 +73,14 @@ def parse_methods(text: str | Sequence[str]) -> list[str]:
 
 def rater_schedule(rater_onnx: str | Path) -> tuple[int, str]:
     """(num_timesteps, schedule kind or "") the exported rater was trained with, from its ONNX metadata."""
-    from noiserater.proto.scoring import RaterSession
+    from noiserater.core.scoring import RaterSession
 
     info = RaterSession(Path(rater_onnx), device="cpu").info
     return info.num_timesteps, info.schedule
 
 
 def check_rater_matches(rater_onnx: str | Path, data: DataSplits, cfg: Stage2Config) -> None:
-    from noiserater.proto.scoring import RaterSession
+    from noiserater.core.scoring import RaterSession
 
     info = RaterSession(Path(rater_onnx), device="cpu").info
     if tuple(info.data_shape) != tuple(data.data_shape):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from noiserater.proto import scoring
+from noiserater.core import scoring
 
 PARITY_TOLERANCE = 1e-4
 PARITY_BATCHES = (1, 7, 64)

@@ -9,7 +9,7 @@
 - `min-snr`: Min-SNR-gamma loss weighting (Hang et al., 2023) on plain Gaussian noise; for eps-prediction
   the per-sample weight is min(snr(t), gamma) / snr(t), gamma = 5.
 
-Selection rules go through `noiserater.proto.selection`, the same functions the rater path uses.
+Selection rules go through `noiserater.core.selection`, the same functions the rater path uses.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from noiserater.proto import selection
+from noiserater.core import selection
 
 MIN_SNR_GAMMA = 5.0
 

@@ -131,7 +131,7 @@ class NoiseSource:
         if self.is_rater and selector is None:
             if rater is None:
                 raise Stage2Error(f"method {method!r} needs a rater (an ONNX file) or a NoiseSelector")
-            from noiserater.trainer.selector import NoiseSelector, SelectorError
+            from noiserater.client.selector import NoiseSelector, SelectorError
 
             rule = RATER_RULES.get(method, "argmax")
             try:
@@ -180,7 +180,7 @@ class NoiseSource:
 
     def _sample_with_weights(self, x0: torch.Tensor, t: torch.Tensor, k: int) -> torch.Tensor:
         """rater-sample through the shared scoring code, keeping 1 / (K p_chosen) as the loss weights."""
-        from noiserater.proto import scoring
+        from noiserater.core import scoring
 
         b = x0.shape[0]
         candidates = torch.randn((b, k, *x0.shape[1:]), generator=self.gen, device=self.gen.device)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from noiserater.proto.v1 import tensor_pb2
+from noiserater.core.v1 import tensor_pb2
 
 Dtype = tensor_pb2.Dtype
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from noiserater.proto import selection
+from noiserater.core import selection
 
 # The rater's ONNX signature: score = r(x0, t, eps).
 INPUT_X0, INPUT_T, INPUT_EPS, OUTPUT_SCORE = "x0", "t", "eps", "score"

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from noiserater.proto.v1 import rater_service_pb2 as noiserater_dot_v1_dot_rater__service__pb2
+from noiserater.core.v1 import rater_service_pb2 as noiserater_dot_v1_dot_rater__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

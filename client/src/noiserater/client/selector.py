@@ -2,7 +2,7 @@
 
 `NoiseSelector.local(onnx)` scores in-process with onnxruntime; `NoiseSelector.remote(target, model=...)`
 asks a rater server. Both draw the K candidates here, with the selector's own seeded generator, and both
-choose through `noiserater.proto.scoring`, so for the same seed they return the same noise.
+choose through `noiserater.core.scoring`, so for the same seed they return the same noise.
 
 `k` is the number of candidates K drawn per sample; one of them is kept per sample:
 - "argmax": the best-scoring of the K;
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from noiserater.proto import codec, scoring
+from noiserater.core import codec, scoring
 
 log = logging.getLogger("noiserater.selector")
 
@@ -67,9 +67,9 @@ class _RemoteBackend:
                  token: str | None, tls_root_cert: bytes | None, round_robin: bool, transport: str = "stream"):
         import grpc
 
-        from noiserater.proto.v1 import rater_service_pb2 as pb
-        from noiserater.proto.v1 import rater_service_pb2_grpc as pb_grpc
-        from noiserater.trainer.select_stream import TRANSPORTS, StreamTransport
+        from noiserater.client.transports import TRANSPORTS, StreamTransport
+        from noiserater.core.v1 import rater_service_pb2 as pb
+        from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
 
         if transport not in TRANSPORTS:
             raise SelectorError(f"transport: {transport!r} is not one of {', '.join(TRANSPORTS)}")

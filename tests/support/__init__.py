@@ -1,0 +1,48 @@
+"""Helpers shared by the tests (fixtures stay in conftest.py): a free port, small exported raters and a
+test client's loop over one SelectNoiseStream. `support.server` runs a real rater server in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from noiserater.cli.local_server import free_port
+
+__all__ = ["DIGITS_SHAPE", "TINY_TIMESTEPS", "SelectStream", "export_random_rater", "free_port"]
+
+DIGITS_SHAPE = (64,)
+TINY_TIMESTEPS = 100
+
+
+def export_random_rater(path: Path, seed: int = 0, data_shape=DIGITS_SHAPE, num_timesteps=TINY_TIMESTEPS,
+                        dataset: str = "digits") -> Path:
+    import torch
+
+    from noiserater.trainer.export import export_rater
+    from noiserater.trainer.rater import build_rater
+
+    torch.manual_seed(seed)
+    rater = build_rater("mlp", data_shape, num_timesteps, hidden=32)
+    export_rater(rater, path, dataset=dataset, schedule="linear", provenance={"test": True})
+    return path
+
+
+class SelectStream:
+    """A test client's closed loop over one SelectNoiseStream: `call` sends one request and returns its
+    response (a SelectNoiseStreamResponse); grpc.RpcError when the stream itself ends."""
+
+    def __init__(self, stub, timeout: float = 120):
+        import queue
+
+        self._outbox: queue.Queue = queue.Queue()
+        self._responses = stub.SelectNoiseStream(iter(self._outbox.get, None), timeout=timeout)
+        self._count = 0
+
+    def call(self, request):
+        from noiserater.core.v1 import rater_service_pb2 as pb
+
+        self._count += 1
+        self._outbox.put(pb.SelectNoiseStreamRequest(request_id=str(self._count), request=request))
+        return next(self._responses)
+
+    def close(self) -> None:
+        self._outbox.put(None)
