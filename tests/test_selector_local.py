@@ -7,6 +7,7 @@ from support import free_port
 
 from noiserater.client.selector import NoiseSelector, SelectorError
 from noiserater.core import scoring
+from noiserater.core.selection import SelectionPlan
 
 
 def batch(b=6, seed=0):
@@ -30,7 +31,7 @@ def test_argmax_picks_the_best_scored_candidate(rater_onnx):
     twin = NoiseSelector.local(rater_onnx, k=8, seed=5)  # same generator stream -> same candidates
     candidates = twin.draw_candidates(x0, 8)
     eps = selector.select(x0, t)
-    scores = session.score(*scoring.expand_candidates(x0.numpy(), t.numpy(), candidates.numpy())).reshape(6, 8)
+    scores = session.score(*SelectionPlan(8).triples(x0.numpy(), t.numpy(), candidates.numpy())).reshape(6, 8)
     best = scores.argmax(axis=1)
     torch.testing.assert_close(eps, candidates[torch.arange(6), torch.from_numpy(best)])
     assert (scores.max(axis=1) > scores.mean(axis=1)).all()

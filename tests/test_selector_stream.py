@@ -9,6 +9,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+from support import select_in_process
 from support.server import ServerThread, make_repository
 
 from noiserater.client.transports import RemoteError, StreamTransport
@@ -32,7 +33,7 @@ def selection_request(seed: int) -> tuple[pb.SelectNoiseRequest, tuple]:
     t = rng.integers(0, 100, 4).astype(np.int64)
     candidates = rng.standard_normal((4, 8, 64)).astype(np.float32)
     return pb.SelectNoiseRequest(model=pb.ModelRef(name="digits"), x0=codec.encode(x0), t=codec.encode(t),
-                                 candidates=codec.encode(candidates), k=1), (x0, t, candidates)
+                                 candidates=codec.encode(candidates), keep=1), (x0, t, candidates)
 
 
 def unary_not_expected(request, timeout_s):
@@ -59,7 +60,7 @@ def test_concurrent_callers_share_one_stream_and_get_their_own_answers(server, r
         assert transport._stream is opened  # one stream served every request
         transport.close()
     for seed in range(24):
-        want, _ = local.select(*selection_request(seed)[1], 1)
+        want, _ = select_in_process(local, *selection_request(seed)[1])
         np.testing.assert_array_equal(results[seed], want)
 
 

@@ -49,7 +49,7 @@ def run_clients(target: str) -> int:
             start.wait(timeout=60)
             for _ in range(ROUNDS):
                 req = pb.SelectNoiseRequest(
-                    model=pb.ModelRef(name="digits"), k=1,
+                    model=pb.ModelRef(name="digits"), keep=1,
                     x0=codec.encode(rng.standard_normal((B, 64)).astype(np.float32)),
                     t=codec.encode(rng.integers(0, 100, B)),
                     candidates=codec.encode(rng.standard_normal((B, K, 64)).astype(np.float32)))

@@ -18,7 +18,7 @@ from noiserater.core.v1 import tensor_pb2
 from noiserater.server.config import ServerConfig
 from noiserater.server.service_kserve import DATATYPES, decode_inputs
 
-FIELD_NAMES = ("x0", "t", "candidates", "eps", "inputs", "raw_input_contents", "k", "rule", "model", "dataset",
+FIELD_NAMES = ("x0", "t", "candidates", "eps", "inputs", "raw_input_contents", "keep", "rule", "model", "dataset",
                "temperature")
 
 
@@ -102,7 +102,7 @@ def test_random_malformed_requests_get_named_errors_and_the_server_keeps_serving
             target = ("x0", "t", "candidates")[i % 3]
             fields[target] = random_tensor(rng, {"x0": x0, "t": t, "candidates": candidates}[target])
             request = pb.SelectNoiseRequest(model=pb.ModelRef(name=str(rng.choice(["digits", "digits", "x"]))),
-                                            k=int(rng.integers(-1, 6)), rule=int(rng.choice([0, 1, 2, 3, 7])),
+                                            keep=int(rng.integers(-1, 6)), rule=int(rng.choice([0, 1, 2, 3, 7])),
                                             temperature=float(rng.choice([0.0, 1.0, -1.0, np.nan])), **fields)
             try:
                 stub.SelectNoise(request, timeout=30)
@@ -113,7 +113,7 @@ def test_random_malformed_requests_get_named_errors_and_the_server_keeps_serving
                 field = exc.details().split(":")[0].split(".")[0]
                 assert field in FIELD_NAMES, exc.details()
             seen[code] = seen.get(code, 0) + 1
-        ok = stub.SelectNoise(pb.SelectNoiseRequest(model=pb.ModelRef(name="digits"), k=1, x0=codec.encode(x0),
+        ok = stub.SelectNoise(pb.SelectNoiseRequest(model=pb.ModelRef(name="digits"), keep=1, x0=codec.encode(x0),
                                                     t=codec.encode(t), candidates=codec.encode(candidates)))
         assert codec.decode(ok.indices).shape == (3, 1)
     assert seen.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 50

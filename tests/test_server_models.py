@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from support import SelectStream
+from support import SelectStream, select_in_process
 from support.server import ServerThread, make_repository
 
 from noiserater.core import codec
@@ -48,7 +48,7 @@ def select_request(seed: int, n: int = 4) -> tuple[pb.SelectNoiseRequest, tuple[
     t = rng.integers(0, 100, n).astype(np.int64)
     candidates = rng.standard_normal((n, 4, 64)).astype(np.float32)
     req = pb.SelectNoiseRequest(model=pb.ModelRef(name="digits"), x0=codec.encode(x0), t=codec.encode(t),
-                                candidates=codec.encode(candidates), k=1)
+                                candidates=codec.encode(candidates), keep=1)
     return req, (x0, t, candidates)
 
 
@@ -74,7 +74,7 @@ def test_32_clients_see_no_error_while_a_new_version_is_deployed(server, rater_o
         if answer.error_code:
             raise RuntimeError(f"status {answer.error_code}: {answer.error_message}")
         version = answer.response.model.version
-        want, _ = sessions[version].select(*arrays, 1)
+        want, _ = select_in_process(sessions[version], *arrays)
         return version, np.array_equal(codec.decode(answer.response.indices), want)
 
     def client(i: int) -> None:

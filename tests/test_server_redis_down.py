@@ -47,7 +47,7 @@ def test_serving_survives_redis_down_and_statistics_arrive_later(tmp_path, rater
         stub = pb_grpc.RaterServiceStub(channel)
         for _ in range(5):
             response = stub.SelectNoise(pb.SelectNoiseRequest(
-                model=pb.ModelRef(name="digits"), dataset="redis-down", k=1,
+                model=pb.ModelRef(name="digits"), dataset="redis-down", keep=1,
                 x0=codec.encode(rng.standard_normal((4, 64)).astype(np.float32)),
                 t=codec.encode(rng.integers(0, 100, 4)),
                 candidates=codec.encode(rng.standard_normal((4, 8, 64)).astype(np.float32))))

@@ -12,10 +12,12 @@ import grpc
 import numpy as np
 import pytest
 import redis
+from support import select_in_process
 from support.server import ServerThread, make_repository
 
 from noiserater.core import codec
 from noiserater.core.scoring import RaterSession
+from noiserater.core.selection import SelectionPlan
 from noiserater.core.v1 import rater_service_pb2 as pb
 from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
 from noiserater.server.config import ServerConfig
@@ -38,9 +40,9 @@ def stub(server):
         yield pb_grpc.RaterServiceStub(channel)
 
 
-def request(x0, t, candidates, k, model="digits", dataset=DATASET, **kw) -> pb.SelectNoiseRequest:
+def request(x0, t, candidates, keep, model="digits", dataset=DATASET, **kw) -> pb.SelectNoiseRequest:
     return pb.SelectNoiseRequest(model=pb.ModelRef(name=model), dataset=dataset, x0=codec.encode(x0),
-                                 t=codec.encode(t), candidates=codec.encode(candidates), k=k, **kw)
+                                 t=codec.encode(t), candidates=codec.encode(candidates), keep=keep, **kw)
 
 
 def random_batch(seed: int, batch: int = 6, k: int = 8):
@@ -56,12 +58,12 @@ def test_concurrent_selections_match_in_process_and_redis_counts_every_candidate
 
     def remote(i):
         x0, t, candidates = batches[i]
-        return stub.SelectNoise(request(x0, t, candidates, k=3))
+        return stub.SelectNoise(request(x0, t, candidates, keep=3))
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         responses = list(pool.map(remote, range(len(batches))))
     for (x0, t, candidates), response in zip(batches, responses, strict=True):
-        want_idx, want_scores = local.select(x0, t, candidates, 3)
+        want_idx, want_scores = select_in_process(local, x0, t, candidates, keep=3)
         np.testing.assert_array_equal(codec.decode(response.indices), want_idx)
         np.testing.assert_allclose(codec.decode(response.scores), want_scores, rtol=1e-5, atol=1e-6)
         assert response.model.name == "digits" and response.model.version == 1
@@ -85,9 +87,8 @@ def test_concurrent_selections_match_in_process_and_redis_counts_every_candidate
 
 
 def _expand(x0, t, candidates):
-    from noiserater.core.scoring import expand_candidates
 
-    return expand_candidates(x0, t, candidates)
+    return SelectionPlan.for_candidates(candidates, 1, "top_k", 1.0).triples(x0, t, candidates)
 
 
 def _bad_requests():
@@ -99,20 +100,20 @@ def _bad_requests():
     empty_k = np.zeros((2, 0, 64), np.float32)
     return [
         ("byte count", pb.SelectNoiseRequest(model=pb.ModelRef(name="digits"), x0=short, t=codec.encode(t),
-                                             candidates=codec.encode(candidates), k=1),
+                                             candidates=codec.encode(candidates), keep=1),
          grpc.StatusCode.INVALID_ARGUMENT, "x0: byte count"),
-        ("k > K", request(x0, t, candidates, k=5), grpc.StatusCode.INVALID_ARGUMENT, "k: k=5"),
-        ("K = 0", request(x0, t, empty_k, k=1), grpc.StatusCode.INVALID_ARGUMENT, "K must be at least 1"),
-        ("unknown model", request(x0, t, candidates, k=1, model="nope"), grpc.StatusCode.NOT_FOUND, "nope"),
-        ("NaN", request(nan_x0, t, candidates, k=1), grpc.StatusCode.INVALID_ARGUMENT, "x0: contains NaN"),
-        ("t out of range", request(x0, np.array([0, 100]), candidates, k=1), grpc.StatusCode.INVALID_ARGUMENT,
+        ("k > K", request(x0, t, candidates, keep=5), grpc.StatusCode.INVALID_ARGUMENT, "keep: keep=5"),
+        ("K = 0", request(x0, t, empty_k, keep=1), grpc.StatusCode.INVALID_ARGUMENT, "K must be at least 1"),
+        ("unknown model", request(x0, t, candidates, keep=1, model="nope"), grpc.StatusCode.NOT_FOUND, "nope"),
+        ("NaN", request(nan_x0, t, candidates, keep=1), grpc.StatusCode.INVALID_ARGUMENT, "x0: contains NaN"),
+        ("t out of range", request(x0, np.array([0, 100]), candidates, keep=1), grpc.StatusCode.INVALID_ARGUMENT,
          "t: timesteps must lie in [0, 100)"),
-        ("shape", request(x0[:, :10], t, candidates, k=1), grpc.StatusCode.INVALID_ARGUMENT, "x0: shape"),
-        ("name escapes", request(x0, t, candidates, k=1, model="../etc"), grpc.StatusCode.INVALID_ARGUMENT,
+        ("shape", request(x0[:, :10], t, candidates, keep=1), grpc.StatusCode.INVALID_ARGUMENT, "x0: shape"),
+        ("name escapes", request(x0, t, candidates, keep=1, model="../etc"), grpc.StatusCode.INVALID_ARGUMENT,
          "model.name"),
-        ("dataset", request(x0, t, candidates, k=1, dataset="a:b*"), grpc.StatusCode.INVALID_ARGUMENT,
+        ("dataset", request(x0, t, candidates, keep=1, dataset="a:b*"), grpc.StatusCode.INVALID_ARGUMENT,
          "dataset"),
-        ("sample needs temperature", request(x0, t, candidates, k=1, rule=pb.SELECTION_RULE_SAMPLE),
+        ("sample needs temperature", request(x0, t, candidates, keep=1, rule=pb.SELECTION_RULE_SAMPLE),
          grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
     ]
 
@@ -125,13 +126,13 @@ def test_bad_requests_are_named_and_the_server_keeps_serving(stub, case):
     assert err.value.code() == code
     assert fragment in err.value.details()
     x0, t, candidates = random_batch(1, batch=2, k=4)
-    assert codec.decode(stub.SelectNoise(request(x0, t, candidates, k=2)).indices).shape == (2, 2)
+    assert codec.decode(stub.SelectNoise(request(x0, t, candidates, keep=2)).indices).shape == (2, 2)
 
 
 def test_select_stream_answers_every_request_and_survives_bad_ones(stub):
     """One stream carries good and bad requests: each good one equals the unary answer, each bad one gets
     the unary call's status code and message, and the stream goes on to the next request."""
-    goods = [request(*random_batch(seed, batch=3, k=4), k=2) for seed in range(6)]
+    goods = [request(*random_batch(seed, batch=3, k=4), keep=2) for seed in range(6)]
     bads = [case[1] for case in _bad_requests()]
     sent = [(f"good-{i}", r) for i, r in enumerate(goods)] + [(f"bad-{i}", r) for i, r in enumerate(bads)]
     sent.sort(key=lambda item: item[0][-1])  # interleave good and bad ones

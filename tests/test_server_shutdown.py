@@ -76,7 +76,7 @@ def test_sigterm_under_load_loses_no_accepted_request(tmp_path, rater_onnx, redi
         def client(i: int) -> None:
             rng = np.random.default_rng(i)
             req = pb.SelectNoiseRequest(
-                model=pb.ModelRef(name="digits"), dataset=f"shutdown-{transport}", k=2,
+                model=pb.ModelRef(name="digits"), dataset=f"shutdown-{transport}", keep=2,
                 x0=codec.encode(rng.standard_normal((32, 64)).astype(np.float32)),
                 t=codec.encode(rng.integers(0, 100, 32)),
                 candidates=codec.encode(rng.standard_normal((32, 8, 64)).astype(np.float32)))

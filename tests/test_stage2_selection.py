@@ -10,6 +10,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from support import select_in_process
 from torch import nn
 
 from noiserater.core import scoring, selection
@@ -52,10 +53,10 @@ def fixed_batch():
 def test_argmax_picks_the_highest_scored_candidate(dot_onnx):
     session = scoring.RaterSession(dot_onnx, device="cpu")
     x0, t, candidates = fixed_batch()
-    indices, scores = session.select(x0, t, candidates, 1, rule="top_k")
+    indices, scores = select_in_process(session, x0, t, candidates, 1, "top_k")
     assert indices[:, 0].tolist() == [3, 3, 0]
     assert scores[:, 0].tolist() == [3.0, 3.0, 5.0]
-    top2, _ = session.select(x0, t, candidates, 2, rule="top_k")
+    top2, _ = select_in_process(session, x0, t, candidates, 2, "top_k")
     assert top2.tolist() == [[3, 2], [3, 2], [0, 2]]
 
 
@@ -64,12 +65,12 @@ def test_sample_is_seeded_gumbel_top_k_and_cold_sampling_is_argmax(dot_onnx):
     x0, t, candidates = fixed_batch()
     scores = np.array([[0, 1, 2, 3], [0, 1, 2, 3], [5, -1, 2, 0]], dtype=np.float64)
     for seed in (0, 1, 2):
-        got, _ = session.select(x0, t, candidates, 1, rule="sample", temperature=2.0, seed=seed)
+        got, _ = select_in_process(session, x0, t, candidates, 1, "sample", temperature=2.0, seed=seed)
         gumbel = np.random.default_rng(seed).gumbel(size=scores.shape)
         assert got[:, 0].tolist() == np.argmax(scores / 2.0 + gumbel, axis=1).tolist()
-        again, _ = session.select(x0, t, candidates, 1, rule="sample", temperature=2.0, seed=seed)
+        again, _ = select_in_process(session, x0, t, candidates, 1, "sample", temperature=2.0, seed=seed)
         assert (again == got).all()
-    cold, _ = session.select(x0, t, candidates, 1, rule="sample", temperature=1e-4, seed=3)
+    cold, _ = select_in_process(session, x0, t, candidates, 1, "sample", temperature=1e-4, seed=3)
     assert cold[:, 0].tolist() == [3, 3, 0]
 
 
@@ -80,7 +81,7 @@ def test_assign_maximises_the_summed_score_and_keeps_the_noise_multiset(dot_onnx
     t = np.zeros(b, dtype=np.int64)
     pool = rng.standard_normal((b, 1, D)).astype(np.float32)
     session = scoring.RaterSession(dot_onnx, device="cpu")
-    perm, _ = session.select(x0, t, pool, 1, rule="assign")
+    perm, _ = select_in_process(session, x0, t, pool, 1, "assign")
     perm = perm[:, 0]
     assert sorted(perm.tolist()) == list(range(b))  # a permutation: the multiset of noises is unchanged
     matrix = x0 @ pool[:, 0].T

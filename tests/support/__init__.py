@@ -7,7 +7,7 @@ from pathlib import Path
 
 from noiserater.cli.local_server import free_port
 
-__all__ = ["DIGITS_SHAPE", "TINY_TIMESTEPS", "SelectStream", "export_random_rater", "free_port"]
+__all__ = ["DIGITS_SHAPE", "TINY_TIMESTEPS", "SelectStream", "export_random_rater", "free_port", "select_in_process"]
 
 DIGITS_SHAPE = (64,)
 TINY_TIMESTEPS = 100
@@ -46,3 +46,12 @@ class SelectStream:
 
     def close(self) -> None:
         self._outbox.put(None)
+
+
+def select_in_process(session, x0, t, candidates, keep=1, rule="top_k", temperature=1.0, seed=0):
+    """(indices, chosen scores) of the selection plan that a request with these arrays carries, scored by an
+    in-process RaterSession: what a server must answer."""
+    from noiserater.core.selection import SelectionPlan
+
+    plan = SelectionPlan.for_candidates(candidates, keep, rule, temperature)
+    return plan.select(session.score, session.info, x0, t, candidates, seed)

@@ -28,7 +28,7 @@ def analyse(path: str) -> list[str]:
         x0 = data[rng.integers(0, len(data), B)]
         t = rng.integers(0, session.info.num_timesteps, B)
         cand = rng.standard_normal((B, K, x0.shape[1])).astype(np.float32)
-        scores = session.score(*scoring.expand_candidates(x0, t, cand)).reshape(B, K)
+        scores = session.score(*selection.SelectionPlan(K).triples(x0, t, cand)).reshape(B, K)
         norm = (cand ** 2).mean(-1)
         dot = (cand * x0[:, None]).sum(-1) / (np.linalg.norm(x0, axis=1)[:, None] * np.linalg.norm(cand, axis=-1))
         # within-sample (centred over the K candidates) correlations: what the argmax actually ranks by

@@ -86,7 +86,7 @@ def make_request(model: str, data_shape: tuple[int, ...], num_timesteps: int, ba
     t = rng.integers(0, num_timesteps, batch).astype(np.int64)
     candidates = rng.standard_normal((batch, k, *data_shape)).astype(np.float32)
     request = pb.SelectNoiseRequest(model=pb.ModelRef(name=model), dataset="bench-serve", x0=codec.encode(x0),
-                                    t=codec.encode(t), candidates=codec.encode(candidates), k=1)
+                                    t=codec.encode(t), candidates=codec.encode(candidates), keep=1)
     return request, (x0, t, candidates)
 
 
@@ -196,8 +196,10 @@ def measure_ceiling(onnx: Path, device: str, threads: int, triples, candidates: 
     """In-process runs back to back, no gRPC: `callers` threads sharing one session (onnxruntime releases
     the GIL, so they run in parallel as a server's instances do); score() or, with select_args, select()."""
     from noiserater.core.scoring import RaterSession
+    from noiserater.core.selection import SelectionPlan
 
     session = RaterSession(onnx, device=device, intra_op_threads=threads)
+    plan = SelectionPlan.for_candidates(select_args[2], 1, "top_k", 1.0) if select_args is not None else None
     done: list[tuple[float, float]] = []
     stop = threading.Event()
 
@@ -205,7 +207,7 @@ def measure_ceiling(onnx: Path, device: str, threads: int, triples, candidates: 
         while not stop.is_set():
             started = time.perf_counter()
             if select_args is not None:
-                session.select(*select_args, 1)
+                plan.select(session.score, session.info, *select_args)
             else:
                 session.score(*triples)
             finished = time.perf_counter()
@@ -364,7 +366,8 @@ def run(target, model, onnx, levels, batch, k, small_batch, unbatched_target, se
         settings: Settings) -> dict:
     import onnxruntime as ort
 
-    from noiserater.core.scoring import RaterSession, expand_candidates
+    from noiserater.core.scoring import RaterSession
+    from noiserater.core.selection import SelectionPlan
 
     st = settings
     info = RaterSession(onnx, device="cpu").info
@@ -372,7 +375,7 @@ def run(target, model, onnx, levels, batch, k, small_batch, unbatched_target, se
     request, (x0, t, candidates) = make_request(model, info.data_shape, info.num_timesteps, batch, k)
     small_request, small_arrays = make_request(model, info.data_shape, info.num_timesteps, small_batch, k, seed=1)
     per_request, per_small = batch * k, small_batch * k
-    triples, small_triples = expand_candidates(x0, t, candidates), expand_candidates(*small_arrays)
+    triples, small_triples = SelectionPlan(k).triples(x0, t, candidates), SelectionPlan(k).triples(*small_arrays)
 
     def say(text: str) -> None:
         if not quiet:

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from noiserater.core import codec, scoring
+from noiserater.core.selection import Rule, SelectionPlan
 
 log = logging.getLogger("noiserater.selector")
 
-RULES = {"argmax": scoring.RULE_TOP_K, "sample": scoring.RULE_SAMPLE, "assign": scoring.RULE_ASSIGN}
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
@@ -57,8 +57,8 @@ class _LocalBackend:
         self.session = scoring.RaterSession(path, device=device, intra_op_threads=intra_op_threads)
         self.version = 0
 
-    def choose(self, x0, t, candidates, rule, temperature, seed) -> np.ndarray:
-        indices, _ = self.session.select(x0, t, candidates, 1, rule, temperature, seed)
+    def choose(self, plan: SelectionPlan, x0, t, candidates, seed) -> np.ndarray:
+        indices, _ = plan.select(self.session.score, self.session.info, x0, t, candidates, seed)
         return indices
 
 
@@ -110,16 +110,16 @@ class _RemoteBackend:
     def _unary(self, request, timeout_s: float):
         return self.stub.SelectNoise(request, timeout=timeout_s, metadata=self.metadata)
 
-    def choose(self, x0, t, candidates, rule, temperature, seed) -> np.ndarray:
+    def choose(self, plan: SelectionPlan, x0, t, candidates, seed) -> np.ndarray:
         request = self._pb.SelectNoiseRequest(
             model=self.model_ref,
             dataset=self.dataset,
             x0=codec.encode(x0),
             t=codec.encode(t),
             candidates=codec.encode(candidates),
-            k=1,
-            rule=self._pb.SelectionRule.Value(f"SELECTION_RULE_{rule.upper()}"),
-            temperature=temperature,
+            keep=plan.keep,
+            rule=plan.rule.to_proto(),
+            temperature=plan.temperature,
             seed=seed,
         )
         if self.stream is not None:
@@ -140,8 +140,10 @@ class NoiseSelector:
 
     def __init__(self, backend: Any, k: int = 8, rule: str = "argmax", temperature: float = 1.0, seed: int = 0,
                  fallback: _LocalBackend | None = None):
-        if rule not in RULES:
-            raise SelectorError(f"rule: unknown rule {rule!r} (one of {', '.join(RULES)})")
+        try:
+            rule = Rule.parse(rule)
+        except scoring.ScoringError as exc:
+            raise SelectorError(str(exc)) from None
         if k < 1:
             raise SelectorError(f"k: the number of candidates must be >= 1, got {k}")
         self.backend = backend
@@ -200,7 +202,7 @@ class NoiseSelector:
     def _prepare(self, x0: torch.Tensor, t: torch.Tensor, k: int | None):
         if x0.ndim < 1 or t.ndim != 1 or t.shape[0] != x0.shape[0]:
             raise SelectorError(f"t: shape {list(t.shape)} does not match x0's batch {list(x0.shape[:1])}")
-        num = 1 if self.rule == "assign" else (self.k if k is None else k)
+        num = 1 if self.rule is Rule.ASSIGN else (self.k if k is None else k)
         if num < 1:
             raise SelectorError(f"k: the number of candidates must be >= 1, got {num}")
         candidates = self.draw_candidates(x0, num)
@@ -212,9 +214,9 @@ class NoiseSelector:
 
     def _choose(self, x0_np, t_np, cand_np, seed) -> np.ndarray | None:
         """Chosen indices, or None when plain Gaussian noise (the first candidate) must do."""
-        rule = RULES[self.rule]
         try:
-            return self.backend.choose(x0_np, t_np, cand_np, rule, self.temperature, seed)
+            plan = SelectionPlan(cand_np.shape[1], 1, self.rule, self.temperature)
+            return self.backend.choose(plan, x0_np, t_np, cand_np, seed)
         except scoring.ScoringError as exc:
             raise SelectorError(str(exc)) from None
         except Exception as exc:  # grpc.RpcError and transport failures
@@ -226,7 +228,7 @@ class NoiseSelector:
             self.counters["fallback_local"] += 1
             log.warning("rater server unavailable (%s): selecting with the local rater (fallback %d)",
                         reason, self.counters["fallback_local"])
-            return self.fallback.choose(x0_np, t_np, cand_np, rule, self.temperature, seed)
+            return self.fallback.choose(plan, x0_np, t_np, cand_np, seed)
         self.counters["fallback_gaussian"] += 1
         log.warning("rater server unavailable (%s): using plain Gaussian noise (fallback %d)",
                     reason, self.counters["fallback_gaussian"])
@@ -235,7 +237,7 @@ class NoiseSelector:
     def _finish(self, x0: torch.Tensor, candidates: torch.Tensor, indices: np.ndarray | None) -> torch.Tensor:
         if indices is None:
             eps = candidates[:, 0]
-        elif self.rule == "assign":
+        elif self.rule is Rule.ASSIGN:
             perm = torch.from_numpy(indices[:, 0]).to(candidates.device)
             eps = candidates[:, 0][perm]
         else:

@@ -1,21 +1,15 @@
-"""Scoring candidate noises with an exported rater: the ONNX signature, request validation, the
-expansion of K candidates into (x0, t, eps) triples and the choice of indices from their scores.
-
-The server (behind its batcher) and the in-process `NoiseSelector.local` both go through these
-functions, which is what makes local and remote selections identical.
-"""
+"""Scoring with an exported rater: the ONNX signature and metadata keys, the checks every scored batch
+passes, and `RaterSession`, onnxruntime over one rater file. How candidates become triples and scores
+become choices is `noiserater.core.selection.SelectionPlan`."""
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from noiserater.core import selection
 
 # The rater's ONNX signature: score = r(x0, t, eps).
 INPUT_X0, INPUT_T, INPUT_EPS, OUTPUT_SCORE = "x0", "t", "eps", "score"
@@ -30,8 +24,6 @@ META_PROVENANCE = "noiserater.provenance"  # JSON object
 META_EXPORTED_AT = "noiserater.exported_at"
 META_FORMAT = "noiserater.format"
 FORMAT_VERSION = "1"
-
-RULE_TOP_K, RULE_SAMPLE, RULE_ASSIGN = selection.RULES
 
 
 class ScoringError(ValueError):
@@ -67,7 +59,7 @@ class RaterInfo:
         )
 
 
-def _check_finite(name: str, array: np.ndarray) -> None:
+def check_finite(name: str, array: np.ndarray) -> None:
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise ScoringError(f"{name}: contains NaN or Inf")
 
@@ -78,36 +70,12 @@ def validate_triples(info: RaterInfo, x0: np.ndarray, t: np.ndarray, eps: np.nda
         raise ScoringError(f"x0: shape {list(x0.shape)} does not match [N, *{list(info.data_shape)}]")
     if eps.shape != x0.shape:
         raise ScoringError(f"eps: shape {list(eps.shape)} differs from x0's {list(x0.shape)}")
-    _validate_common(info, x0, t)
-    _check_finite("eps", eps)
+    validate_common(info, x0, t)
+    check_finite("eps", eps)
 
 
-def validate_selection(info: RaterInfo, x0: np.ndarray, t: np.ndarray, candidates: np.ndarray, k: int,
-                       rule: str, temperature: float = 1.0) -> None:
-    """Everything a SelectNoise request must satisfy before it is scored."""
-    if x0.ndim < 1 or tuple(x0.shape[1:]) != info.data_shape:
-        raise ScoringError(f"x0: shape {list(x0.shape)} does not match [B, *{list(info.data_shape)}]")
-    batch = x0.shape[0]
-    if candidates.ndim != x0.ndim + 1 or candidates.shape[0] != batch or candidates.shape[2:] != x0.shape[1:]:
-        raise ScoringError(
-            f"candidates: shape {list(candidates.shape)} does not match [B={batch}, K, *{list(info.data_shape)}]"
-        )
-    num_candidates = candidates.shape[1]
-    try:
-        selection.check_k(k, num_candidates)
-    except selection.SelectionError as exc:
-        raise ScoringError(str(exc)) from None
-    if rule == RULE_ASSIGN and (num_candidates != 1 or k != 1):
-        raise ScoringError(f"candidates: rule 'assign' needs K=1 and k=1 (got K={num_candidates}, k={k})")
-    if rule not in selection.RULES:
-        raise ScoringError(f"rule: unknown rule {rule!r} (one of {', '.join(selection.RULES)})")
-    if rule == RULE_SAMPLE and not temperature > 0:
-        raise ScoringError(f"temperature: must be > 0 for rule 'sample', got {temperature}")
-    _validate_common(info, x0, t)
-    _check_finite("candidates", candidates)
-
-
-def _validate_common(info: RaterInfo, x0: np.ndarray, t: np.ndarray) -> None:
+def validate_common(info: RaterInfo, x0: np.ndarray, t: np.ndarray) -> None:
+    """dtype, finiteness and timestep range of x0 and t, shared by scoring and selection."""
     if x0.dtype.kind != "f":
         raise ScoringError(f"x0: dtype {x0.dtype} is not a float type")
     if t.ndim != 1 or t.shape[0] != x0.shape[0]:
@@ -116,43 +84,7 @@ def _validate_common(info: RaterInfo, x0: np.ndarray, t: np.ndarray) -> None:
         raise ScoringError(f"t: dtype {t.dtype} is not an integer type")
     if t.size and (t.min() < 0 or t.max() >= info.num_timesteps):
         raise ScoringError(f"t: timesteps must lie in [0, {info.num_timesteps}), got [{t.min()}, {t.max()}]")
-    _check_finite("x0", x0)
-
-
-def expand_candidates(x0: np.ndarray, t: np.ndarray, candidates: np.ndarray, rule: str = RULE_TOP_K):
-    """The (x0, t, eps) triples to score for a selection, as float32 / int64 arrays.
-
-    top_k and sample: every sample against its own K candidates -> B*K triples, row-major in (b, k).
-    assign: every sample against every sample's single candidate -> B*B triples, row-major in (i, j).
-    """
-    batch = x0.shape[0]
-    x0 = np.asarray(x0, dtype=np.float32)
-    t = np.asarray(t, dtype=np.int64)
-    if rule == RULE_ASSIGN:
-        pool = np.asarray(candidates[:, 0], dtype=np.float32)
-        return (np.repeat(x0, batch, axis=0), np.repeat(t, batch), np.tile(pool, (batch,) + (1,) * (pool.ndim - 1)))
-    num_candidates = candidates.shape[1]
-    eps = np.asarray(candidates, dtype=np.float32).reshape((batch * num_candidates,) + x0.shape[1:])
-    return np.repeat(x0, num_candidates, axis=0), np.repeat(t, num_candidates), eps
-
-
-def choose(flat_scores: np.ndarray, batch: int, num_candidates: int, k: int, rule: str = RULE_TOP_K,
-           temperature: float = 1.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Scores of `expand_candidates`' triples -> (indices int64 [B, k], chosen scores float32 [B, k])."""
-    if rule == RULE_ASSIGN:
-        matrix = flat_scores.reshape(batch, batch)
-        indices = selection.assign(matrix)[:, None]
-        return indices, np.take_along_axis(matrix, indices, axis=1).astype(np.float32)
-    scores = flat_scores.reshape(batch, num_candidates)
-    if rule == RULE_SAMPLE:
-        indices = selection.sample(scores, k, temperature, seed)
-    else:
-        indices = selection.top_k(scores, k)
-    return indices, np.take_along_axis(scores, indices, axis=1).astype(np.float32)
-
-
-def num_triples(batch: int, num_candidates: int, rule: str) -> int:
-    return batch * batch if rule == RULE_ASSIGN else batch * num_candidates
+    check_finite("x0", x0)
 
 
 def default_providers(device: str = "auto") -> list[str]:
@@ -216,14 +148,3 @@ class RaterSession:
         scores = self.score(np.zeros(shape, np.float32), np.zeros(batch, np.int64), np.zeros(shape, np.float32))
         if scores.shape != (batch,) or not np.isfinite(scores).all():
             raise ScoringError(f"model: warm-up produced scores of shape {list(scores.shape)} or non-finite values")
-
-    def select(self, x0: np.ndarray, t: np.ndarray, candidates: np.ndarray, k: int, rule: str = RULE_TOP_K,
-               temperature: float = 1.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Validate, score and choose in one call (the in-process path)."""
-        validate_selection(self.info, x0, t, candidates, k, rule, temperature)
-        flat = self.score(*expand_candidates(x0, t, candidates, rule))
-        return choose(flat, x0.shape[0], candidates.shape[1], k, rule, temperature, seed)
-
-
-def data_size(info: RaterInfo) -> int:
-    return math.prod(info.data_shape)

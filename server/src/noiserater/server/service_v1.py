@@ -8,6 +8,7 @@ import grpc
 import numpy as np
 
 from noiserater.core import codec, scoring
+from noiserater.core.selection import Rule, SelectionPlan
 from noiserater.core.v1 import rater_service_pb2 as pb
 from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
 from noiserater.core.v1 import tensor_pb2
@@ -17,13 +18,13 @@ from noiserater.server.metrics import ServerMetrics
 from noiserater.server.models import ModelRegistry, ModelVersion
 from noiserater.server.stats import StatsRecorder
 
-RULES = {
-    pb.SELECTION_RULE_UNSPECIFIED: scoring.RULE_TOP_K,
-    pb.SELECTION_RULE_TOP_K: scoring.RULE_TOP_K,
-    pb.SELECTION_RULE_SAMPLE: scoring.RULE_SAMPLE,
-    pb.SELECTION_RULE_ASSIGN: scoring.RULE_ASSIGN,
-}
 DEFAULT_DATASET = "default"
+
+
+def plan_of(request: pb.SelectNoiseRequest, candidates: np.ndarray) -> SelectionPlan:
+    """The request's selection plan; the deprecated float32 temperature is read when the double one is 0."""
+    temperature = request.temperature or request.temperature_float32
+    return SelectionPlan.for_candidates(candidates, request.keep, Rule.from_proto(request.rule), temperature)
 
 
 def resolve_dataset(requested: str, version: ModelVersion) -> str:
@@ -76,18 +77,13 @@ class RaterServicer(pb_grpc.RaterServiceServicer):
         x0 = codec.decode(request.x0, "x0")
         t = codec.decode(request.t, "t")
         candidates = codec.decode(request.candidates, "candidates")
-        rule = RULES.get(request.rule)
-        if rule is None:
-            raise scoring.ScoringError(f"rule: unknown selection rule {request.rule}")
-        if x0.ndim >= 1 and x0.shape[0] == 0:
-            raise scoring.ScoringError("x0: the batch is empty (B=0)")
-        scoring.validate_selection(info, x0, t, candidates, request.k, rule, request.temperature)
+        plan = plan_of(request, candidates)
+        plan.validate(info, x0, t, candidates)
         dataset = resolve_dataset(request.dataset, version)
-        x0_flat, t_flat, eps_flat = scoring.expand_candidates(x0, t, candidates, rule)
+        x0_flat, t_flat, eps_flat = plan.triples(x0, t, candidates)
         scores = await version.batcher.submit(x0_flat, t_flat, eps_flat)
         self.recorder.record(dataset, version.name, version.version, info.num_timesteps, t_flat, scores)
-        indices, chosen = scoring.choose(scores, x0.shape[0], candidates.shape[1], request.k, rule,
-                                         request.temperature, request.seed)
+        indices, chosen = plan.choose(scores, request.seed)
         return pb.SelectNoiseResponse(indices=codec.encode(indices), scores=codec.encode(chosen),
                                       model=pb.ModelRef(name=version.name, version=version.version))
 

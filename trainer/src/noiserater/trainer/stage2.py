@@ -180,17 +180,17 @@ class NoiseSource:
 
     def _sample_with_weights(self, x0: torch.Tensor, t: torch.Tensor, k: int) -> torch.Tensor:
         """rater-sample through the shared scoring code, keeping 1 / (K p_chosen) as the loss weights."""
-        from noiserater.core import scoring
+        from noiserater.core.selection import Rule, SelectionPlan
 
         b = x0.shape[0]
         candidates = torch.randn((b, k, *x0.shape[1:]), generator=self.gen, device=self.gen.device)
         x0_np, t_np = x0.detach().cpu().float().numpy(), t.detach().cpu().numpy()
-        flat = self._session.score(*scoring.expand_candidates(x0_np, t_np, candidates.cpu().numpy()))
+        plan = SelectionPlan(k, 1, Rule.SAMPLE, self.cfg.temperature)
+        flat = self._session.score(*plan.triples(x0_np, t_np, candidates.cpu().numpy()))
         self._is_calls += 1
-        idx, _ = scoring.choose(flat, b, k, 1, scoring.RULE_SAMPLE, self.cfg.temperature, seed=self._is_calls)
-        logits = torch.from_numpy(flat.reshape(b, k)).double() / self.cfg.temperature
+        idx, _ = plan.choose(flat, seed=self._is_calls)
         chosen = torch.from_numpy(idx[:, 0])
-        log_p = logits.log_softmax(1)[torch.arange(b), chosen]
+        log_p = torch.from_numpy(plan.log_probs(flat))[torch.arange(b), chosen]
         self._is_weights = (1.0 / (k * log_p.exp())).to(x0.device, torch.float32)
         return candidates[torch.arange(b), chosen].to(x0.device, x0.dtype)
 

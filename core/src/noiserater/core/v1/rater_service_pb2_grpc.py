@@ -87,7 +87,7 @@ class RaterServiceServicer:
     """
 
     def SelectNoise(self, request, context):
-        """Picks k of the K candidate noises of every sample.
+        """Picks `keep` of the K candidate noises of every sample.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
