@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from noiserater.trainer import peers
+from noiserater.client import peers
 from noiserater.trainer.diffusion import NoiseSchedule
 
 

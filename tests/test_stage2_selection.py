@@ -120,8 +120,8 @@ def test_k_anneal_schedule_goes_from_k_to_one():
 
 
 def test_noise_source_selects_only_above_t_min_and_symmetrise_only_flips_signs(dot_onnx):
+    from noiserater.client import peers
     from noiserater.client.selector import NoiseSelector
-    from noiserater.trainer import peers
     from noiserater.trainer.stage2 import NoiseSource, Stage2Config
 
     cpu = torch.device("cpu")

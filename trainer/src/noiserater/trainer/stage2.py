@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from noiserater.trainer import peers
+from noiserater.client import peers
 from noiserater.trainer.data import DataSplits
 from noiserater.trainer.denoisers import build_denoiser
 from noiserater.trainer.diffusion import NoiseSchedule, ddpm_sample, per_sample_loss

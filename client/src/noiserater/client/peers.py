@@ -1,4 +1,5 @@
-"""Peer methods for stage 2, the baselines a rater has to beat, each as a noise source or a loss weighting.
+"""The peers: the baselines a rater has to beat, as functions on tensors (`noiserater.client.sources` wraps
+each as a noise source).
 
 - `uniform`: plain Gaussian noise, eps ~ N(0, I) (the baseline).
 - `immiscible`: Immiscible Diffusion (Li et al., 2024): draw B Gaussian noises for the batch and assign them
