@@ -1,4 +1,4 @@
-"""Issue 5: Triton's own perf_analyzer (the binary in the tritonclient wheel) measures rater-server as it
+"""Triton's own perf_analyzer (the binary in the tritonclient wheel) measures rater-server as it
 would measure Triton: unary and --streaming, with server-side statistics from ModelStatistics."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from support.server import ServerThread, make_repository
 
-from noiserater.cli import perf_analyzer
 from noiserater.core.inference import grpc_service_pb2 as kserve_pb
 from noiserater.core.inference import grpc_service_pb2_grpc as kserve_grpc
 from noiserater.core.inference import model_config_pb2 as config_pb
 from noiserater.server.config import ServerConfig
+from noiserater.trainer.bench import perf_analyzer
 
 N_TRIPLES = 8
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from noiserater.cli.local_server import free_port
+from noiserater.trainer.bench.local_server import free_port
 
 __all__ = ["DIGITS_SHAPE", "TINY_TIMESTEPS", "SelectStream", "export_random_rater", "free_port", "select_in_process"]
 

@@ -39,10 +39,10 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from noiserater.cli import perf_analyzer
-from noiserater.cli.local_server import LocalServer, start_rater_server, wait_serving
 from noiserater.cli.output import emit_json, fail, table
 from noiserater.client.transports import TRANSPORTS
+from noiserater.trainer.bench import perf_analyzer
+from noiserater.trainer.bench.local_server import LocalServer, start_rater_server, wait_serving
 
 GOAL_BATCHED_VS_UNBATCHED = 3.0
 GOAL_BEST_VS_CEILING = 0.7

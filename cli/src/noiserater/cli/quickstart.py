@@ -16,8 +16,8 @@ from pathlib import Path
 
 import typer
 
-from noiserater.cli.local_server import start_rater_server
 from noiserater.cli.output import console, emit_json, fail, set_torch_threads, table
+from noiserater.trainer.bench.local_server import start_rater_server
 
 
 def quickstart(
