@@ -9,37 +9,40 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
-from noiserater.cli import bench_serve as bs
+from noiserater.trainer.bench.cpu import CpuMeter
+from noiserater.trainer.bench.local_server import start_onnx_server
+from noiserater.trainer.bench.serve_load import make_request, measure_server
+from noiserater.trainer.bench.serve_windows import Windows
 
 ROUNDS = 4
 SERVER_ARGS = ["--intra-op-threads", "1", "--instances", "2"]
+WINDOWS = Windows(warmup_s=1.0, window_s=2.0, max_windows=1)
 
 
 def main() -> None:
-    small, _ = bs.make_request("digits", (64,), 1000, 1, 8, seed=1)
-    big, _ = bs.make_request("digits", (64,), 1000, 64, 8)
+    small, _ = make_request("digits", (64,), 1000, 1, 8, seed=1)
+    big, _ = make_request("digits", (64,), 1000, 64, 8)
     out = {}
     with ExitStack() as stack:
-        server = bs.start_local_server(stack, Path("runs/bench/digits.onnx"), "digits", SERVER_ARGS)
+        server = start_onnx_server(stack, Path("runs/bench/digits.onnx"), "digits", SERVER_ARGS)
         for name, request, clients, candidates in (("B1_K8_16clients", small, 16, 8),
                                                    ("B64_K8_64clients", big, 64, 512)):
             rounds = []
             for _ in range(ROUNDS):
                 row = {}
                 for transport in ("unary", "stream"):
-                    server_cpu, client_cpu = bs.process_cpu_s(server.pid), time.process_time()
-                    level = asyncio.run(bs.measure_server(server.target, request, clients, candidates, 1.0, 2.0, 1,
-                                                          transport=transport))
+                    meter = CpuMeter(server.pid)
+                    level = asyncio.run(measure_server(server.target, request, clients, candidates, WINDOWS,
+                                                       transport=transport))
                     row[transport] = {
                         "throughput": level.throughput,
-                        "server_cpu_us": (bs.process_cpu_s(server.pid) - server_cpu) / level.requests * 1e6,
-                        "client_cpu_us": (time.process_time() - client_cpu) / level.requests * 1e6,
+                        "server_cpu_us": meter.server_us_per_request(level.requests),
+                        "client_cpu_us": meter.client_us_per_request(level.requests),
                     }
                 rounds.append(row)
 

@@ -1,5 +1,5 @@
-"""A real `rater-server serve` subprocess on a free loopback port, for the nrctl commands that need one
-(quickstart, bench serve). Started as a user would start it; ready once grpc health says SERVING."""
+"""A real `rater-server serve` subprocess on a free loopback port, for what needs one (nrctl quickstart, the
+serving benchmark). Started as a user would start it; ready once grpc health says SERVING."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -70,3 +71,11 @@ def start_rater_server(stack: ExitStack, repository: Path, server_args: list[str
     target = f"127.0.0.1:{port}"
     wait_serving(target, proc)
     return LocalServer(target, command, proc.pid)
+
+
+def start_onnx_server(stack: ExitStack, onnx: Path, model: str, server_args: list[str]) -> LocalServer:
+    """Serve one ONNX file as `model` (version 1) from a temporary repository until `stack` closes."""
+    repo = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nr-bench-")))
+    (repo / model / "1").mkdir(parents=True)
+    shutil.copyfile(onnx, repo / model / "1" / "model.onnx")
+    return start_rater_server(stack, repo, server_args)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from noiserater.trainer.bench.serve_windows import Windows
+
 
 class PerfAnalyzerUnavailable(RuntimeError):
     pass
@@ -89,4 +91,33 @@ def run(target: str, model: str, input_data: Path, concurrency: list[int], windo
         with csv_path.open() as handle:
             rows.extend({k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle))
         csv_path.unlink()
+    return rows
+
+
+def measure_levels(targets: dict[str, str], model: str, triples, levels: list[int], windows: Windows,
+                   work: Path) -> list[dict]:
+    """perf_analyzer's figures per level, server (`targets`: name -> HOST:PORT) and mode (unary, streaming), in
+    the serving benchmark's units (candidates/s, ms) and with its windows; a failed run is recorded as
+    {"error": ...} and the rest are still measured."""
+    data = write_input_data(work / "perf_analyzer_input.json", *triples)
+    per_request = triples[0].shape[0]
+    rows = []
+    for level in levels:
+        row: dict = {"concurrency": level}
+        for kind, where in targets.items():
+            for streaming in (False, True):
+                mode = "streaming" if streaming else "unary"
+                try:
+                    (got,) = run(where, model, data, [level], int(windows.window_s * 1000), work / "perf_analyzer.csv",
+                                 streaming=streaming, stability_percent=windows.stability * 100,
+                                 max_trials=windows.max_windows)
+                except RuntimeError as exc:  # e.g. no stable windows
+                    row.setdefault(kind, {})[mode] = {"error": str(exc)}
+                    continue
+                row.setdefault(kind, {})[mode] = {
+                    "throughput": got["Inferences/Second"] * per_request, "requests_per_s": got["Inferences/Second"],
+                    "p50_ms": got["p50 latency"] / 1000, "p90_ms": got["p90 latency"] / 1000,
+                    "p99_ms": got["p99 latency"] / 1000, "server_queue_us": got["Server Queue"],
+                    "server_compute_us": got["Server Compute Infer"]}
+        rows.append(row)
     return rows

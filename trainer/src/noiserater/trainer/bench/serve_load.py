@@ -1,0 +1,104 @@
+"""The serving benchmark's load generator: `concurrency` closed-loop clients (grpc.aio, one event loop) send the
+same SelectNoise request back to back, each over its own SelectNoiseStream (transport "stream") or as unary
+SelectNoise calls (transport "unary"), measured in windows (see serve_windows)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+
+from noiserater.trainer.bench.serve_windows import Level, Windows, measure_windows, summarise
+
+MAX_CHANNELS = 4  # clients share this many channels (round robin)
+
+
+def make_request(model: str, data_shape: tuple[int, ...], num_timesteps: int, batch: int, k: int, seed: int = 0):
+    """A SelectNoiseRequest of `batch` samples x `k` candidates of random data, and its arrays (x0, t, candidates)."""
+    from noiserater.core import codec
+    from noiserater.core.v1 import rater_service_pb2 as pb
+
+    rng = np.random.default_rng(seed)
+    x0 = rng.standard_normal((batch, *data_shape)).astype(np.float32)
+    t = rng.integers(0, num_timesteps, batch).astype(np.int64)
+    candidates = rng.standard_normal((batch, k, *data_shape)).astype(np.float32)
+    request = pb.SelectNoiseRequest(model=pb.ModelRef(name=model), dataset="bench-serve", x0=codec.encode(x0),
+                                    t=codec.encode(t), candidates=codec.encode(candidates), keep=1)
+    return request, (x0, t, candidates)
+
+
+def open_channels(target: str, count: int, token: str | None = None):
+    """`count` grpc.aio channels to `target` (distinct, so they do not share one connection) and the call
+    metadata that carries `token` as a bearer token (None without one). The bench's only channel builder."""
+    import grpc
+
+    options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+    channels = [grpc.aio.insecure_channel(target, options=[*options, ("grpc.channel_id", i)]) for i in range(count)]
+    metadata = (("authorization", f"Bearer {token}"),) if token is not None else None
+    return channels, metadata
+
+
+async def measure_server(target: str, request, concurrency: int, candidates: int, windows: Windows,
+                         token: str | None = None, transport: str = "stream") -> Level:
+    """One concurrency level against the server at `target`; `candidates` scored per request."""
+    import grpc
+
+    from noiserater.core.v1 import rater_service_pb2 as pb
+    from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
+
+    channels, metadata = open_channels(target, min(MAX_CHANNELS, concurrency), token)
+    stubs = [pb_grpc.RaterServiceStub(c) for c in channels]
+    done: list[tuple[float, float]] = []  # (finish time, latency)
+    level = Level(concurrency)
+    stop = asyncio.Event()
+
+    def failed(text: str) -> None:
+        level.errors += 1
+        level.error_sample = level.error_sample or text
+        if level.errors > 100:
+            stop.set()
+
+    async def stream_client(i: int) -> None:
+        """One SelectNoiseStream per client, one request in flight on it (closed loop)."""
+        message = pb.SelectNoiseStreamRequest(request_id=str(i), request=request)
+        call = stubs[i % len(stubs)].SelectNoiseStream(metadata=metadata)
+        try:
+            while not stop.is_set():
+                started = time.perf_counter()
+                await call.write(message)
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    failed("stream ended by the server")
+                    return
+                if response.error_code:
+                    failed(f"status {response.error_code}: {response.error_message}")
+                    continue
+                finished = time.perf_counter()
+                done.append((finished, finished - started))
+            await call.done_writing()
+        except grpc.aio.AioRpcError as exc:
+            failed(f"{exc.code().name}: {exc.details()}")
+
+    async def unary_client(i: int) -> None:
+        call = stubs[i % len(stubs)].SelectNoise
+        while not stop.is_set():
+            started = time.perf_counter()
+            try:
+                await call(request, timeout=60, metadata=metadata)
+            except grpc.aio.AioRpcError as exc:
+                failed(f"{exc.code().name}: {exc.details()}")
+                continue
+            finished = time.perf_counter()
+            done.append((finished, finished - started))
+
+    client = stream_client if transport == "stream" else unary_client
+    tasks = [asyncio.create_task(client(i)) for i in range(concurrency)]
+    try:
+        await measure_windows(done, level, windows)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for channel in channels:
+            await channel.close()
+    return summarise(level, candidates, windows)
