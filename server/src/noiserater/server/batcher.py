@@ -21,21 +21,27 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 
 from noiserater.server.metrics import ServerMetrics
+from noiserater.server.rpc import RpcError
 
 log = logging.getLogger("rater-server.batcher")
 
 ScoreFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
-class QueueFullError(Exception):
-    """The batcher's queue is full (RESOURCE_EXHAUSTED)."""
+class QueueFullError(RpcError):
+    """The batcher's queue is full."""
+
+    grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-class BatcherClosedError(Exception):
+class BatcherClosedError(RpcError):
     """The model version was unloaded before the request could be queued."""
+
+    grpc_status = grpc.StatusCode.UNAVAILABLE
 
 
 @dataclass

@@ -81,7 +81,7 @@ async def _serve(config) -> int:
     await stop.wait()
     print(f"rater-server draining (grace {config.grace_s:g}s)", flush=True)
     await server.stop()
-    c = server.counters
+    c = server.runtime.counters
     print(f"rater-server stopped: {c.received} inference requests received, {c.answered} answered, "
           f"{c.dropped} dropped", flush=True)
     return 0

@@ -15,21 +15,24 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+
 from noiserater.core import repository
 from noiserater.core.scoring import RaterSession, ScoringError
 from noiserater.server.batcher import DynamicBatcher
 from noiserater.server.config import ServerConfig
 from noiserater.server.metrics import ServerMetrics
+from noiserater.server.rpc import RpcError
 
 log = logging.getLogger("rater-server.models")
 
 
-class ModelNotFoundError(LookupError):
-    pass
+class ModelNotFoundError(RpcError, LookupError):
+    grpc_status = grpc.StatusCode.NOT_FOUND
 
 
-class ModelExistsError(ValueError):
-    pass
+class ModelExistsError(RpcError, ValueError):
+    grpc_status = grpc.StatusCode.ALREADY_EXISTS
 
 
 def validate_onnx_bytes(data: bytes) -> None:

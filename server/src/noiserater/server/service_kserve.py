@@ -12,9 +12,8 @@ from noiserater.core import scoring
 from noiserater.core.inference import grpc_service_pb2 as pb
 from noiserater.core.inference import grpc_service_pb2_grpc as pb_grpc
 from noiserater.core.inference import model_config_pb2 as config_pb
-from noiserater.server.errors import CallLabels, RequestCounters, rpc, serve_stream
-from noiserater.server.metrics import ServerMetrics
 from noiserater.server.models import ModelNotFoundError, ModelRegistry, ModelVersion
+from noiserater.server.rpc import CallContext, Outcome, RpcRuntime, unary
 from noiserater.server.service_v1 import score_triples
 from noiserater.server.stats import StatsRecorder
 
@@ -139,19 +138,27 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     return out
 
 
+def stream_reply(request: pb.ModelInferRequest, outcome: Outcome) -> pb.ModelStreamInferResponse:
+    """A stream request's answer: its response, or an error message that starts with the status name."""
+    if outcome.code == grpc.StatusCode.OK:
+        return pb.ModelStreamInferResponse(infer_response=outcome.response)
+    return pb.ModelStreamInferResponse(
+        error_message=f"{outcome.code.name}: {outcome.message}",
+        infer_response=pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                             id=request.id))
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, registry: ModelRegistry, recorder: StatsRecorder, metrics: ServerMetrics,
-                 counters: RequestCounters, is_ready):
+    def __init__(self, registry: ModelRegistry, recorder: StatsRecorder, runtime: RpcRuntime, is_ready):
         self.registry = registry
         self.recorder = recorder
-        self.metrics = metrics
-        self.counters = counters
+        self.runtime = runtime
         self._is_ready = is_ready
 
-    def _lookup(self, name: str, version: str, labels: CallLabels) -> ModelVersion:
-        labels.model = name
+    def _lookup(self, name: str, version: str, call: CallContext) -> ModelVersion:
+        call.model = name
         found = self.registry.get(name, parse_version(version))
-        labels.version = str(found.version)
+        call.version = str(found.version)
         return found
 
     async def ServerLive(self, request, context):
@@ -171,9 +178,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self._is_ready())
 
-    @rpc("ModelMetadata")
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context, labels: CallLabels):
-        version = self._lookup(request.name, request.version, labels)
+    @unary("ModelMetadata")
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, call: CallContext):
+        version = self._lookup(request.name, request.version, call)
         inputs, outputs = tensor_signature(version)
         tm = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
@@ -184,41 +191,33 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[tm(name=n, datatype=d, shape=shape) for n, d, shape in outputs],
         )
 
-    @rpc("ModelConfig")
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context, labels: CallLabels):
-        version = self._lookup(request.name, request.version, labels)
+    @unary("ModelConfig")
+    async def ModelConfig(self, request: pb.ModelConfigRequest, call: CallContext):
+        version = self._lookup(request.name, request.version, call)
         return pb.ModelConfigResponse(config=model_config(version, self.registry.config))
 
-    @rpc("ModelStatistics")
-    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context, labels: CallLabels):
+    @unary("ModelStatistics")
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, call: CallContext):
         if request.name:
             if request.version:
-                versions = [self._lookup(request.name, request.version, labels)]
+                versions = [self._lookup(request.name, request.version, call)]
             else:
-                self._lookup(request.name, "", labels)  # NOT_FOUND for an unknown model
+                self._lookup(request.name, "", call)  # NOT_FOUND for an unknown model
                 versions = list(self.registry.models[request.name].versions.values())
         else:
             versions = [v for m in self.registry.models.values() for v in m.versions.values()]
         versions.sort(key=lambda v: (v.name, v.version))
         return pb.ModelStatisticsResponse(model_stats=[model_statistics(v) for v in versions])
 
-    @rpc("ModelInfer", inference=True)
-    async def ModelInfer(self, request: pb.ModelInferRequest, context, labels: CallLabels):
-        return await self._infer(request, labels)
+    @unary("ModelInfer", inference=True)
+    async def ModelInfer(self, request: pb.ModelInferRequest, call: CallContext):
+        return await self._infer(request, call)
 
     async def ModelStreamInfer(self, request_iterator, context) -> None:
-        def respond(request: pb.ModelInferRequest, response, code: grpc.StatusCode, text: str):
-            if code == grpc.StatusCode.OK:
-                return pb.ModelStreamInferResponse(infer_response=response)
-            return pb.ModelStreamInferResponse(
-                error_message=f"{code.name}: {text}",
-                infer_response=pb.ModelInferResponse(model_name=request.model_name,
-                                                     model_version=request.model_version, id=request.id))
+        await self.runtime.serve_stream("ModelStreamInfer", request_iterator, context, self._infer, stream_reply)
 
-        await serve_stream(self, "ModelStreamInfer", request_iterator, context, self._infer, respond)
-
-    async def _infer(self, request: pb.ModelInferRequest, labels: CallLabels) -> pb.ModelInferResponse:
-        version = self._lookup(request.model_name, request.model_version, labels)
+    async def _infer(self, request: pb.ModelInferRequest, call: CallContext) -> pb.ModelInferResponse:
+        version = self._lookup(request.model_name, request.model_version, call)
         for wanted in request.outputs:
             if wanted.name != scoring.OUTPUT_SCORE:
                 raise scoring.ScoringError(f"outputs: unknown output {wanted.name!r} (a rater has 'score')")
