@@ -12,9 +12,9 @@ from noiserater.core import scoring
 from noiserater.core.inference import grpc_service_pb2 as pb
 from noiserater.core.inference import grpc_service_pb2_grpc as pb_grpc
 from noiserater.core.inference import model_config_pb2 as config_pb
+from noiserater.server.inference import Inference
 from noiserater.server.models import ModelNotFoundError, ModelRegistry, ModelVersion
 from noiserater.server.rpc import CallContext, Outcome, RpcRuntime, unary
-from noiserater.server.service_v1 import score_triples
 from noiserater.server.stats import StatsRecorder
 
 # KServe datatype -> (numpy dtype, InferTensorContents field for typed contents)
@@ -151,7 +151,7 @@ def stream_reply(request: pb.ModelInferRequest, outcome: Outcome) -> pb.ModelStr
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, registry: ModelRegistry, recorder: StatsRecorder, runtime: RpcRuntime, is_ready):
         self.registry = registry
-        self.recorder = recorder
+        self.inference = Inference(recorder)
         self.runtime = runtime
         self._is_ready = is_ready
 
@@ -223,8 +223,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise scoring.ScoringError(f"outputs: unknown output {wanted.name!r} (a rater has 'score')")
         inputs = decode_inputs(request)
         dataset = request.parameters["dataset"].string_param if "dataset" in request.parameters else ""
-        scores = await score_triples(self.recorder, version, dataset, inputs[scoring.INPUT_X0],
-                                     inputs[scoring.INPUT_T], inputs[scoring.INPUT_EPS])
+        scores = await self.inference.score(version, dataset, inputs[scoring.INPUT_X0], inputs[scoring.INPUT_T],
+                                            inputs[scoring.INPUT_EPS])
         scores = np.ascontiguousarray(scores, dtype="<f4")
         output = pb.ModelInferResponse.InferOutputTensor(name=scoring.OUTPUT_SCORE, datatype="FP32",
                                                          shape=[scores.shape[0]])

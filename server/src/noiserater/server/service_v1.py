@@ -13,22 +13,16 @@ from noiserater.core.v1 import rater_service_pb2 as pb
 from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
 from noiserater.core.v1 import tensor_pb2
 from noiserater.server import stats as stats_mod
+from noiserater.server.inference import Inference
 from noiserater.server.models import ModelRegistry, ModelVersion
 from noiserater.server.rpc import CallContext, Outcome, RpcError, RpcRuntime, unary
 from noiserater.server.stats import StatsRecorder
-
-DEFAULT_DATASET = "default"
 
 
 def plan_of(request: pb.SelectNoiseRequest, candidates: np.ndarray) -> SelectionPlan:
     """The request's selection plan; the deprecated float32 temperature is read when the double one is 0."""
     temperature = request.temperature or request.temperature_float32
     return SelectionPlan.for_candidates(candidates, request.keep, Rule.from_proto(request.rule), temperature)
-
-
-def resolve_dataset(requested: str, version: ModelVersion) -> str:
-    """The request's dataset id, else the one the exporter wrote into the model, else 'default'."""
-    return stats_mod.check_dataset(requested or version.session.info.dataset or DEFAULT_DATASET)
 
 
 def signature(info: scoring.RaterInfo) -> tuple[list[tensor_pb2.TensorSpec], list[tensor_pb2.TensorSpec]]:
@@ -54,6 +48,7 @@ class RaterServicer(pb_grpc.RaterServiceServicer):
     def __init__(self, registry: ModelRegistry, recorder: StatsRecorder, runtime: RpcRuntime):
         self.registry = registry
         self.recorder = recorder
+        self.inference = Inference(recorder)
         self.runtime = runtime
 
     def _lookup(self, ref: pb.ModelRef, call: CallContext) -> ModelVersion:
@@ -75,25 +70,19 @@ class RaterServicer(pb_grpc.RaterServiceServicer):
 
     async def _select(self, request: pb.SelectNoiseRequest, call: CallContext) -> pb.SelectNoiseResponse:
         version = self._lookup(request.model, call)
-        info = version.session.info
         x0 = codec.decode(request.x0, "x0")
         t = codec.decode(request.t, "t")
         candidates = codec.decode(request.candidates, "candidates")
         plan = plan_of(request, candidates)
-        plan.validate(info, x0, t, candidates)
-        dataset = resolve_dataset(request.dataset, version)
-        x0_flat, t_flat, eps_flat = plan.triples(x0, t, candidates)
-        scores = await version.batcher.submit(x0_flat, t_flat, eps_flat)
-        self.recorder.record(dataset, version.name, version.version, info.num_timesteps, t_flat, scores)
-        indices, chosen = plan.choose(scores, request.seed)
+        indices, chosen = await self.inference.select(version, plan, request.dataset, x0, t, candidates, request.seed)
         return pb.SelectNoiseResponse(indices=codec.encode(indices), scores=codec.encode(chosen),
                                       model=pb.ModelRef(name=version.name, version=version.version))
 
     @unary("Score", inference=True)
     async def Score(self, request: pb.ScoreRequest, call: CallContext):
         version = self._lookup(request.model, call)
-        scores = await score_triples(self.recorder, version, request.dataset, codec.decode(request.x0, "x0"),
-                                     codec.decode(request.t, "t"), codec.decode(request.eps, "eps"))
+        scores = await self.inference.score(version, request.dataset, codec.decode(request.x0, "x0"),
+                                            codec.decode(request.t, "t"), codec.decode(request.eps, "eps"))
         return pb.ScoreResponse(scores=codec.encode(scores),
                                 model=pb.ModelRef(name=version.name, version=version.version))
 
@@ -152,18 +141,3 @@ class RaterServicer(pb_grpc.RaterServiceServicer):
         ]
         return pb.GetStatsResponse(buckets=buckets, timestep_buckets=stats_mod.TIMESTEP_BUCKETS)
 
-
-async def score_triples(recorder: StatsRecorder, version: ModelVersion, dataset: str, x0: np.ndarray,
-                        t: np.ndarray, eps: np.ndarray) -> np.ndarray:
-    """Validate N triples, score them through the version's batcher and count them in the statistics."""
-    info = version.session.info
-    if x0.ndim >= 1 and x0.shape[0] == 0:
-        raise scoring.ScoringError("x0: the batch is empty (N=0)")
-    scoring.validate_triples(info, x0, t, eps)
-    dataset = resolve_dataset(dataset, version)
-    x0 = np.asarray(x0, dtype=np.float32)
-    t = np.asarray(t, dtype=np.int64)
-    eps = np.asarray(eps, dtype=np.float32)
-    scores = await version.batcher.submit(x0, t, eps)
-    recorder.record(dataset, version.name, version.version, info.num_timesteps, t, scores)
-    return scores
