@@ -73,8 +73,9 @@ async def _serve(config) -> int:
         raise ConfigError(f"cannot start: {_first_line(exc)}") from None
     for problem in server.load_problems:
         print(f"rater-server warning: skipped {problem}", file=sys.stderr, flush=True)
-    loaded = [f"{m.name}:{v}" for m in server.registry.models.values() for v in sorted(m.versions)]
-    provider = {v.session.provider for m in server.registry.models.values() for v in m.versions.values()}
+    versions = [v for model in server.registry.list() for v in model.versions]
+    loaded = [f"{v.name}:{v.version}" for v in versions]
+    provider = {v.session.provider for v in versions}
     print(f"rater-server loaded {len(loaded)} model versions: {', '.join(loaded) or '-'} "
           f"(providers: {', '.join(sorted(provider)) or '-'})", flush=True)
     print(f"rater-server listening on {config.host}:{port}", flush=True)

@@ -63,7 +63,7 @@ def open_session(source: bytes | Path, config: ServerConfig) -> RaterSession:
     return session
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelVersion:
     name: str
     version: int
@@ -76,8 +76,17 @@ class ModelVersion:
         return self.session.provider == "CPUExecutionProvider"
 
 
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """A model as it is at one moment: its loaded versions (ascending) and its default version."""
+
+    name: str
+    versions: tuple[ModelVersion, ...]
+    default_version: int
+
+
 @dataclass
-class Model:
+class _Model:
     name: str
     versions: dict[int, ModelVersion] = field(default_factory=dict)
     pinned: int = 0
@@ -88,24 +97,33 @@ class Model:
             return self.pinned
         return max(self.versions) if self.versions else 0
 
+    def snapshot(self) -> ModelSnapshot:
+        return ModelSnapshot(self.name, tuple(self.versions[v] for v in sorted(self.versions)), self.default_version)
+
 
 class ModelRegistry:
     def __init__(self, config: ServerConfig, executor: Executor, metrics: ServerMetrics):
         self.config = config
         self.executor = executor
         self.metrics = metrics
-        self.models: dict[str, Model] = {}
+        self._models: dict[str, _Model] = {}
         self._deploy_lock = asyncio.Lock()
 
-    # -- lookup (never awaits) ------------------------------------------------------------------
+    # -- queries (never await) -----------------------------------------------------------------
+    def list(self) -> tuple[ModelSnapshot, ...]:
+        """Every loaded model, by name."""
+        return tuple(self._models[name].snapshot() for name in sorted(self._models))
+
+    def model(self, name: str) -> ModelSnapshot:
+        return self._loaded(name).snapshot()
+
     def get(self, name: str, version: int = 0) -> ModelVersion:
+        """One loaded version; version 0 is the model's default."""
         try:
             repository.check_model_name(name)
         except repository.RepositoryError as exc:
             raise ScoringError(f"model.{exc}") from None
-        model = self.models.get(name)
-        if model is None or not model.versions:
-            raise ModelNotFoundError(f"model: no model named {name!r} is loaded")
+        model = self._loaded(name)
         if version < 0:
             raise ScoringError(f"model.version: must be >= 0 (0 = default), got {version}")
         wanted = version or model.default_version
@@ -115,11 +133,20 @@ class ModelRegistry:
                 f"model.version: {name} has no loaded version {wanted} (loaded: {sorted(model.versions)})")
         return found
 
+    def _loaded(self, name: str, version: int = 0) -> _Model:
+        """The model, which must be loaded, as must `version` unless it is 0."""
+        model = self._models.get(name)
+        if model is None or not model.versions:
+            raise ModelNotFoundError(f"model: no model named {name!r} is loaded")
+        if version and version not in model.versions:
+            raise ModelNotFoundError(f"model.version: {name} has no loaded version {version}")
+        return model
+
     def ready(self) -> bool:
-        return all(m.versions for m in self.models.values())
+        return all(m.versions for m in self._models.values())
 
     def loaded_count(self) -> int:
-        return sum(len(m.versions) for m in self.models.values())
+        return sum(len(m.versions) for m in self._models.values())
 
     # -- loading ------------------------------------------------------------------------------
     async def _activate(self, name: str, version: int, session: RaterSession, path: Path) -> ModelVersion:
@@ -132,7 +159,7 @@ class ModelRegistry:
             log.warning("%s version %d runs on CPU (device=%s requested, CUDA unavailable)", name, version,
                         self.config.device)
             self.metrics.cpu_fallbacks.labels(*labels).inc()
-        self.models.setdefault(name, Model(name)).versions[version] = loaded  # the atomic swap
+        self._models.setdefault(name, _Model(name)).versions[version] = loaded  # the atomic swap
         self.metrics.models_loaded.set(self.loaded_count())
         return loaded
 
@@ -167,7 +194,7 @@ class ModelRegistry:
         async with self._deploy_lock:
             if version == 0:
                 on_disk = repository.versions_on_disk(self.config.repository, name)
-                loaded = list(self.models[name].versions) if name in self.models else []
+                loaded = list(self._models[name].versions) if name in self._models else []
                 version = max([0, *on_disk, *loaded]) + 1
             try:
                 _, path = await loop.run_in_executor(self.executor, repository.write_version,
@@ -178,27 +205,18 @@ class ModelRegistry:
 
     async def unload(self, name: str, version: int = 0) -> list[int]:
         """Stop serving one version (or all: version 0); in-flight requests finish first."""
-        model = self.models.get(name)
-        if model is None or not model.versions:
-            raise ModelNotFoundError(f"model: no model named {name!r} is loaded")
-        if version and version not in model.versions:
-            raise ModelNotFoundError(f"model.version: {name} has no loaded version {version}")
+        model = self._loaded(name, version)
         targets = [version] if version else sorted(model.versions)
         removed = [model.versions.pop(v) for v in targets]
         if not model.versions:
-            del self.models[name]
+            del self._models[name]
         self.metrics.models_loaded.set(self.loaded_count())
         await asyncio.gather(*(m.batcher.close(self.config.grace_s) for m in removed))
         return targets
 
     def set_default(self, name: str, version: int) -> None:
-        model = self.models.get(name)
-        if model is None or not model.versions:
-            raise ModelNotFoundError(f"model: no model named {name!r} is loaded")
-        if version and version not in model.versions:
-            raise ModelNotFoundError(f"model.version: {name} has no loaded version {version}")
+        model = self._loaded(name, version)
         model.pinned = version
 
     async def close(self, timeout: float) -> None:
-        versions = [v for m in self.models.values() for v in m.versions.values()]
-        await asyncio.gather(*(v.batcher.close(timeout) for v in versions))
+        await asyncio.gather(*(v.batcher.close(timeout) for m in self.list() for v in m.versions))

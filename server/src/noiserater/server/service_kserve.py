@@ -185,7 +185,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         tm = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=version.name,
-            versions=[str(v) for v in sorted(self.registry.models[version.name].versions)],
+            versions=[str(v.version) for v in self.registry.model(version.name).versions],
             platform=PLATFORM,
             inputs=[tm(name=n, datatype=d, shape=shape) for n, d, shape in inputs],
             outputs=[tm(name=n, datatype=d, shape=shape) for n, d, shape in outputs],
@@ -198,15 +198,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @unary("ModelStatistics")
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, call: CallContext):
-        if request.name:
-            if request.version:
-                versions = [self._lookup(request.name, request.version, call)]
-            else:
-                self._lookup(request.name, "", call)  # NOT_FOUND for an unknown model
-                versions = list(self.registry.models[request.name].versions.values())
+        if request.name and request.version:
+            versions = [self._lookup(request.name, request.version, call)]
+        elif request.name:
+            self._lookup(request.name, "", call)  # INVALID_ARGUMENT or NOT_FOUND as for a versioned lookup
+            versions = list(self.registry.model(request.name).versions)
         else:
-            versions = [v for m in self.registry.models.values() for v in m.versions.values()]
-        versions.sort(key=lambda v: (v.name, v.version))
+            versions = [v for model in self.registry.list() for v in model.versions]
         return pb.ModelStatisticsResponse(model_stats=[model_statistics(v) for v in versions])
 
     @unary("ModelInfer", inference=True)

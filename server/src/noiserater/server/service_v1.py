@@ -88,11 +88,9 @@ class RaterServicer(pb_grpc.RaterServiceServicer):
 
     @unary("ListModels")
     async def ListModels(self, request, call: CallContext):
-        models = []
-        for name in sorted(self.registry.models):
-            model = self.registry.models[name]
-            versions = [pb.ModelVersionInfo(version=v, state="READY") for v in sorted(model.versions)]
-            models.append(pb.ModelInfo(name=name, versions=versions, default_version=model.default_version))
+        models = [pb.ModelInfo(name=model.name, default_version=model.default_version,
+                               versions=[pb.ModelVersionInfo(version=v.version, state="READY") for v in model.versions])
+                  for model in self.registry.list()]
         return pb.ListModelsResponse(models=models)
 
     @unary("GetModelMetadata")
