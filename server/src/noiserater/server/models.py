@@ -1,4 +1,5 @@
-"""The loaded models: every version of every model, each with its onnxruntime session and batcher.
+"""The loaded models: every version of every model, each with its onnxruntime session and batcher
+(configured by the model's config.pbtxt over the server's flags, see model_config.py).
 
 Versions are integers; a request that names none gets the model's default: the pinned version if one
 was set, else the newest loaded one. A deploy validates the upload (onnx.checker, the rater signature,
@@ -22,6 +23,7 @@ from noiserater.core.scoring import RaterSession, ScoringError
 from noiserater.server.batcher import DynamicBatcher
 from noiserater.server.config import ServerConfig
 from noiserater.server.metrics import ServerMetrics
+from noiserater.server.model_config import Batching, ModelConfigError, read_batching
 from noiserater.server.rpc import RpcError
 
 log = logging.getLogger("rater-server.models")
@@ -70,6 +72,7 @@ class ModelVersion:
     session: RaterSession
     batcher: DynamicBatcher
     path: Path
+    batching: Batching
 
     @property
     def cpu_fallback(self) -> bool:
@@ -106,6 +109,7 @@ class ModelRegistry:
         self.config = config
         self.executor = executor
         self.metrics = metrics
+        self.defaults = Batching.from_flags(config)
         self._models: dict[str, _Model] = {}
         self._deploy_lock = asyncio.Lock()
 
@@ -149,12 +153,13 @@ class ModelRegistry:
         return sum(len(m.versions) for m in self._models.values())
 
     # -- loading ------------------------------------------------------------------------------
-    async def _activate(self, name: str, version: int, session: RaterSession, path: Path) -> ModelVersion:
+    async def _activate(self, name: str, version: int, session: RaterSession, path: Path,
+                        batching: Batching) -> ModelVersion:
         labels = (name, str(version))
-        batcher = DynamicBatcher(session.score, self.executor, self.metrics, labels, self.config.max_batch,
-                                 self.config.max_delay_ms / 1000.0, self.config.max_queue, self.config.instances,
-                                 self.config.inline_max_triples)
-        loaded = ModelVersion(name, version, session, batcher, path)
+        batcher = DynamicBatcher(session.score, self.executor, self.metrics, labels, batching.max_batch,
+                                 batching.max_delay_ms / 1000.0, self.config.max_queue, batching.instances,
+                                 self.config.inline_max_triples, batching.preferred)
+        loaded = ModelVersion(name, version, session, batcher, path, batching)
         if loaded.cpu_fallback and self.config.device in ("auto", "cuda"):
             log.warning("%s version %d runs on CPU (device=%s requested, CUDA unavailable)", name, version,
                         self.config.device)
@@ -164,12 +169,18 @@ class ModelRegistry:
         return loaded
 
     async def load_repository(self) -> list[str]:
-        """Load every version on disk; a version that fails is reported and skipped. Returns the problems."""
+        """Load every version on disk; a version that fails, or a model whose config.pbtxt does, is reported
+        and skipped. Returns the problems."""
         root = self.config.repository
         root.mkdir(parents=True, exist_ok=True)
         problems = []
         loop = asyncio.get_running_loop()
         for name, versions in repository.scan(root).items():
+            try:
+                batching = read_batching(root / name, self.defaults)
+            except ModelConfigError as exc:
+                problems.append(f"{name}: {exc}")
+                continue
             for version in versions:
                 path = repository.version_dir(root, name, version) / repository.MODEL_FILE
                 try:
@@ -177,7 +188,7 @@ class ModelRegistry:
                 except Exception as exc:
                     problems.append(f"{name} version {version}: {exc}")
                     continue
-                await self._activate(name, version, session, path)
+                await self._activate(name, version, session, path, batching)
         return problems
 
     async def deploy(self, name: str, data: bytes, version: int = 0) -> ModelVersion:
@@ -188,6 +199,7 @@ class ModelRegistry:
             raise ScoringError(str(exc)) from None
         if version < 0:
             raise ScoringError(f"version: must be >= 0 (0 = next), got {version}")
+        batching = read_batching(self.config.repository / name, self.defaults)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.executor, validate_onnx_bytes, data)
         session = await loop.run_in_executor(self.executor, open_session, data, self.config)
@@ -201,7 +213,7 @@ class ModelRegistry:
                                                      self.config.repository, name, data, version)
             except repository.RepositoryError as exc:
                 raise ModelExistsError(str(exc)) from None
-            return await self._activate(name, version, session, path)
+            return await self._activate(name, version, session, path, batching)
 
     async def unload(self, name: str, version: int = 0) -> list[int]:
         """Stop serving one version (or all: version 0); in-flight requests finish first."""

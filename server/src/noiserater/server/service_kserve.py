@@ -13,6 +13,7 @@ from noiserater.core.inference import grpc_service_pb2 as pb
 from noiserater.core.inference import grpc_service_pb2_grpc as pb_grpc
 from noiserater.core.inference import model_config_pb2 as config_pb
 from noiserater.server.inference import Inference
+from noiserater.server.model_config import BACKEND, PLATFORM
 from noiserater.server.models import ModelNotFoundError, ModelRegistry, ModelVersion
 from noiserater.server.rpc import CallContext, Outcome, RpcRuntime, unary
 from noiserater.server.stats import StatsRecorder
@@ -25,7 +26,6 @@ DATATYPES: dict[str, tuple[np.dtype, str]] = {
     "INT64": (np.dtype("<i8"), "int64_contents"),
     "INT32": (np.dtype("<i4"), "int_contents"),
 }
-PLATFORM = "onnxruntime_onnx"
 TENSOR_TYPES = {"FP32": config_pb.TYPE_FP32, "INT64": config_pb.TYPE_INT64}
 
 
@@ -39,28 +39,33 @@ def tensor_signature(version: ModelVersion) -> tuple[list[TensorSpec], list[Tens
     return inputs, [(scoring.OUTPUT_SCORE, "FP32", [-1])]
 
 
-def model_config(version: ModelVersion, config) -> config_pb.ModelConfig:
-    """The version's configuration in Triton's terms. max_batch_size is 0 because every input carries its
-    own N axis; the batcher that merges requests along it is described in `parameters`."""
+def model_config(version: ModelVersion, max_queue: int) -> config_pb.ModelConfig:
+    """The version's configuration in Triton's terms. max_batch_size is left at 0 because every input
+    carries its own N axis; the batcher that merges requests along it is dynamic_batching, instance_group
+    and the `parameters` (max_batch_triples is the config.pbtxt's max_batch_size)."""
     inputs, outputs = tensor_signature(version)
-    batching = config.max_batch > 0
+    batching = version.batching
     kind = (config_pb.ModelInstanceGroup.KIND_CPU if version.cpu_fallback
             else config_pb.ModelInstanceGroup.KIND_GPU)
     parameters = {f"metadata.{k}": v for k, v in version.session.info.metadata.items()}
     parameters.update({
-        "dynamic_batching": "on" if batching else "off",
-        "max_batch_triples": str(config.max_batch),
-        "max_queue_delay_microseconds": str(int(config.max_delay_ms * 1000)),
-        "max_queue_requests": str(config.max_queue),
+        "dynamic_batching": "on" if batching.max_batch > 0 else "off",
+        "max_batch_triples": str(batching.max_batch),
+        "max_queue_delay_microseconds": str(int(batching.max_delay_ms * 1000)),
+        "max_queue_requests": str(max_queue),
         "execution_provider": version.session.provider,
     })
+    dynamic = None
+    if batching.max_batch > 0:
+        dynamic = config_pb.ModelDynamicBatching(preferred_batch_size=batching.preferred,
+                                                 max_queue_delay_microseconds=int(batching.max_delay_ms * 1000))
     return config_pb.ModelConfig(
-        name=version.name, platform=PLATFORM, backend="onnxruntime", max_batch_size=0,
+        name=version.name, platform=PLATFORM, backend=BACKEND, dynamic_batching=dynamic,
         input=[config_pb.ModelInput(name=n, data_type=TENSOR_TYPES[d], dims=shape) for n, d, shape in inputs],
         output=[config_pb.ModelOutput(name=n, data_type=TENSOR_TYPES[d], dims=shape) for n, d, shape in outputs],
         # With batching off every request runs on its own, as many at once as the worker threads allow.
         instance_group=[config_pb.ModelInstanceGroup(name=version.name, kind=kind,
-                                                     count=config.instances if batching else 0)],
+                                                     count=batching.instances if batching.max_batch > 0 else 0)],
         default_model_filename="model.onnx",
         parameters={k: config_pb.ModelParameter(string_value=v) for k, v in parameters.items()})
 
@@ -194,7 +199,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @unary("ModelConfig")
     async def ModelConfig(self, request: pb.ModelConfigRequest, call: CallContext):
         version = self._lookup(request.name, request.version, call)
-        return pb.ModelConfigResponse(config=model_config(version, self.registry.config))
+        return pb.ModelConfigResponse(config=model_config(version, self.registry.config.max_queue))
 
     @unary("ModelStatistics")
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, call: CallContext):
