@@ -1,4 +1,4 @@
-"""Issue 5: the dynamic batcher merges concurrent requests (seen in /metrics), batching can be switched
+"""The dynamic batcher merges concurrent requests (seen in /metrics), batching can be switched
 off, and a full queue answers RESOURCE_EXHAUSTED."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 5: Triton's own perf_analyzer (the binary in the tritonclient wheel) measures rater-server as it
+"""Triton's own perf_analyzer (the binary in the tritonclient wheel) measures rater-server as it
 would measure Triton: unary and --streaming, with server-side statistics from ModelStatistics."""
 
 from __future__ import annotations

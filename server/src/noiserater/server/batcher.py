@@ -102,8 +102,6 @@ class DynamicBatcher:
                  inline_max_triples: int = 0, preferred: tuple[int, ...] = ()):
         self._score = score
         self._executor = executor
-        self._metrics = metrics
-        self._labels = labels
         self._m_queue = metrics.queue_seconds.labels(*labels)
         self._m_compute = metrics.compute_seconds.labels(*labels)
         self._m_batch_requests = metrics.batch_requests.labels(*labels)
@@ -129,10 +127,6 @@ class DynamicBatcher:
         self._task: asyncio.Task | None = None
         if max_batch > 0:
             self._task = asyncio.get_running_loop().create_task(self._run_forever())
-
-    @property
-    def pending(self) -> int:
-        return self._pending
 
     def submit(self, x0: np.ndarray, t: np.ndarray, eps: np.ndarray) -> asyncio.Future:
         """Queue N triples; the future resolves to their float32 scores [N]. Never awaits, so a request

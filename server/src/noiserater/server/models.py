@@ -71,7 +71,6 @@ class ModelVersion:
     version: int
     session: RaterSession
     batcher: DynamicBatcher
-    path: Path
     batching: Batching
 
     @property
@@ -153,13 +152,12 @@ class ModelRegistry:
         return sum(len(m.versions) for m in self._models.values())
 
     # -- loading ------------------------------------------------------------------------------
-    async def _activate(self, name: str, version: int, session: RaterSession, path: Path,
-                        batching: Batching) -> ModelVersion:
+    async def _activate(self, name: str, version: int, session: RaterSession, batching: Batching) -> ModelVersion:
         labels = (name, str(version))
         batcher = DynamicBatcher(session.score, self.executor, self.metrics, labels, batching.max_batch,
                                  batching.max_delay_ms / 1000.0, self.config.max_queue, batching.instances,
                                  self.config.inline_max_triples, batching.preferred)
-        loaded = ModelVersion(name, version, session, batcher, path, batching)
+        loaded = ModelVersion(name, version, session, batcher, batching)
         if loaded.cpu_fallback and self.config.device in ("auto", "cuda"):
             log.warning("%s version %d runs on CPU (device=%s requested, CUDA unavailable)", name, version,
                         self.config.device)
@@ -188,7 +186,7 @@ class ModelRegistry:
                 except Exception as exc:
                     problems.append(f"{name} version {version}: {exc}")
                     continue
-                await self._activate(name, version, session, path, batching)
+                await self._activate(name, version, session, batching)
         return problems
 
     async def deploy(self, name: str, data: bytes, version: int = 0) -> ModelVersion:
@@ -209,13 +207,13 @@ class ModelRegistry:
                 loaded = list(self._models[name].versions) if name in self._models else []
                 version = max([0, *on_disk, *loaded]) + 1
             try:
-                _, path = await loop.run_in_executor(self.executor, repository.write_version,
-                                                     self.config.repository, name, data, version)
+                await loop.run_in_executor(self.executor, repository.write_version, self.config.repository, name,
+                                           data, version)
             except repository.RepositoryError as exc:
                 raise ModelExistsError(str(exc)) from None
-            return await self._activate(name, version, session, path, batching)
+            return await self._activate(name, version, session, batching)
 
-    async def unload(self, name: str, version: int = 0) -> list[int]:
+    async def unload(self, name: str, version: int = 0) -> None:
         """Stop serving one version (or all: version 0); in-flight requests finish first."""
         model = self._loaded(name, version)
         targets = [version] if version else sorted(model.versions)
@@ -224,7 +222,6 @@ class ModelRegistry:
             del self._models[name]
         self.metrics.models_loaded.set(self.loaded_count())
         await asyncio.gather(*(m.batcher.close(self.config.grace_s) for m in removed))
-        return targets
 
     def set_default(self, name: str, version: int) -> None:
         model = self._loaded(name, version)
