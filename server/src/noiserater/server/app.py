@@ -56,9 +56,6 @@ class RaterServer:
         self.load_problems: list[str] = []
         self._metrics_http = None
 
-    def is_ready(self) -> bool:
-        return not self.runtime.draining and self.registry.ready()
-
     async def start(self) -> int:
         """Load and warm up every model, then bind and serve. Returns the bound port."""
         config = self.config
@@ -72,7 +69,7 @@ class RaterServer:
         v1_grpc.add_RaterServiceServicer_to_server(
             RaterServicer(self.registry, self.recorder, self.runtime), self.server)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.registry, self.recorder, self.runtime, self.is_ready), self.server)
+            InferenceServicer(self.registry, self.recorder, self.runtime), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (V1_SERVICE, KSERVE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

@@ -154,11 +154,13 @@ def stream_reply(request: pb.ModelInferRequest, outcome: Outcome) -> pb.ModelStr
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, registry: ModelRegistry, recorder: StatsRecorder, runtime: RpcRuntime, is_ready):
+    def __init__(self, registry: ModelRegistry, recorder: StatsRecorder, runtime: RpcRuntime):
         self.registry = registry
         self.inference = Inference(recorder)
         self.runtime = runtime
-        self._is_ready = is_ready
+
+    def _ready(self) -> bool:
+        return not self.runtime.draining and self.registry.ready()
 
     def _lookup(self, name: str, version: str, call: CallContext) -> ModelVersion:
         call.model = name
@@ -170,7 +172,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self._is_ready())
+        return pb.ServerReadyResponse(ready=self._ready())
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name="rater-server", version=server_version(),
@@ -181,7 +183,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.registry.get(request.name, parse_version(request.version))
         except (ModelNotFoundError, scoring.ScoringError):
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=self._is_ready())
+        return pb.ModelReadyResponse(ready=self._ready())
 
     @unary("ModelMetadata")
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, call: CallContext):
