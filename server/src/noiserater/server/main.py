@@ -19,7 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     serve = sub.add_parser("serve", help="serve every model of a repository over gRPC (v1 + KServe v2)",
                            description="Serve every <name>/<version>/model.onnx of a repository. Each flag "
-                                       "falls back to an environment variable RATER_SERVER_<FLAG>.")
+                                       "falls back to an environment variable RATER_SERVER_<FLAG>. A model's "
+                                       "<name>/config.pbtxt (Triton's format) overrides the batching flags for "
+                                       "that model.")
     add_serve_arguments(serve)
     serve.set_defaults(func=cmd_serve)
     check = sub.add_parser("check", help="validate an ONNX rater as a deploy would (checker, signature, warm-up)")
