@@ -39,7 +39,7 @@ def tensor_signature(version: ModelVersion) -> tuple[list[TensorSpec], list[Tens
     return inputs, [(scoring.OUTPUT_SCORE, "FP32", [-1])]
 
 
-def model_config(version: ModelVersion, max_queue: int) -> config_pb.ModelConfig:
+def model_config(version: ModelVersion) -> config_pb.ModelConfig:
     """The version's configuration in Triton's terms. max_batch_size is left at 0 because every input
     carries its own N axis; the batcher that merges requests along it is dynamic_batching, instance_group
     and the `parameters` (max_batch_triples is the config.pbtxt's max_batch_size)."""
@@ -52,7 +52,7 @@ def model_config(version: ModelVersion, max_queue: int) -> config_pb.ModelConfig
         "dynamic_batching": "on" if batching.max_batch > 0 else "off",
         "max_batch_triples": str(batching.max_batch),
         "max_queue_delay_microseconds": str(int(batching.max_delay_ms * 1000)),
-        "max_queue_requests": str(max_queue),
+        "max_queue_requests": str(version.batcher.max_queue),
         "execution_provider": version.session.provider,
     })
     dynamic = None
@@ -201,7 +201,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @unary("ModelConfig")
     async def ModelConfig(self, request: pb.ModelConfigRequest, call: CallContext):
         version = self._lookup(request.name, request.version, call)
-        return pb.ModelConfigResponse(config=model_config(version, self.registry.config.max_queue))
+        return pb.ModelConfigResponse(config=model_config(version))
 
     @unary("ModelStatistics")
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, call: CallContext):
