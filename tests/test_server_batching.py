@@ -1,4 +1,4 @@
-"""Issue 5: the dynamic batcher merges concurrent requests (seen in /metrics), batching can be switched
+"""The dynamic batcher merges concurrent requests (seen in /metrics), batching can be switched
 off, and a full queue answers RESOURCE_EXHAUSTED."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from noiserater.core.v1 import rater_service_pb2 as pb
 from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
 from noiserater.server.batcher import DynamicBatcher, QueueFullError
 from noiserater.server.config import ServerConfig
-from noiserater.server.errors import status_of
 from noiserater.server.metrics import ServerMetrics
+from noiserater.server.rpc import status_of
 
 CLIENTS, ROUNDS, B, K = 16, 4, 4, 8
 

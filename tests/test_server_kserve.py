@@ -1,4 +1,4 @@
-"""Issue 5: the KServe v2 / Triton protocol. tritonclient.grpc scores like the v1 Score RPC.
+"""The KServe v2 / Triton protocol. tritonclient.grpc scores like the v1 Score RPC.
 
 tritonclient registers the protobuf package `inference` in the default descriptor pool, as the server's
 own KServe stubs do, so the two cannot be imported into one process: tritonclient runs in a subprocess.

@@ -1,4 +1,4 @@
-"""Issue 5: hot deploys under load, corrupt uploads, admin auth, unload and default versions."""
+"""Hot deploys under load, corrupt uploads, admin auth, unload and default versions."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DESIGN 5.5 / 8: with Redis down the server keeps serving, counts the failed flushes, keeps the
+"""With Redis down the server keeps serving, counts the failed flushes, keeps the
 statistics, and delivers them once Redis is back."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 2, server side: concurrent SelectNoise equals the in-process selection, Redis counts every scored
+"""Server side of selection: concurrent SelectNoise equals the in-process selection, Redis counts every scored
 candidate, bad requests get INVALID_ARGUMENT / NOT_FOUND naming the problem, and the CLI lists commands."""
 
 from __future__ import annotations

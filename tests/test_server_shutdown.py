@@ -1,4 +1,4 @@
-"""Issue 5: SIGTERM under load drains: every request the server accepted is answered, the rest are
+"""SIGTERM under load drains: every request the server accepted is answered, the rest are
 refused with UNAVAILABLE, statistics are flushed, and the process exits 0; over unary calls and over
 SelectNoiseStream (where an answered request also has to be written back before the stream closes)."""
 

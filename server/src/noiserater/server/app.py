@@ -18,9 +18,9 @@ from noiserater.core.v1 import rater_service_pb2 as v1_pb
 from noiserater.core.v1 import rater_service_pb2_grpc as v1_grpc
 from noiserater.server.auth import TokenAuthInterceptor, read_token
 from noiserater.server.config import ServerConfig
-from noiserater.server.errors import RequestCounters
 from noiserater.server.metrics import ServerMetrics
 from noiserater.server.models import ModelRegistry
+from noiserater.server.rpc import RpcRuntime
 from noiserater.server.service_kserve import InferenceServicer
 from noiserater.server.service_v1 import RaterServicer
 from noiserater.server.stats import MemoryStatsStore, RedisStatsStore, StatsRecorder
@@ -45,7 +45,7 @@ class RaterServer:
         ort.set_default_logger_severity(3)
         self.config = config
         self.metrics = ServerMetrics()
-        self.counters = RequestCounters()
+        self.runtime = RpcRuntime(self.metrics)
         # Inference runs (one per batch, or one per request with batching off) and model loading.
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="onnxruntime")
         self.registry = ModelRegistry(config, self.executor, self.metrics)
@@ -55,10 +55,6 @@ class RaterServer:
         self.port = 0
         self.load_problems: list[str] = []
         self._metrics_http = None
-        self._draining = False
-
-    def is_ready(self) -> bool:
-        return not self._draining and self.registry.ready()
 
     async def start(self) -> int:
         """Load and warm up every model, then bind and serve. Returns the bound port."""
@@ -71,9 +67,9 @@ class RaterServer:
             interceptors.append(TokenAuthInterceptor(read_token(config.auth_token_file), config.auth_all))
         self.server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config.max_message_mb))
         v1_grpc.add_RaterServiceServicer_to_server(
-            RaterServicer(self.registry, self.recorder, self.metrics, self.counters), self.server)
+            RaterServicer(self.registry, self.recorder, self.runtime), self.server)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.registry, self.recorder, self.metrics, self.counters, self.is_ready), self.server)
+            InferenceServicer(self.registry, self.recorder, self.runtime), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (V1_SERVICE, KSERVE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -104,13 +100,11 @@ class RaterServer:
         grace = self.config.grace_s if grace is None else grace
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        self._draining = True
-        self.counters.draining = True
+        self.runtime.draining = True
         await self.health.enter_graceful_shutdown()
         # New inference calls now get UNAVAILABLE (which clients retry elsewhere) while the accepted ones
         # finish; only then does gRPC shut down, which would answer late arrivals with CANCELLED.
-        while self.counters.in_flight > 0 and loop.time() < deadline:
-            await asyncio.sleep(0.005)
+        await self.runtime.drained(deadline)
         if self.server is not None:
             await self.server.stop(max(0.0, deadline - loop.time()))
         await self.registry.close(grace)

@@ -5,10 +5,12 @@ A request is queued with `submit`; the batching task takes the oldest request, t
 ones until the run would exceed `max_batch` triples or `max_delay_s` has passed since it started waiting,
 and runs the merged batch in a worker thread (off the event loop). While a run is in progress the next
 requests queue up, so under load batches form without waiting for the delay. A request larger than
-`max_batch` runs alone. Up to `instances` batches run at once (Triton's instance count): while all are
-busy, requests queue, so batches grow with load; a lone client's request is never held back for the
-delay. With batching off (`max_batch == 0`) every request runs on its own, concurrently
-in the thread pool, still bounded by `max_queue` requests in flight.
+`max_batch` runs alone. With `preferred` run sizes (Triton's preferred_batch_size, in triples), a run
+that the queued requests make up exactly at one of them goes at once, cut back to the largest such size.
+Up to `instances` batches run at once (Triton's instance count): while all are busy, requests queue, so
+batches grow with load; a lone client's request is never held back for the delay. With batching off
+(`max_batch == 0`) every request runs on its own, concurrently in the thread pool, still bounded by
+`max_queue` requests in flight.
 """
 
 from __future__ import annotations
@@ -21,21 +23,27 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 
 from noiserater.server.metrics import ServerMetrics
+from noiserater.server.rpc import RpcError
 
 log = logging.getLogger("rater-server.batcher")
 
 ScoreFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
-class QueueFullError(Exception):
-    """The batcher's queue is full (RESOURCE_EXHAUSTED)."""
+class QueueFullError(RpcError):
+    """The batcher's queue is full."""
+
+    grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-class BatcherClosedError(Exception):
+class BatcherClosedError(RpcError):
     """The model version was unloaded before the request could be queued."""
+
+    grpc_status = grpc.StatusCode.UNAVAILABLE
 
 
 @dataclass
@@ -91,11 +99,9 @@ class RunStatistics:
 class DynamicBatcher:
     def __init__(self, score: ScoreFn, executor: Executor, metrics: ServerMetrics, labels: tuple[str, str],
                  max_batch: int, max_delay_s: float, max_queue: int, instances: int = 1,
-                 inline_max_triples: int = 0):
+                 inline_max_triples: int = 0, preferred: tuple[int, ...] = ()):
         self._score = score
         self._executor = executor
-        self._metrics = metrics
-        self._labels = labels
         self._m_queue = metrics.queue_seconds.labels(*labels)
         self._m_compute = metrics.compute_seconds.labels(*labels)
         self._m_batch_requests = metrics.batch_requests.labels(*labels)
@@ -106,6 +112,7 @@ class DynamicBatcher:
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
         self.inline_max_triples = inline_max_triples
+        self.preferred = frozenset(preferred)
         self._queue: collections.deque[_Job] = collections.deque()
         self._queued_triples = 0
         self._last_batch_requests = 1
@@ -120,10 +127,6 @@ class DynamicBatcher:
         self._task: asyncio.Task | None = None
         if max_batch > 0:
             self._task = asyncio.get_running_loop().create_task(self._run_forever())
-
-    @property
-    def pending(self) -> int:
-        return self._pending
 
     def submit(self, x0: np.ndarray, t: np.ndarray, eps: np.ndarray) -> asyncio.Future:
         """Queue N triples; the future resolves to their float32 scores [N]. Never awaits, so a request
@@ -142,7 +145,8 @@ class DynamicBatcher:
         else:
             self._queue.append(job)
             self._queued_triples += job.size
-            if len(self._queue) == 1 or self._queued_triples >= self.max_batch:
+            queued = self._queued_triples
+            if len(self._queue) == 1 or queued >= self.max_batch or queued in self.preferred:
                 self._wake()
         return job.future
 
@@ -177,20 +181,31 @@ class DynamicBatcher:
             await self._slots.acquire()
             remaining = self._queue[0].enqueued + self.max_delay_s - time.perf_counter()
             # Only wait for company while traffic is concurrent: a lone client is never delayed.
-            if remaining > 0 and self._queued_triples < self.max_batch and self._last_batch_requests > 1:
+            if remaining > 0 and self._last_batch_requests > 1 and not self._next_run()[1]:
                 await self._wait(remaining)
-            batch = [self._queue.popleft()]
-            size = batch[0].size
-            while self._queue and size + self._queue[0].size <= self.max_batch:
-                job = self._queue.popleft()
-                batch.append(job)
-                size += job.size
-            self._queued_triples -= size
+            batch = [self._queue.popleft() for _ in range(self._next_run()[0])]
+            self._queued_triples -= sum(job.size for job in batch)
             self._last_batch_requests = len(batch) if len(batch) > 1 or not self._queue else 2
             self._m_depth.set(len(self._queue))
             task = asyncio.get_running_loop().create_task(self._run_in_slot(batch))
             self._runs.add(task)
             task.add_done_callback(self._runs.discard)
+
+    def _next_run(self) -> tuple[int, bool]:
+        """(requests, complete) of the next run from the head of the queue: as many requests as fit in
+        `max_batch` triples, or the most that make up a preferred size exactly. Complete: waiting for more
+        requests cannot make it better (it is full, or has a preferred size)."""
+        count = size = best = 0
+        for job in self._queue:
+            if count and size + job.size > self.max_batch:
+                break
+            count += 1
+            size += job.size
+            if size in self.preferred:
+                best = count
+        if best:
+            return best, True
+        return count, count < len(self._queue) or size >= self.max_batch
 
     async def _run_in_slot(self, batch: list[_Job]) -> None:
         try:

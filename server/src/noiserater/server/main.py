@@ -19,7 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     serve = sub.add_parser("serve", help="serve every model of a repository over gRPC (v1 + KServe v2)",
                            description="Serve every <name>/<version>/model.onnx of a repository. Each flag "
-                                       "falls back to an environment variable RATER_SERVER_<FLAG>.")
+                                       "falls back to an environment variable RATER_SERVER_<FLAG>. A model's "
+                                       "<name>/config.pbtxt (Triton's format) overrides the batching flags for "
+                                       "that model.")
     add_serve_arguments(serve)
     serve.set_defaults(func=cmd_serve)
     check = sub.add_parser("check", help="validate an ONNX rater as a deploy would (checker, signature, warm-up)")
@@ -73,15 +75,16 @@ async def _serve(config) -> int:
         raise ConfigError(f"cannot start: {_first_line(exc)}") from None
     for problem in server.load_problems:
         print(f"rater-server warning: skipped {problem}", file=sys.stderr, flush=True)
-    loaded = [f"{m.name}:{v}" for m in server.registry.models.values() for v in sorted(m.versions)]
-    provider = {v.session.provider for m in server.registry.models.values() for v in m.versions.values()}
+    versions = [v for model in server.registry.list() for v in model.versions]
+    loaded = [f"{v.name}:{v.version}" for v in versions]
+    provider = {v.session.provider for v in versions}
     print(f"rater-server loaded {len(loaded)} model versions: {', '.join(loaded) or '-'} "
           f"(providers: {', '.join(sorted(provider)) or '-'})", flush=True)
     print(f"rater-server listening on {config.host}:{port}", flush=True)
     await stop.wait()
     print(f"rater-server draining (grace {config.grace_s:g}s)", flush=True)
     await server.stop()
-    c = server.counters
+    c = server.runtime.counters
     print(f"rater-server stopped: {c.received} inference requests received, {c.answered} answered, "
           f"{c.dropped} dropped", flush=True)
     return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -32,6 +32,3 @@ class ServerMetrics:
         self.redis_flush_errors = Counter("nr_redis_flush_errors", "Failed statistics flushes to Redis",
                                           registry=r)
         self.models_loaded = Gauge("nr_model_versions_loaded", "Model versions loaded and ready", registry=r)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)

@@ -1,4 +1,5 @@
-"""The loaded models: every version of every model, each with its onnxruntime session and batcher.
+"""The loaded models: every version of every model, each with its onnxruntime session and batcher
+(configured by the model's config.pbtxt over the server's flags, see model_config.py).
 
 Versions are integers; a request that names none gets the model's default: the pinned version if one
 was set, else the newest loaded one. A deploy validates the upload (onnx.checker, the rater signature,
@@ -15,21 +16,25 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+
 from noiserater.core import repository
 from noiserater.core.scoring import RaterSession, ScoringError
 from noiserater.server.batcher import DynamicBatcher
 from noiserater.server.config import ServerConfig
 from noiserater.server.metrics import ServerMetrics
+from noiserater.server.model_config import Batching, ModelConfigError, read_batching
+from noiserater.server.rpc import RpcError
 
 log = logging.getLogger("rater-server.models")
 
 
-class ModelNotFoundError(LookupError):
-    pass
+class ModelNotFoundError(RpcError, LookupError):
+    grpc_status = grpc.StatusCode.NOT_FOUND
 
 
-class ModelExistsError(ValueError):
-    pass
+class ModelExistsError(RpcError, ValueError):
+    grpc_status = grpc.StatusCode.ALREADY_EXISTS
 
 
 def validate_onnx_bytes(data: bytes) -> None:
@@ -60,21 +65,30 @@ def open_session(source: bytes | Path, config: ServerConfig) -> RaterSession:
     return session
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelVersion:
     name: str
     version: int
     session: RaterSession
     batcher: DynamicBatcher
-    path: Path
+    batching: Batching
 
     @property
     def cpu_fallback(self) -> bool:
         return self.session.provider == "CPUExecutionProvider"
 
 
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """A model as it is at one moment: its loaded versions (ascending) and its default version."""
+
+    name: str
+    versions: tuple[ModelVersion, ...]
+    default_version: int
+
+
 @dataclass
-class Model:
+class _Model:
     name: str
     versions: dict[int, ModelVersion] = field(default_factory=dict)
     pinned: int = 0
@@ -85,24 +99,34 @@ class Model:
             return self.pinned
         return max(self.versions) if self.versions else 0
 
+    def snapshot(self) -> ModelSnapshot:
+        return ModelSnapshot(self.name, tuple(self.versions[v] for v in sorted(self.versions)), self.default_version)
+
 
 class ModelRegistry:
     def __init__(self, config: ServerConfig, executor: Executor, metrics: ServerMetrics):
         self.config = config
         self.executor = executor
         self.metrics = metrics
-        self.models: dict[str, Model] = {}
+        self.defaults = Batching.from_flags(config)
+        self._models: dict[str, _Model] = {}
         self._deploy_lock = asyncio.Lock()
 
-    # -- lookup (never awaits) ------------------------------------------------------------------
+    # -- queries (never await) -----------------------------------------------------------------
+    def list(self) -> tuple[ModelSnapshot, ...]:
+        """Every loaded model, by name."""
+        return tuple(self._models[name].snapshot() for name in sorted(self._models))
+
+    def model(self, name: str) -> ModelSnapshot:
+        return self._loaded(name).snapshot()
+
     def get(self, name: str, version: int = 0) -> ModelVersion:
+        """One loaded version; version 0 is the model's default."""
         try:
             repository.check_model_name(name)
         except repository.RepositoryError as exc:
             raise ScoringError(f"model.{exc}") from None
-        model = self.models.get(name)
-        if model is None or not model.versions:
-            raise ModelNotFoundError(f"model: no model named {name!r} is loaded")
+        model = self._loaded(name)
         if version < 0:
             raise ScoringError(f"model.version: must be >= 0 (0 = default), got {version}")
         wanted = version or model.default_version
@@ -112,34 +136,49 @@ class ModelRegistry:
                 f"model.version: {name} has no loaded version {wanted} (loaded: {sorted(model.versions)})")
         return found
 
+    def _loaded(self, name: str, version: int = 0) -> _Model:
+        """The model, which must be loaded, as must `version` unless it is 0."""
+        model = self._models.get(name)
+        if model is None or not model.versions:
+            raise ModelNotFoundError(f"model: no model named {name!r} is loaded")
+        if version and version not in model.versions:
+            raise ModelNotFoundError(f"model.version: {name} has no loaded version {version}")
+        return model
+
     def ready(self) -> bool:
-        return all(m.versions for m in self.models.values())
+        return all(m.versions for m in self._models.values())
 
     def loaded_count(self) -> int:
-        return sum(len(m.versions) for m in self.models.values())
+        return sum(len(m.versions) for m in self._models.values())
 
     # -- loading ------------------------------------------------------------------------------
-    async def _activate(self, name: str, version: int, session: RaterSession, path: Path) -> ModelVersion:
+    async def _activate(self, name: str, version: int, session: RaterSession, batching: Batching) -> ModelVersion:
         labels = (name, str(version))
-        batcher = DynamicBatcher(session.score, self.executor, self.metrics, labels, self.config.max_batch,
-                                 self.config.max_delay_ms / 1000.0, self.config.max_queue, self.config.instances,
-                                 self.config.inline_max_triples)
-        loaded = ModelVersion(name, version, session, batcher, path)
+        batcher = DynamicBatcher(session.score, self.executor, self.metrics, labels, batching.max_batch,
+                                 batching.max_delay_ms / 1000.0, self.config.max_queue, batching.instances,
+                                 self.config.inline_max_triples, batching.preferred)
+        loaded = ModelVersion(name, version, session, batcher, batching)
         if loaded.cpu_fallback and self.config.device in ("auto", "cuda"):
             log.warning("%s version %d runs on CPU (device=%s requested, CUDA unavailable)", name, version,
                         self.config.device)
             self.metrics.cpu_fallbacks.labels(*labels).inc()
-        self.models.setdefault(name, Model(name)).versions[version] = loaded  # the atomic swap
+        self._models.setdefault(name, _Model(name)).versions[version] = loaded  # the atomic swap
         self.metrics.models_loaded.set(self.loaded_count())
         return loaded
 
     async def load_repository(self) -> list[str]:
-        """Load every version on disk; a version that fails is reported and skipped. Returns the problems."""
+        """Load every version on disk; a version that fails, or a model whose config.pbtxt does, is reported
+        and skipped. Returns the problems."""
         root = self.config.repository
         root.mkdir(parents=True, exist_ok=True)
         problems = []
         loop = asyncio.get_running_loop()
         for name, versions in repository.scan(root).items():
+            try:
+                batching = read_batching(root / name, self.defaults)
+            except ModelConfigError as exc:
+                problems.append(f"{name}: {exc}")
+                continue
             for version in versions:
                 path = repository.version_dir(root, name, version) / repository.MODEL_FILE
                 try:
@@ -147,7 +186,7 @@ class ModelRegistry:
                 except Exception as exc:
                     problems.append(f"{name} version {version}: {exc}")
                     continue
-                await self._activate(name, version, session, path)
+                await self._activate(name, version, session, batching)
         return problems
 
     async def deploy(self, name: str, data: bytes, version: int = 0) -> ModelVersion:
@@ -158,44 +197,35 @@ class ModelRegistry:
             raise ScoringError(str(exc)) from None
         if version < 0:
             raise ScoringError(f"version: must be >= 0 (0 = next), got {version}")
+        batching = read_batching(self.config.repository / name, self.defaults)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.executor, validate_onnx_bytes, data)
         session = await loop.run_in_executor(self.executor, open_session, data, self.config)
         async with self._deploy_lock:
             if version == 0:
                 on_disk = repository.versions_on_disk(self.config.repository, name)
-                loaded = list(self.models[name].versions) if name in self.models else []
+                loaded = list(self._models[name].versions) if name in self._models else []
                 version = max([0, *on_disk, *loaded]) + 1
             try:
-                _, path = await loop.run_in_executor(self.executor, repository.write_version,
-                                                     self.config.repository, name, data, version)
+                await loop.run_in_executor(self.executor, repository.write_version, self.config.repository, name,
+                                           data, version)
             except repository.RepositoryError as exc:
                 raise ModelExistsError(str(exc)) from None
-            return await self._activate(name, version, session, path)
+            return await self._activate(name, version, session, batching)
 
-    async def unload(self, name: str, version: int = 0) -> list[int]:
+    async def unload(self, name: str, version: int = 0) -> None:
         """Stop serving one version (or all: version 0); in-flight requests finish first."""
-        model = self.models.get(name)
-        if model is None or not model.versions:
-            raise ModelNotFoundError(f"model: no model named {name!r} is loaded")
-        if version and version not in model.versions:
-            raise ModelNotFoundError(f"model.version: {name} has no loaded version {version}")
+        model = self._loaded(name, version)
         targets = [version] if version else sorted(model.versions)
         removed = [model.versions.pop(v) for v in targets]
         if not model.versions:
-            del self.models[name]
+            del self._models[name]
         self.metrics.models_loaded.set(self.loaded_count())
         await asyncio.gather(*(m.batcher.close(self.config.grace_s) for m in removed))
-        return targets
 
     def set_default(self, name: str, version: int) -> None:
-        model = self.models.get(name)
-        if model is None or not model.versions:
-            raise ModelNotFoundError(f"model: no model named {name!r} is loaded")
-        if version and version not in model.versions:
-            raise ModelNotFoundError(f"model.version: {name} has no loaded version {version}")
+        model = self._loaded(name, version)
         model.pinned = version
 
     async def close(self, timeout: float) -> None:
-        versions = [v for m in self.models.values() for v in m.versions.values()]
-        await asyncio.gather(*(v.batcher.close(timeout) for v in versions))
+        await asyncio.gather(*(v.batcher.close(timeout) for m in self.list() for v in m.versions))

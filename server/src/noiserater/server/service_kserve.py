@@ -12,10 +12,10 @@ from noiserater.core import scoring
 from noiserater.core.inference import grpc_service_pb2 as pb
 from noiserater.core.inference import grpc_service_pb2_grpc as pb_grpc
 from noiserater.core.inference import model_config_pb2 as config_pb
-from noiserater.server.errors import CallLabels, RequestCounters, rpc, serve_stream
-from noiserater.server.metrics import ServerMetrics
+from noiserater.server.inference import Inference
+from noiserater.server.model_config import BACKEND, PLATFORM
 from noiserater.server.models import ModelNotFoundError, ModelRegistry, ModelVersion
-from noiserater.server.service_v1 import score_triples
+from noiserater.server.rpc import CallContext, Outcome, RpcRuntime, unary
 from noiserater.server.stats import StatsRecorder
 
 # KServe datatype -> (numpy dtype, InferTensorContents field for typed contents)
@@ -26,7 +26,6 @@ DATATYPES: dict[str, tuple[np.dtype, str]] = {
     "INT64": (np.dtype("<i8"), "int64_contents"),
     "INT32": (np.dtype("<i4"), "int_contents"),
 }
-PLATFORM = "onnxruntime_onnx"
 TENSOR_TYPES = {"FP32": config_pb.TYPE_FP32, "INT64": config_pb.TYPE_INT64}
 
 
@@ -40,28 +39,33 @@ def tensor_signature(version: ModelVersion) -> tuple[list[TensorSpec], list[Tens
     return inputs, [(scoring.OUTPUT_SCORE, "FP32", [-1])]
 
 
-def model_config(version: ModelVersion, config) -> config_pb.ModelConfig:
-    """The version's configuration in Triton's terms. max_batch_size is 0 because every input carries its
-    own N axis; the batcher that merges requests along it is described in `parameters`."""
+def model_config(version: ModelVersion) -> config_pb.ModelConfig:
+    """The version's configuration in Triton's terms. max_batch_size is left at 0 because every input
+    carries its own N axis; the batcher that merges requests along it is dynamic_batching, instance_group
+    and the `parameters` (max_batch_triples is the config.pbtxt's max_batch_size)."""
     inputs, outputs = tensor_signature(version)
-    batching = config.max_batch > 0
+    batching = version.batching
     kind = (config_pb.ModelInstanceGroup.KIND_CPU if version.cpu_fallback
             else config_pb.ModelInstanceGroup.KIND_GPU)
     parameters = {f"metadata.{k}": v for k, v in version.session.info.metadata.items()}
     parameters.update({
-        "dynamic_batching": "on" if batching else "off",
-        "max_batch_triples": str(config.max_batch),
-        "max_queue_delay_microseconds": str(int(config.max_delay_ms * 1000)),
-        "max_queue_requests": str(config.max_queue),
+        "dynamic_batching": "on" if batching.max_batch > 0 else "off",
+        "max_batch_triples": str(batching.max_batch),
+        "max_queue_delay_microseconds": str(int(batching.max_delay_ms * 1000)),
+        "max_queue_requests": str(version.batcher.max_queue),
         "execution_provider": version.session.provider,
     })
+    dynamic = None
+    if batching.max_batch > 0:
+        dynamic = config_pb.ModelDynamicBatching(preferred_batch_size=batching.preferred,
+                                                 max_queue_delay_microseconds=int(batching.max_delay_ms * 1000))
     return config_pb.ModelConfig(
-        name=version.name, platform=PLATFORM, backend="onnxruntime", max_batch_size=0,
+        name=version.name, platform=PLATFORM, backend=BACKEND, dynamic_batching=dynamic,
         input=[config_pb.ModelInput(name=n, data_type=TENSOR_TYPES[d], dims=shape) for n, d, shape in inputs],
         output=[config_pb.ModelOutput(name=n, data_type=TENSOR_TYPES[d], dims=shape) for n, d, shape in outputs],
         # With batching off every request runs on its own, as many at once as the worker threads allow.
         instance_group=[config_pb.ModelInstanceGroup(name=version.name, kind=kind,
-                                                     count=config.instances if batching else 0)],
+                                                     count=batching.instances if batching.max_batch > 0 else 0)],
         default_model_filename="model.onnx",
         parameters={k: config_pb.ModelParameter(string_value=v) for k, v in parameters.items()})
 
@@ -139,26 +143,36 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     return out
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, registry: ModelRegistry, recorder: StatsRecorder, metrics: ServerMetrics,
-                 counters: RequestCounters, is_ready):
-        self.registry = registry
-        self.recorder = recorder
-        self.metrics = metrics
-        self.counters = counters
-        self._is_ready = is_ready
+def stream_reply(request: pb.ModelInferRequest, outcome: Outcome) -> pb.ModelStreamInferResponse:
+    """A stream request's answer: its response, or an error message that starts with the status name."""
+    if outcome.code == grpc.StatusCode.OK:
+        return pb.ModelStreamInferResponse(infer_response=outcome.response)
+    return pb.ModelStreamInferResponse(
+        error_message=f"{outcome.code.name}: {outcome.message}",
+        infer_response=pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                             id=request.id))
 
-    def _lookup(self, name: str, version: str, labels: CallLabels) -> ModelVersion:
-        labels.model = name
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, registry: ModelRegistry, recorder: StatsRecorder, runtime: RpcRuntime):
+        self.registry = registry
+        self.inference = Inference(recorder)
+        self.runtime = runtime
+
+    def _ready(self) -> bool:
+        return not self.runtime.draining and self.registry.ready()
+
+    def _lookup(self, name: str, version: str, call: CallContext) -> ModelVersion:
+        call.model = name
         found = self.registry.get(name, parse_version(version))
-        labels.version = str(found.version)
+        call.version = str(found.version)
         return found
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self._is_ready())
+        return pb.ServerReadyResponse(ready=self._ready())
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name="rater-server", version=server_version(),
@@ -169,63 +183,53 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.registry.get(request.name, parse_version(request.version))
         except (ModelNotFoundError, scoring.ScoringError):
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=self._is_ready())
+        return pb.ModelReadyResponse(ready=self._ready())
 
-    @rpc("ModelMetadata")
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context, labels: CallLabels):
-        version = self._lookup(request.name, request.version, labels)
+    @unary("ModelMetadata")
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, call: CallContext):
+        version = self._lookup(request.name, request.version, call)
         inputs, outputs = tensor_signature(version)
         tm = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=version.name,
-            versions=[str(v) for v in sorted(self.registry.models[version.name].versions)],
+            versions=[str(v.version) for v in self.registry.model(version.name).versions],
             platform=PLATFORM,
             inputs=[tm(name=n, datatype=d, shape=shape) for n, d, shape in inputs],
             outputs=[tm(name=n, datatype=d, shape=shape) for n, d, shape in outputs],
         )
 
-    @rpc("ModelConfig")
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context, labels: CallLabels):
-        version = self._lookup(request.name, request.version, labels)
-        return pb.ModelConfigResponse(config=model_config(version, self.registry.config))
+    @unary("ModelConfig")
+    async def ModelConfig(self, request: pb.ModelConfigRequest, call: CallContext):
+        version = self._lookup(request.name, request.version, call)
+        return pb.ModelConfigResponse(config=model_config(version))
 
-    @rpc("ModelStatistics")
-    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context, labels: CallLabels):
-        if request.name:
-            if request.version:
-                versions = [self._lookup(request.name, request.version, labels)]
-            else:
-                self._lookup(request.name, "", labels)  # NOT_FOUND for an unknown model
-                versions = list(self.registry.models[request.name].versions.values())
+    @unary("ModelStatistics")
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, call: CallContext):
+        if request.name and request.version:
+            versions = [self._lookup(request.name, request.version, call)]
+        elif request.name:
+            self._lookup(request.name, "", call)  # INVALID_ARGUMENT or NOT_FOUND as for a versioned lookup
+            versions = list(self.registry.model(request.name).versions)
         else:
-            versions = [v for m in self.registry.models.values() for v in m.versions.values()]
-        versions.sort(key=lambda v: (v.name, v.version))
+            versions = [v for model in self.registry.list() for v in model.versions]
         return pb.ModelStatisticsResponse(model_stats=[model_statistics(v) for v in versions])
 
-    @rpc("ModelInfer", inference=True)
-    async def ModelInfer(self, request: pb.ModelInferRequest, context, labels: CallLabels):
-        return await self._infer(request, labels)
+    @unary("ModelInfer", inference=True)
+    async def ModelInfer(self, request: pb.ModelInferRequest, call: CallContext):
+        return await self._infer(request, call)
 
     async def ModelStreamInfer(self, request_iterator, context) -> None:
-        def respond(request: pb.ModelInferRequest, response, code: grpc.StatusCode, text: str):
-            if code == grpc.StatusCode.OK:
-                return pb.ModelStreamInferResponse(infer_response=response)
-            return pb.ModelStreamInferResponse(
-                error_message=f"{code.name}: {text}",
-                infer_response=pb.ModelInferResponse(model_name=request.model_name,
-                                                     model_version=request.model_version, id=request.id))
+        await self.runtime.serve_stream("ModelStreamInfer", request_iterator, context, self._infer, stream_reply)
 
-        await serve_stream(self, "ModelStreamInfer", request_iterator, context, self._infer, respond)
-
-    async def _infer(self, request: pb.ModelInferRequest, labels: CallLabels) -> pb.ModelInferResponse:
-        version = self._lookup(request.model_name, request.model_version, labels)
+    async def _infer(self, request: pb.ModelInferRequest, call: CallContext) -> pb.ModelInferResponse:
+        version = self._lookup(request.model_name, request.model_version, call)
         for wanted in request.outputs:
             if wanted.name != scoring.OUTPUT_SCORE:
                 raise scoring.ScoringError(f"outputs: unknown output {wanted.name!r} (a rater has 'score')")
         inputs = decode_inputs(request)
         dataset = request.parameters["dataset"].string_param if "dataset" in request.parameters else ""
-        scores = await score_triples(self.recorder, version, dataset, inputs[scoring.INPUT_X0],
-                                     inputs[scoring.INPUT_T], inputs[scoring.INPUT_EPS])
+        scores = await self.inference.score(version, dataset, inputs[scoring.INPUT_X0], inputs[scoring.INPUT_T],
+                                            inputs[scoring.INPUT_EPS])
         scores = np.ascontiguousarray(scores, dtype="<f4")
         output = pb.ModelInferResponse.InferOutputTensor(name=scoring.OUTPUT_SCORE, datatype="FP32",
                                                          shape=[scores.shape[0]])

@@ -13,23 +13,16 @@ from noiserater.core.v1 import rater_service_pb2 as pb
 from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
 from noiserater.core.v1 import tensor_pb2
 from noiserater.server import stats as stats_mod
-from noiserater.server.errors import CallLabels, RequestCounters, RpcError, rpc, serve_stream
-from noiserater.server.metrics import ServerMetrics
+from noiserater.server.inference import Inference
 from noiserater.server.models import ModelRegistry, ModelVersion
+from noiserater.server.rpc import CallContext, Outcome, RpcError, RpcRuntime, unary
 from noiserater.server.stats import StatsRecorder
-
-DEFAULT_DATASET = "default"
 
 
 def plan_of(request: pb.SelectNoiseRequest, candidates: np.ndarray) -> SelectionPlan:
     """The request's selection plan; the deprecated float32 temperature is read when the double one is 0."""
     temperature = request.temperature or request.temperature_float32
     return SelectionPlan.for_candidates(candidates, request.keep, Rule.from_proto(request.rule), temperature)
-
-
-def resolve_dataset(requested: str, version: ModelVersion) -> str:
-    """The request's dataset id, else the one the exporter wrote into the model, else 'default'."""
-    return stats_mod.check_dataset(requested or version.session.info.dataset or DEFAULT_DATASET)
 
 
 def signature(info: scoring.RaterInfo) -> tuple[list[tensor_pb2.TensorSpec], list[tensor_pb2.TensorSpec]]:
@@ -43,104 +36,100 @@ def signature(info: scoring.RaterInfo) -> tuple[list[tensor_pb2.TensorSpec], lis
     return inputs, outputs
 
 
+def stream_reply(message: pb.SelectNoiseStreamRequest, outcome: Outcome) -> pb.SelectNoiseStreamResponse:
+    """A stream request's answer: its response, or the status the unary call would have ended with."""
+    if outcome.code == grpc.StatusCode.OK:
+        return pb.SelectNoiseStreamResponse(request_id=message.request_id, response=outcome.response)
+    return pb.SelectNoiseStreamResponse(request_id=message.request_id, error_code=outcome.code.value[0],
+                                        error_message=outcome.message)
+
+
 class RaterServicer(pb_grpc.RaterServiceServicer):
-    def __init__(self, registry: ModelRegistry, recorder: StatsRecorder, metrics: ServerMetrics,
-                 counters: RequestCounters):
+    def __init__(self, registry: ModelRegistry, recorder: StatsRecorder, runtime: RpcRuntime):
         self.registry = registry
         self.recorder = recorder
-        self.metrics = metrics
-        self.counters = counters
+        self.inference = Inference(recorder)
+        self.runtime = runtime
 
-    def _lookup(self, ref: pb.ModelRef, labels: CallLabels) -> ModelVersion:
-        labels.model = ref.name
+    def _lookup(self, ref: pb.ModelRef, call: CallContext) -> ModelVersion:
+        call.model = ref.name
         found = self.registry.get(ref.name, ref.version)
-        labels.version = str(found.version)
+        call.version = str(found.version)
         return found
 
-    @rpc("SelectNoise", inference=True)
-    async def SelectNoise(self, request: pb.SelectNoiseRequest, context, labels: CallLabels):
-        return await self._select(request, labels)
+    @unary("SelectNoise", inference=True)
+    async def SelectNoise(self, request: pb.SelectNoiseRequest, call: CallContext):
+        return await self._select(request, call)
 
     async def SelectNoiseStream(self, request_iterator, context) -> None:
-        def respond(message: pb.SelectNoiseStreamRequest, response, code: grpc.StatusCode, text: str):
-            if code == grpc.StatusCode.OK:
-                return pb.SelectNoiseStreamResponse(request_id=message.request_id, response=response)
-            return pb.SelectNoiseStreamResponse(request_id=message.request_id, error_code=code.value[0],
-                                                error_message=text)
+        await self.runtime.serve_stream("SelectNoiseStream", request_iterator, context, self._select_streamed,
+                                        stream_reply)
 
-        await serve_stream(self, "SelectNoiseStream", request_iterator, context,
-                           lambda message, labels: self._select(message.request, labels), respond)
+    async def _select_streamed(self, message: pb.SelectNoiseStreamRequest, call: CallContext):
+        return await self._select(message.request, call)
 
-    async def _select(self, request: pb.SelectNoiseRequest, labels: CallLabels) -> pb.SelectNoiseResponse:
-        version = self._lookup(request.model, labels)
-        info = version.session.info
+    async def _select(self, request: pb.SelectNoiseRequest, call: CallContext) -> pb.SelectNoiseResponse:
+        version = self._lookup(request.model, call)
         x0 = codec.decode(request.x0, "x0")
         t = codec.decode(request.t, "t")
         candidates = codec.decode(request.candidates, "candidates")
         plan = plan_of(request, candidates)
-        plan.validate(info, x0, t, candidates)
-        dataset = resolve_dataset(request.dataset, version)
-        x0_flat, t_flat, eps_flat = plan.triples(x0, t, candidates)
-        scores = await version.batcher.submit(x0_flat, t_flat, eps_flat)
-        self.recorder.record(dataset, version.name, version.version, info.num_timesteps, t_flat, scores)
-        indices, chosen = plan.choose(scores, request.seed)
+        indices, chosen = await self.inference.select(version, plan, request.dataset, x0, t, candidates, request.seed)
         return pb.SelectNoiseResponse(indices=codec.encode(indices), scores=codec.encode(chosen),
                                       model=pb.ModelRef(name=version.name, version=version.version))
 
-    @rpc("Score", inference=True)
-    async def Score(self, request: pb.ScoreRequest, context, labels: CallLabels):
-        version = self._lookup(request.model, labels)
-        scores = await score_triples(self.recorder, version, request.dataset, codec.decode(request.x0, "x0"),
-                                     codec.decode(request.t, "t"), codec.decode(request.eps, "eps"))
+    @unary("Score", inference=True)
+    async def Score(self, request: pb.ScoreRequest, call: CallContext):
+        version = self._lookup(request.model, call)
+        scores = await self.inference.score(version, request.dataset, codec.decode(request.x0, "x0"),
+                                            codec.decode(request.t, "t"), codec.decode(request.eps, "eps"))
         return pb.ScoreResponse(scores=codec.encode(scores),
                                 model=pb.ModelRef(name=version.name, version=version.version))
 
-    @rpc("ListModels")
-    async def ListModels(self, request, context, labels: CallLabels):
-        models = []
-        for name in sorted(self.registry.models):
-            model = self.registry.models[name]
-            versions = [pb.ModelVersionInfo(version=v, state="READY") for v in sorted(model.versions)]
-            models.append(pb.ModelInfo(name=name, versions=versions, default_version=model.default_version))
+    @unary("ListModels")
+    async def ListModels(self, request, call: CallContext):
+        models = [pb.ModelInfo(name=model.name, default_version=model.default_version,
+                               versions=[pb.ModelVersionInfo(version=v.version, state="READY") for v in model.versions])
+                  for model in self.registry.list()]
         return pb.ListModelsResponse(models=models)
 
-    @rpc("GetModelMetadata")
-    async def GetModelMetadata(self, request: pb.GetModelMetadataRequest, context, labels: CallLabels):
-        version = self._lookup(request.model, labels)
+    @unary("GetModelMetadata")
+    async def GetModelMetadata(self, request: pb.GetModelMetadataRequest, call: CallContext):
+        version = self._lookup(request.model, call)
         inputs, outputs = signature(version.session.info)
         return pb.GetModelMetadataResponse(
             model=pb.ModelRef(name=version.name, version=version.version),
             metadata=version.session.info.metadata, inputs=inputs, outputs=outputs,
             execution_provider=version.session.provider)
 
-    @rpc("DeployModel")
-    async def DeployModel(self, request: pb.DeployModelRequest, context, labels: CallLabels):
-        labels.model = request.name
+    @unary("DeployModel")
+    async def DeployModel(self, request: pb.DeployModelRequest, call: CallContext):
+        call.model = request.name
         loaded = await self.registry.deploy(request.name, request.onnx, request.version)
-        labels.version = str(loaded.version)
+        call.version = str(loaded.version)
         return pb.DeployModelResponse(model=pb.ModelRef(name=loaded.name, version=loaded.version))
 
-    @rpc("UnloadModel")
-    async def UnloadModel(self, request: pb.UnloadModelRequest, context, labels: CallLabels):
-        labels.model = request.model.name
+    @unary("UnloadModel")
+    async def UnloadModel(self, request: pb.UnloadModelRequest, call: CallContext):
+        call.model = request.model.name
         await self.registry.unload(request.model.name, request.model.version)
         return pb.UnloadModelResponse()
 
-    @rpc("SetDefaultVersion")
-    async def SetDefaultVersion(self, request: pb.SetDefaultVersionRequest, context, labels: CallLabels):
-        labels.model = request.model.name
+    @unary("SetDefaultVersion")
+    async def SetDefaultVersion(self, request: pb.SetDefaultVersionRequest, call: CallContext):
+        call.model = request.model.name
         self.registry.set_default(request.model.name, request.model.version)
         return pb.SetDefaultVersionResponse()
 
-    @rpc("GetStats")
-    async def GetStats(self, request: pb.GetStatsRequest, context, labels: CallLabels):
+    @unary("GetStats")
+    async def GetStats(self, request: pb.GetStatsRequest, call: CallContext):
         if request.dataset:
             stats_mod.check_dataset(request.dataset)
         try:
             found = await asyncio.wait_for(self.recorder.read(request.dataset, request.model, request.version), 5.0)
         except Exception as exc:  # Redis down or slow: say so, quickly
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RpcError(grpc.StatusCode.UNAVAILABLE, f"stats: the statistics store is unreachable ({detail})") \
+            raise RpcError(f"stats: the statistics store is unreachable ({detail})", grpc.StatusCode.UNAVAILABLE) \
                 from None
         buckets = [
             pb.StatsBucket(dataset=k[0], model=k[1], version=k[2], timestep_bucket=k[3], count=m.count,
@@ -150,18 +139,3 @@ class RaterServicer(pb_grpc.RaterServiceServicer):
         ]
         return pb.GetStatsResponse(buckets=buckets, timestep_buckets=stats_mod.TIMESTEP_BUCKETS)
 
-
-async def score_triples(recorder: StatsRecorder, version: ModelVersion, dataset: str, x0: np.ndarray,
-                        t: np.ndarray, eps: np.ndarray) -> np.ndarray:
-    """Validate N triples, score them through the version's batcher and count them in the statistics."""
-    info = version.session.info
-    if x0.ndim >= 1 and x0.shape[0] == 0:
-        raise scoring.ScoringError("x0: the batch is empty (N=0)")
-    scoring.validate_triples(info, x0, t, eps)
-    dataset = resolve_dataset(dataset, version)
-    x0 = np.asarray(x0, dtype=np.float32)
-    t = np.asarray(t, dtype=np.int64)
-    eps = np.asarray(eps, dtype=np.float32)
-    scores = await version.batcher.submit(x0, t, eps)
-    recorder.record(dataset, version.name, version.version, info.num_timesteps, t, scores)
-    return scores

@@ -1,4 +1,4 @@
-"""Per-(dataset, model, version, timestep bucket) score statistics (DESIGN 5.5).
+"""Per-(dataset, model, version, timestep bucket) score statistics.
 
 Scores are accumulated locally on the request path (cheap numpy work, no I/O) and merged into a store
 by a background flush: in process memory by default, or in Redis, where a Lua script applies Chan's
@@ -14,9 +14,11 @@ import logging
 import re
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 
 from noiserater.server.metrics import ServerMetrics
+from noiserater.server.rpc import RpcError
 
 log = logging.getLogger("rater-server.stats")
 
@@ -27,8 +29,8 @@ RAW_LIMIT = 1 << 20  # scores kept raw before they are summarised (bounds memory
 _DATASET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class StatsError(ValueError):
-    pass
+class StatsError(RpcError, ValueError):
+    grpc_status = grpc.StatusCode.INVALID_ARGUMENT
 
 
 def check_dataset(dataset: str) -> str:

@@ -1,0 +1,101 @@
+"""A model's batching settings: the server's flags, overridden by `<repository>/<name>/config.pbtxt` in
+Triton's own format (protobuf text format of the ModelConfig subset in proto/inference/model_config.proto).
+
+The fields read, and what they set for every version of the model (a field left out keeps the flag):
+
+    max_batch_size: 64           the most (x0, t, eps) triples one onnxruntime run takes (--max-batch);
+                                 0 switches batching off. Triton counts the rows of a batch; a rater's
+                                 rows are its triples, which are what the batcher merges and splits.
+    dynamic_batching {           present: replaces --max-delay-ms (a delay left out is 0, as in Triton)
+      max_queue_delay_microseconds: 500
+      preferred_batch_size: [ 32, 64 ]    run sizes (triples) that go at once, without waiting out the delay
+    }
+    instance_group [ { count: 2 } ]       runs in flight at once (--instances): the groups' counts summed,
+                                          1 for a group without one
+
+`name`, `platform` and `backend` may be given, but must be the model's folder name, onnxruntime_onnx and
+onnxruntime. Any other field is an error: the signature comes from the ONNX file and the device from
+--device. A config that cannot be used is a one-line ModelConfigError; the model is skipped at load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from google.protobuf import text_format
+
+from noiserater.core.inference import model_config_pb2 as config_pb
+from noiserater.server.config import ServerConfig
+from noiserater.server.rpc import RpcError
+
+CONFIG_FILE = "config.pbtxt"
+PLATFORM, BACKEND = "onnxruntime_onnx", "onnxruntime"
+FIELDS = ("name", "platform", "backend", "max_batch_size", "dynamic_batching", "instance_group")
+
+
+class ModelConfigError(RpcError, ValueError):
+    """A model's config.pbtxt that cannot be used (a deploy into that model fails with FAILED_PRECONDITION)."""
+
+    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How one model's requests are batched."""
+
+    max_batch: int  # triples per onnxruntime run; 0: batching off, one run per request
+    max_delay_ms: float
+    instances: int  # runs in flight at once (with batching on)
+    preferred: tuple[int, ...] = ()  # run sizes that go without waiting out the delay
+
+    @classmethod
+    def from_flags(cls, config: ServerConfig) -> Batching:
+        return cls(config.max_batch, config.max_delay_ms, config.instances)
+
+
+def read_batching(model_dir: Path, defaults: Batching) -> Batching:
+    """The model's batching: `defaults` with what its config.pbtxt (if any) sets."""
+    path = model_dir / CONFIG_FILE
+    if not path.exists():
+        return defaults
+    try:
+        parsed = text_format.Parse(path.read_text(), config_pb.ModelConfig())
+    except (OSError, UnicodeDecodeError, text_format.ParseError) as exc:
+        raise ModelConfigError(f"{CONFIG_FILE}: {exc}") from None
+    return batching_of(parsed, model_dir.name, defaults)
+
+
+def _fail(message: str) -> ModelConfigError:
+    return ModelConfigError(f"{CONFIG_FILE}: {message}")
+
+
+def batching_of(parsed: config_pb.ModelConfig, name: str, defaults: Batching) -> Batching:
+    unsupported = [field.name for field, _ in parsed.ListFields() if field.name not in FIELDS]
+    if unsupported:
+        raise _fail(f"{', '.join(unsupported)}: not read by rater-server (it reads {', '.join(FIELDS)})")
+    for field, expected in (("name", name), ("platform", PLATFORM), ("backend", BACKEND)):
+        given = getattr(parsed, field)
+        if given and given != expected:
+            raise _fail(f"{field}: {given!r} is not {expected!r}")
+    max_batch = parsed.max_batch_size if parsed.HasField("max_batch_size") else defaults.max_batch
+    if max_batch < 0:
+        raise _fail(f"max_batch_size: must be >= 0 (0 = batching off), got {max_batch}")
+    max_delay_ms, preferred = defaults.max_delay_ms, defaults.preferred
+    if parsed.HasField("dynamic_batching"):
+        max_delay_ms = parsed.dynamic_batching.max_queue_delay_microseconds / 1000.0
+        preferred = tuple(sorted(set(parsed.dynamic_batching.preferred_batch_size)))
+        outside = [size for size in preferred if size < 1 or (max_batch and size > max_batch)]
+        if outside:
+            raise _fail(f"dynamic_batching.preferred_batch_size: {outside[0]} is not within 1..max_batch_size "
+                        f"({max_batch})")
+    instances = defaults.instances
+    if parsed.instance_group:
+        for group in parsed.instance_group:
+            if group.kind != config_pb.ModelInstanceGroup.KIND_AUTO:
+                raise _fail("instance_group.kind: the device is the server's --device; leave kind out")
+            if group.count < 0:
+                raise _fail(f"instance_group.count: must be >= 0, got {group.count}")
+        instances = sum(group.count or 1 for group in parsed.instance_group)
+    return Batching(max_batch, max_delay_ms, instances, preferred)
