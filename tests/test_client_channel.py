@@ -1,5 +1,5 @@
 """RaterChannel: targets (one address or several, balanced round-robin), options, the bearer token on every
-call, and the aio channel the serving bench builds from it."""
+call, the aio channel the serving bench builds from it, and the remote selector over several servers."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import json
 
 import grpc
 import pytest
+import torch
 from support.server import ServerThread, make_repository
 
 from noiserater.client.channel import ChannelError, RaterChannel, grpc_target, split_target
+from noiserater.client.selector import NoiseSelector
 from noiserater.core.v1 import rater_service_pb2 as pb
 from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
 from noiserater.server.config import ServerConfig
@@ -83,3 +85,15 @@ def test_aio_channel_has_the_same_target_options_and_token(servers):
 
     assert asyncio.run(list_defaults()) == {1, 2}
 
+
+def test_remote_selector_over_several_servers(servers):
+    selector = NoiseSelector.remote([s.target for s in servers], model="digits", token=TOKEN, transport="unary",
+                                    timeout_s=10)
+    gen = torch.Generator().manual_seed(0)
+    versions = set()
+    for _ in range(40):
+        x0, t = torch.rand(3, 64, generator=gen), torch.randint(0, 100, (3,), generator=gen)
+        assert selector.select(x0, t).shape == x0.shape
+        versions.add(selector.model_version)
+    selector.close()
+    assert versions == {1, 2} and selector.counters["fallback_gaussian"] == 0

@@ -19,9 +19,9 @@ Gaussian noise. Each fallback is counted in
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,16 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from noiserater.core import codec, scoring
+from noiserater.client.backends import LocalBackend, RemoteBackend, SelectorError
+from noiserater.core import scoring
 from noiserater.core.selection import Rule, SelectionPlan
 
+__all__ = ["NoiseSelector", "SelectorError", "selection_stats"]
+
 log = logging.getLogger("noiserater.selector")
-
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-class SelectorError(ValueError):
-    pass
 
 
 def selection_stats(eps: torch.Tensor, x0: torch.Tensor) -> dict[str, float]:
@@ -49,97 +46,11 @@ def selection_stats(eps: torch.Tensor, x0: torch.Tensor) -> dict[str, float]:
     return {"sq_norm_per_dim": float(e.pow(2).mean()), "cosine_with_x0": float(cosine.mean())}
 
 
-class _LocalBackend:
-    def __init__(self, onnx_path: str | Path, device: str = "cpu", intra_op_threads: int = 0):
-        path = Path(onnx_path)
-        if not path.is_file():
-            raise SelectorError(f"rater file not found: {path}")
-        self.session = scoring.RaterSession(path, device=device, intra_op_threads=intra_op_threads)
-        self.version = 0
-
-    def choose(self, plan: SelectionPlan, x0, t, candidates, seed) -> np.ndarray:
-        indices, _ = plan.select(self.session.score, self.session.info, x0, t, candidates, seed)
-        return indices
-
-
-class _RemoteBackend:
-    def __init__(self, target: str, model: str, dataset: str, version: int, timeout_s: float, max_attempts: int,
-                 token: str | None, tls_root_cert: bytes | None, round_robin: bool, transport: str = "stream"):
-        import grpc
-
-        from noiserater.client.transports import TRANSPORTS, StreamTransport
-        from noiserater.core.v1 import rater_service_pb2 as pb
-        from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
-
-        if transport not in TRANSPORTS:
-            raise SelectorError(f"transport: {transport!r} is not one of {', '.join(TRANSPORTS)}")
-        self._pb = pb
-        service_config: dict[str, Any] = {
-            "methodConfig": [{
-                "name": [{"service": "noiserater.v1.RaterService"}],
-                "retryPolicy": {
-                    "maxAttempts": max(2, max_attempts),
-                    "initialBackoff": "0.05s",
-                    "maxBackoff": "1s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }],
-        }
-        if round_robin:
-            service_config["loadBalancingConfig"] = [{"round_robin": {}}]
-        options = [
-            ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
-            ("grpc.enable_retries", 1),
-            ("grpc.service_config", json.dumps(service_config)),
-        ]
-        if tls_root_cert is not None:
-            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(tls_root_cert), options)
-        else:
-            self.channel = grpc.insecure_channel(target, options)
-        self.stub = pb_grpc.RaterServiceStub(self.channel)
-        self.model_ref = pb.ModelRef(name=model, version=version)
-        self.dataset = dataset
-        self.timeout_s = timeout_s
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
-        self.version = 0
-        self.stream = StreamTransport(self.stub, pb, self.metadata, max_attempts, self._unary) \
-            if transport == "stream" else None
-
-    def _unary(self, request, timeout_s: float):
-        return self.stub.SelectNoise(request, timeout=timeout_s, metadata=self.metadata)
-
-    def choose(self, plan: SelectionPlan, x0, t, candidates, seed) -> np.ndarray:
-        request = self._pb.SelectNoiseRequest(
-            model=self.model_ref,
-            dataset=self.dataset,
-            x0=codec.encode(x0),
-            t=codec.encode(t),
-            candidates=codec.encode(candidates),
-            keep=plan.keep,
-            rule=plan.rule.to_proto(),
-            temperature=plan.temperature,
-            seed=seed,
-        )
-        if self.stream is not None:
-            response = self.stream.select(request, self.timeout_s)
-        else:
-            response = self._unary(request, self.timeout_s)
-        self.version = response.model.version
-        return np.array(codec.decode(response.indices, "indices"))
-
-    def close(self) -> None:
-        if self.stream is not None:
-            self.stream.close()
-        self.channel.close()
-
-
 class NoiseSelector:
     """Draws K candidate noises per sample and keeps the one the rater prefers (see module doc)."""
 
     def __init__(self, backend: Any, k: int = 8, rule: str = "argmax", temperature: float = 1.0, seed: int = 0,
-                 fallback: _LocalBackend | None = None):
+                 fallback: LocalBackend | None = None):
         try:
             rule = Rule.parse(rule)
         except scoring.ScoringError as exc:
@@ -166,7 +77,7 @@ class NoiseSelector:
               seed: int = 0, device: str = "cpu", intra_op_threads: int = 0) -> NoiseSelector:
         """Score in-process with onnxruntime (`device` picks its execution provider; `intra_op_threads`
         0 = onnxruntime's default pool, 1 = no pool, which is faster for small raters on a busy CPU)."""
-        return cls(_LocalBackend(onnx_path, device, intra_op_threads), k, rule, temperature, seed)
+        return cls(LocalBackend(onnx_path, device, intra_op_threads), k, rule, temperature, seed)
 
     @property
     def session(self) -> scoring.RaterSession | None:
@@ -174,17 +85,30 @@ class NoiseSelector:
         return getattr(self.backend, "session", None)
 
     @classmethod
-    def remote(cls, target: str, model: str, dataset: str = "", k: int = 8, rule: str = "argmax",
+    def remote(cls, target: str | Sequence[str], model: str, dataset: str = "", k: int = 8, rule: str = "argmax",
                temperature: float = 1.0, seed: int = 0, version: int = 0, timeout_s: float = 5.0,
                max_attempts: int = 4, fallback_onnx: str | Path | None = None, token: str | None = None,
                tls_root_cert: bytes | None = None, round_robin: bool = False,
                transport: str = "stream") -> NoiseSelector:
-        """Ask the rater server at `target` (one channel, kept open). `version` 0 = the server's default.
-        `transport` "stream" sends every selection over one SelectNoiseStream (cheaper per request for
-        both sides, see select_stream.py); "unary" makes one SelectNoise call per selection."""
-        backend = _RemoteBackend(target, model, dataset, version, timeout_s, max_attempts, token, tls_root_cert,
-                                 round_robin, transport)
-        fallback = _LocalBackend(fallback_onnx) if fallback_onnx is not None else None
+        """Ask the rater server at `target` (one channel, kept open; several addresses, as a list or
+        comma-separated, are balanced with gRPC's round_robin, see `noiserater.client.channel`). `version` 0
+        = the server's default. `transport` "stream" sends every selection over one SelectNoiseStream
+        (cheaper per request for both sides, see `noiserater.client.transports`; with several servers the
+        stream goes to one of them, a retry's new stream perhaps to another); "unary" makes one SelectNoise
+        call per selection, each balanced."""
+        from noiserater.client.channel import ChannelError, RaterChannel
+        from noiserater.client.transports import TRANSPORTS
+
+        if transport not in TRANSPORTS:
+            raise SelectorError(f"transport: {transport!r} is not one of {', '.join(TRANSPORTS)}")
+        try:
+            # The unary transport retries UNAVAILABLE at least once (gRPC's retry policy needs two attempts).
+            channel = RaterChannel(target, token=token, tls_root_cert=tls_root_cert, timeout_s=timeout_s,
+                                   max_attempts=max(2, max_attempts), round_robin=round_robin)
+        except ChannelError as exc:
+            raise SelectorError(str(exc)) from None
+        backend = RemoteBackend(channel, model, dataset, version, max_attempts, transport)
+        fallback = LocalBackend(fallback_onnx) if fallback_onnx is not None else None
         return cls(backend, k, rule, temperature, seed, fallback)
 
     # -- selection ------------------------------------------------------------------------------------
