@@ -82,7 +82,7 @@ def quickstart(
             cfg = Stage2Config(steps=train_steps, k=k)
             context = EvalContext.build(data, cfg)
             results = {}
-            selector = NoiseSelector.remote(target, model="digits", dataset="digits", k=k, seed=seed)
+            selector = NoiseSelector.remote(target, model="digits", dataset="digits", num_candidates=k, seed=seed)
             for method, sel in (("uniform", None), ("rater-argmax", selector)):
                 with tqdm(total=train_steps, desc=method, unit="step", disable=as_json, dynamic_ncols=True) as bar:
                     results[method] = train_stage2(data, method, train_steps, seed, selector=sel, config=cfg,

@@ -4,11 +4,13 @@
 asks a rater server. Both draw the K candidates here, with the selector's own seeded generator, and both
 choose through `noiserater.core.scoring`, so for the same seed they return the same noise.
 
-`k` is the number of candidates K drawn per sample; one of them is kept per sample:
+`num_candidates` is the number of candidates K drawn per sample; one of them is kept per sample:
 - "argmax": the best-scoring of the K;
 - "sample": one drawn from softmax(score / temperature) over the K;
 - "assign": K is ignored; the batch's B Gaussian noises are permuted over the samples to maximise
   the summed score (batch-level assignment), so the multiset of noises stays i.i.d. Gaussian.
+The constructors and `select` / `prefetch` still take K as `k=`, the name it had before, so code written
+against it keeps working; `k=` warns (DeprecationWarning) and is the same as `num_candidates=`.
 
 The remote selector never stalls training: every call has a deadline, UNAVAILABLE is retried with
 exponential backoff (by the stream transport, or by the gRPC channel for unary calls), and when the
@@ -19,9 +21,11 @@ Gaussian noise. Each fallback is counted in
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -46,19 +50,40 @@ def selection_stats(eps: torch.Tensor, x0: torch.Tensor) -> dict[str, float]:
     return {"sq_norm_per_dim": float(e.pow(2).mean()), "cosine_with_x0": float(cosine.mean())}
 
 
+def _accepts_k(func: Callable) -> Callable:
+    """`func(..., k=K)` is `func(..., num_candidates=K)` with a DeprecationWarning (K's name before)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if "k" in kwargs:
+            if "num_candidates" in kwargs:
+                raise TypeError(f"{func.__qualname__}: give num_candidates, not both it and k")
+            warnings.warn(f"{func.__qualname__}(k=...) is deprecated; use num_candidates=...", DeprecationWarning,
+                          stacklevel=2)
+            kwargs["num_candidates"] = kwargs.pop("k")
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def _check_num_candidates(num_candidates: int) -> None:
+    if num_candidates < 1:
+        raise SelectorError(f"num_candidates: the number of candidates must be >= 1, got {num_candidates}")
+
+
 class NoiseSelector:
     """Draws K candidate noises per sample and keeps the one the rater prefers (see module doc)."""
 
-    def __init__(self, backend: Any, k: int = 8, rule: str = "argmax", temperature: float = 1.0, seed: int = 0,
-                 fallback: LocalBackend | None = None):
+    @_accepts_k
+    def __init__(self, backend: Any, num_candidates: int = 8, rule: str = "argmax", temperature: float = 1.0,
+                 seed: int = 0, fallback: LocalBackend | None = None):
         try:
             rule = Rule.parse(rule)
         except scoring.ScoringError as exc:
             raise SelectorError(str(exc)) from None
-        if k < 1:
-            raise SelectorError(f"k: the number of candidates must be >= 1, got {k}")
+        _check_num_candidates(num_candidates)
         self.backend = backend
-        self.k = k
+        self.num_candidates = num_candidates
         self.rule = rule
         self.temperature = temperature
         self.seed = seed
@@ -73,11 +98,12 @@ class NoiseSelector:
 
     # -- constructors ---------------------------------------------------------------------------------
     @classmethod
-    def local(cls, onnx_path: str | Path, k: int = 8, rule: str = "argmax", temperature: float = 1.0,
+    @_accepts_k
+    def local(cls, onnx_path: str | Path, num_candidates: int = 8, rule: str = "argmax", temperature: float = 1.0,
               seed: int = 0, device: str = "cpu", intra_op_threads: int = 0) -> NoiseSelector:
         """Score in-process with onnxruntime (`device` picks its execution provider; `intra_op_threads`
         0 = onnxruntime's default pool, 1 = no pool, which is faster for small raters on a busy CPU)."""
-        return cls(LocalBackend(onnx_path, device, intra_op_threads), k, rule, temperature, seed)
+        return cls(LocalBackend(onnx_path, device, intra_op_threads), num_candidates, rule, temperature, seed)
 
     @property
     def session(self) -> scoring.RaterSession | None:
@@ -85,10 +111,11 @@ class NoiseSelector:
         return getattr(self.backend, "session", None)
 
     @classmethod
-    def remote(cls, target: str | Sequence[str], model: str, dataset: str = "", k: int = 8, rule: str = "argmax",
-               temperature: float = 1.0, seed: int = 0, version: int = 0, timeout_s: float = 5.0,
-               max_attempts: int = 4, fallback_onnx: str | Path | None = None, token: str | None = None,
-               tls_root_cert: bytes | None = None, round_robin: bool = False,
+    @_accepts_k
+    def remote(cls, target: str | Sequence[str], model: str, dataset: str = "", num_candidates: int = 8,
+               rule: str = "argmax", temperature: float = 1.0, seed: int = 0, version: int = 0,
+               timeout_s: float = 5.0, max_attempts: int = 4, fallback_onnx: str | Path | None = None,
+               token: str | None = None, tls_root_cert: bytes | None = None, round_robin: bool = False,
                transport: str = "stream") -> NoiseSelector:
         """Ask the rater server at `target` (one channel, kept open; several addresses, as a list or
         comma-separated, are balanced with gRPC's round_robin, see `noiserater.client.channel`). `version` 0
@@ -109,7 +136,7 @@ class NoiseSelector:
             raise SelectorError(str(exc)) from None
         backend = RemoteBackend(channel, model, dataset, version, max_attempts, transport)
         fallback = LocalBackend(fallback_onnx) if fallback_onnx is not None else None
-        return cls(backend, k, rule, temperature, seed, fallback)
+        return cls(backend, num_candidates, rule, temperature, seed, fallback)
 
     # -- selection ------------------------------------------------------------------------------------
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -123,12 +150,11 @@ class NoiseSelector:
         shape = (x0.shape[0], num_candidates, *x0.shape[1:])
         return torch.randn(shape, generator=self._generator(x0.device), device=x0.device, dtype=torch.float32)
 
-    def _prepare(self, x0: torch.Tensor, t: torch.Tensor, k: int | None):
+    def _prepare(self, x0: torch.Tensor, t: torch.Tensor, num_candidates: int | None):
         if x0.ndim < 1 or t.ndim != 1 or t.shape[0] != x0.shape[0]:
             raise SelectorError(f"t: shape {list(t.shape)} does not match x0's batch {list(x0.shape[:1])}")
-        num = 1 if self.rule is Rule.ASSIGN else (self.k if k is None else k)
-        if num < 1:
-            raise SelectorError(f"k: the number of candidates must be >= 1, got {num}")
+        num = 1 if self.rule is Rule.ASSIGN else (self.num_candidates if num_candidates is None else num_candidates)
+        _check_num_candidates(num)
         candidates = self.draw_candidates(x0, num)
         seed = (self.seed * 1_000_003 + self.calls) % (2**63)
         self.calls += 1
@@ -172,24 +198,27 @@ class NoiseSelector:
         self.last_stats = selection_stats(eps, x0)
         return eps
 
-    def select(self, x0: torch.Tensor, t: torch.Tensor, *, k: int | None = None) -> torch.Tensor:
-        """One selected noise per sample: same shape, device and dtype as x0. `k` overrides K for this call."""
+    @_accepts_k
+    def select(self, x0: torch.Tensor, t: torch.Tensor, *, num_candidates: int | None = None) -> torch.Tensor:
+        """One selected noise per sample: same shape, device and dtype as x0. `num_candidates` overrides K
+        for this call."""
         with self._lock:
             pending = self._pending
             self._pending = None
         if pending is not None and pending[0] == id(x0) and pending[1] == id(t):
             candidates, indices = pending[2].result()
             return self._finish(x0, candidates, indices)
-        candidates, x0_np, t_np, cand_np, seed = self._prepare(x0, t, k)
+        candidates, x0_np, t_np, cand_np, seed = self._prepare(x0, t, num_candidates)
         indices = self._choose(x0_np, t_np, cand_np, seed)
         return self._finish(x0, candidates, indices)
 
-    def prefetch(self, x0: torch.Tensor, t: torch.Tensor, *, k: int | None = None) -> None:
+    @_accepts_k
+    def prefetch(self, x0: torch.Tensor, t: torch.Tensor, *, num_candidates: int | None = None) -> None:
         """Start selecting for (x0, t) in the background; the next `select(x0, t)` with these very
         tensors returns that result, so the rater's round trip overlaps the current training step."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noise-prefetch")
-        candidates, x0_np, t_np, cand_np, seed = self._prepare(x0, t, k)
+        candidates, x0_np, t_np, cand_np, seed = self._prepare(x0, t, num_candidates)
         future = self._pool.submit(lambda: (candidates, self._choose(x0_np, t_np, cand_np, seed)))
         with self._lock:
             self._pending = (id(x0), id(t), future)
