@@ -3,6 +3,8 @@
 `NoiseSelector.local(onnx)` scores in-process with onnxruntime; `NoiseSelector.remote(target, model=...)`
 asks a rater server. Both draw the K candidates here, with the selector's own seeded generator, and both
 choose through `noiserater.core.scoring`, so for the same seed they return the same noise.
+`NoiseSelector.peer(name)` puts a peer method (a registered noise source: uniform, immiscible,
+immiscible-knn, min-snr) behind the same interface (select, prefetch, counters, close).
 
 `num_candidates` is the number of candidates K drawn per sample; one of them is kept per sample:
 - "argmax": the best-scoring of the K;
@@ -12,11 +14,14 @@ choose through `noiserater.core.scoring`, so for the same seed they return the s
 The constructors and `select` / `prefetch` still take K as `k=`, the name it had before, so code written
 against it keeps working; `k=` warns (DeprecationWarning) and is the same as `num_candidates=`.
 
+A selector is a noise source (`noiserater.client.sources.NoiseSource`): `sample(x0, t, step)` is
+`select(x0, t)` and `loss_weights(t)` is None for a rater (a peer's own weights for a peer).
+
 The remote selector never stalls training: every call has a deadline, UNAVAILABLE is retried with
 exponential backoff (by the stream transport, or by the gRPC channel for unary calls), and when the
 server still cannot answer the selector falls back to a local ONNX rater (if given) or else to plain
-Gaussian noise. Each fallback is counted in
-`selector.counters` and logged. Only INVALID_ARGUMENT (a bug in the caller) raises.
+Gaussian noise. Each fallback is counted in `selector.counters` and logged. Only INVALID_ARGUMENT (a bug
+in the caller) raises.
 """
 
 from __future__ import annotations
@@ -71,6 +76,11 @@ def _check_num_candidates(num_candidates: int) -> None:
         raise SelectorError(f"num_candidates: the number of candidates must be >= 1, got {num_candidates}")
 
 
+def _check_batch(x0: torch.Tensor, t: torch.Tensor) -> None:
+    if x0.ndim < 1 or t.ndim != 1 or t.shape[0] != x0.shape[0]:
+        raise SelectorError(f"t: shape {list(t.shape)} does not match x0's batch {list(x0.shape[:1])}")
+
+
 class NoiseSelector:
     """Draws K candidate noises per sample and keeps the one the rater prefers (see module doc)."""
 
@@ -105,11 +115,6 @@ class NoiseSelector:
         0 = onnxruntime's default pool, 1 = no pool, which is faster for small raters on a busy CPU)."""
         return cls(LocalBackend(onnx_path, device, intra_op_threads), num_candidates, rule, temperature, seed)
 
-    @property
-    def session(self) -> scoring.RaterSession | None:
-        """The in-process onnxruntime session (None for a remote selector)."""
-        return getattr(self.backend, "session", None)
-
     @classmethod
     @_accepts_k
     def remote(cls, target: str | Sequence[str], model: str, dataset: str = "", num_candidates: int = 8,
@@ -138,6 +143,30 @@ class NoiseSelector:
         fallback = LocalBackend(fallback_onnx) if fallback_onnx is not None else None
         return cls(backend, num_candidates, rule, temperature, seed, fallback)
 
+    @classmethod
+    @_accepts_k
+    def peer(cls, name: str, num_candidates: int = 8, seed: int = 0, device: str = "cpu",
+             **options: Any) -> NoiseSelector:
+        """A peer method behind the selector's interface: the noise source registered as `name` in
+        `noiserater.client.sources` (uniform, immiscible, immiscible-knn, min-snr, ...), built by
+        `make_source` with a generator seeded with `seed` on `device`, `num_candidates` and `options`
+        (min-snr takes `snr`, a function t -> snr(t), and `gamma`)."""
+        from noiserater.client import sources
+        from noiserater.client.peer_selector import PeerSelector
+
+        _check_num_candidates(num_candidates)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        try:
+            source = sources.make_source(name, generator=generator, num_candidates=num_candidates, **options)
+        except sources.SourceError as exc:
+            raise SelectorError(str(exc)) from None
+        return PeerSelector(source, num_candidates, seed)
+
+    @property
+    def session(self) -> scoring.RaterSession | None:
+        """The in-process onnxruntime session (None for a remote selector)."""
+        return getattr(self.backend, "session", None)
+
     # -- selection ------------------------------------------------------------------------------------
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -150,9 +179,11 @@ class NoiseSelector:
         shape = (x0.shape[0], num_candidates, *x0.shape[1:])
         return torch.randn(shape, generator=self._generator(x0.device), device=x0.device, dtype=torch.float32)
 
-    def _prepare(self, x0: torch.Tensor, t: torch.Tensor, num_candidates: int | None):
-        if x0.ndim < 1 or t.ndim != 1 or t.shape[0] != x0.shape[0]:
-            raise SelectorError(f"t: shape {list(t.shape)} does not match x0's batch {list(x0.shape[:1])}")
+    def _start(self, x0: torch.Tensor, t: torch.Tensor, num_candidates: int | None) -> Callable[[], Any]:
+        """Everything that must happen in call order (checks, drawing the candidates, the call's seed), and
+        the rest as a function that `select` runs now or `prefetch` in the background; `_finish` takes
+        its result."""
+        _check_batch(x0, t)
         num = 1 if self.rule is Rule.ASSIGN else (self.num_candidates if num_candidates is None else num_candidates)
         _check_num_candidates(num)
         candidates = self.draw_candidates(x0, num)
@@ -160,7 +191,8 @@ class NoiseSelector:
         self.calls += 1
         x0_np = x0.detach().to("cpu", torch.float32).numpy()
         t_np = t.detach().to("cpu", torch.int64).numpy()
-        return candidates, x0_np, t_np, candidates.cpu().numpy(), seed
+        cand_np = candidates.cpu().numpy()
+        return lambda: (candidates, self._choose(x0_np, t_np, cand_np, seed))
 
     def _choose(self, x0_np, t_np, cand_np, seed) -> np.ndarray | None:
         """Chosen indices, or None when plain Gaussian noise (the first candidate) must do."""
@@ -184,7 +216,8 @@ class NoiseSelector:
                     reason, self.counters["fallback_gaussian"])
         return None
 
-    def _finish(self, x0: torch.Tensor, candidates: torch.Tensor, indices: np.ndarray | None) -> torch.Tensor:
+    def _finish(self, x0: torch.Tensor, result: tuple[torch.Tensor, np.ndarray | None]) -> torch.Tensor:
+        candidates, indices = result
         if indices is None:
             eps = candidates[:, 0]
         elif self.rule is Rule.ASSIGN:
@@ -193,7 +226,9 @@ class NoiseSelector:
         else:
             idx = torch.from_numpy(indices[:, 0]).to(candidates.device)
             eps = candidates[torch.arange(candidates.shape[0], device=candidates.device), idx]
-        eps = eps.to(dtype=x0.dtype)
+        return self._count(eps.to(dtype=x0.dtype), x0)
+
+    def _count(self, eps: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         self.counters["selections"] += 1
         self.last_stats = selection_stats(eps, x0)
         return eps
@@ -206,11 +241,8 @@ class NoiseSelector:
             pending = self._pending
             self._pending = None
         if pending is not None and pending[0] == id(x0) and pending[1] == id(t):
-            candidates, indices = pending[2].result()
-            return self._finish(x0, candidates, indices)
-        candidates, x0_np, t_np, cand_np, seed = self._prepare(x0, t, num_candidates)
-        indices = self._choose(x0_np, t_np, cand_np, seed)
-        return self._finish(x0, candidates, indices)
+            return self._finish(x0, pending[2].result())
+        return self._finish(x0, self._start(x0, t, num_candidates)())
 
     @_accepts_k
     def prefetch(self, x0: torch.Tensor, t: torch.Tensor, *, num_candidates: int | None = None) -> None:
@@ -218,10 +250,17 @@ class NoiseSelector:
         tensors returns that result, so the rater's round trip overlaps the current training step."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noise-prefetch")
-        candidates, x0_np, t_np, cand_np, seed = self._prepare(x0, t, num_candidates)
-        future = self._pool.submit(lambda: (candidates, self._choose(x0_np, t_np, cand_np, seed)))
+        future = self._pool.submit(self._start(x0, t, num_candidates))
         with self._lock:
             self._pending = (id(x0), id(t), future)
+
+    # -- the NoiseSource interface --------------------------------------------------------------------
+    def sample(self, x0: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        """`select(x0, t)` (the selector seeds each call from its own call count, not from `step`)."""
+        return self.select(x0, t)
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor | None:
+        return None
 
     @property
     def model_version(self) -> int:
