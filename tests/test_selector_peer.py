@@ -43,6 +43,17 @@ def test_peer_selector_is_the_source_with_the_selector_interface():
     selector.close()
 
 
+def test_a_discarded_peer_prefetch_still_draws_in_call_order():
+    selector = NoiseSelector.peer("immiscible", seed=4)
+    source = make_source("immiscible", generator=torch.Generator().manual_seed(4))
+    (x0a, ta), (x0b, tb) = batch(seed=1), batch(seed=2)
+    for _ in range(5):
+        selector.prefetch(x0a, ta)  # never selected: select asks for other tensors
+        source.sample(x0a, ta, 0)
+        torch.testing.assert_close(selector.select(x0b, tb), source.sample(x0b, tb, 1), rtol=0, atol=0)
+    selector.close()
+
+
 def test_peer_loss_weights_and_errors():
     snr = lambda t: 10.0 / (1.0 + t.float())  # noqa: E731
     with NoiseSelector.peer("min-snr", seed=1, snr=snr) as selector:

@@ -5,6 +5,7 @@ training job switches between the rater and a peer method without changing its l
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import torch
 
@@ -27,6 +28,11 @@ class PeerSelector(NoiseSelector):
         step = self.calls
         self.calls += 1
         return lambda: self.source.sample(x0, t, step)
+
+    def _discard(self, prefetched: Future) -> None:
+        """Wait for it: the source draws from its generator while it runs, and the draws must stay in call
+        order for the noise to depend on the seed alone."""
+        prefetched.exception()
 
     def _finish(self, x0: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         return self._count(result, x0)

@@ -242,7 +242,13 @@ class NoiseSelector:
             self._pending = None
         if pending is not None and pending[0] == id(x0) and pending[1] == id(t):
             return self._finish(x0, pending[2].result())
+        if pending is not None:
+            self._discard(pending[2])
         return self._finish(x0, self._start(x0, t, num_candidates)())
+
+    def _discard(self, prefetched: Future) -> None:
+        """A prefetch that `select` was not called for: its result is dropped, unwaited (its candidates
+        were drawn when it started, so nothing later depends on it)."""
 
     @_accepts_k
     def prefetch(self, x0: torch.Tensor, t: torch.Tensor, *, num_candidates: int | None = None) -> None:
