@@ -8,6 +8,7 @@ The one-line change against a stock diffusers loop is marked below: `torch.randn
     nrctl export runs/digits-image --out digits-image.onnx
     python examples/diffusers_loop.py --rater digits-image.onnx --steps 200
     # or score on a rater server:  --server localhost:50051 --model digits-image
+    # (several servers, balanced with gRPC's round_robin: --server host1:50051,host2:50051)
 """
 
 from __future__ import annotations
@@ -71,15 +72,15 @@ def main() -> None:
     parser.add_argument("--rater", help="exported image rater (MODEL.onnx) for in-process scoring")
     parser.add_argument("--server", help="rater server host:port (remote scoring)")
     parser.add_argument("--model", default="digits-image", help="model name on the server")
-    parser.add_argument("--k", type=int, default=8, help="candidates per sample")
+    parser.add_argument("--num-candidates", "--k", type=int, default=8, help="candidates K per sample")
     parser.add_argument("--rule", default="assign", choices=("argmax", "sample", "assign"))
     parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
     if args.server:
-        selector = NoiseSelector.remote(args.server, model=args.model, dataset="digits-image", k=args.k,
-                                        rule=args.rule, fallback_onnx=args.rater)
+        selector = NoiseSelector.remote(args.server, model=args.model, dataset="digits-image",
+                                        num_candidates=args.num_candidates, rule=args.rule, fallback_onnx=args.rater)
     elif args.rater:
-        selector = NoiseSelector.local(args.rater, k=args.k, rule=args.rule)
+        selector = NoiseSelector.local(args.rater, num_candidates=args.num_candidates, rule=args.rule)
     else:
         parser.error("give --rater MODEL.onnx or --server HOST:PORT")
     with selector:

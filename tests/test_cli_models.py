@@ -65,3 +65,34 @@ def test_errors_are_one_line(args, message, tmp_path):
     assert proc.returncode == 1
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_deploy_models_stats_on_a_server(tmp_path, rater_onnx):
+    """The server half over RaterChannel: deploy with the admin token, list, statistics; an unreachable server
+    is one line."""
+    from support.server import ServerThread, make_repository
+
+    from noiserater.client.selector import NoiseSelector
+    from noiserater.server.config import ServerConfig
+
+    token = tmp_path / "token"
+    token.write_text("admin-token\n")
+    repo = make_repository(tmp_path / "repo", {"digits": [rater_onnx]})
+    config = ServerConfig(repository=repo, host="127.0.0.1", port=0, auth_token_file=str(token))
+    with ServerThread(config) as server:
+        refused = nrctl("deploy", rater_onnx, "--name", "digits", "--server", server.target, check=False)
+        assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+        deployed = json.loads(nrctl("deploy", rater_onnx, "--name", "digits", "--server", server.target,
+                                    "--token-file", token, "--json").stdout)
+        assert deployed == {"name": "digits", "version": 2, "server": server.target}
+        listed = json.loads(nrctl("models", "--server", server.target, "--json").stdout)["models"]
+        assert [(m["name"], m["default_version"], len(m["versions"])) for m in listed] == [("digits", 2, 2)]
+        with NoiseSelector.remote(server.target, model="digits", dataset="cli", num_candidates=2) as selector:
+            selector.select(torch.rand(3, 64), torch.randint(0, 100, (3,)))
+        stats = json.loads(nrctl("stats", "--server", server.target, "--dataset", "cli", "--json").stdout)
+        assert sum(b["count"] for b in stats["buckets"]) == 6 and stats["buckets"][0]["version"] == 2
+    from support import free_port
+
+    unreachable = nrctl("models", "--server", f"127.0.0.1:{free_port()}", check=False)
+    assert unreachable.returncode == 1 and "UNAVAILABLE" in unreachable.stderr
+    assert len(unreachable.stderr.strip().splitlines()) == 1

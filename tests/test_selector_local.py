@@ -16,7 +16,7 @@ def batch(b=6, seed=0):
 
 
 def test_select_returns_noise_like_x0(rater_onnx):
-    selector = NoiseSelector.local(rater_onnx, k=4)
+    selector = NoiseSelector.local(rater_onnx, num_candidates=4)
     x0, t = batch()
     for dtype in (torch.float32, torch.float16):
         eps = selector.select(x0.to(dtype), t)
@@ -26,9 +26,9 @@ def test_select_returns_noise_like_x0(rater_onnx):
 
 def test_argmax_picks_the_best_scored_candidate(rater_onnx):
     session = scoring.RaterSession(rater_onnx, device="cpu")
-    selector = NoiseSelector.local(rater_onnx, k=8, seed=5)
+    selector = NoiseSelector.local(rater_onnx, num_candidates=8, seed=5)
     x0, t = batch()
-    twin = NoiseSelector.local(rater_onnx, k=8, seed=5)  # same generator stream -> same candidates
+    twin = NoiseSelector.local(rater_onnx, num_candidates=8, seed=5)  # same generator stream -> same candidates
     candidates = twin.draw_candidates(x0, 8)
     eps = selector.select(x0, t)
     scores = session.score(*SelectionPlan(8).triples(x0.numpy(), t.numpy(), candidates.numpy())).reshape(6, 8)
@@ -47,12 +47,12 @@ def test_assign_permutes_the_batch_noise(rater_onnx):
     assert rows == sorted(map(tuple, pool.numpy().round(6).tolist()))
 
 
-def test_per_call_k_overrides_and_bad_arguments(rater_onnx):
-    selector = NoiseSelector.local(rater_onnx, k=8)
+def test_per_call_num_candidates_overrides_and_bad_arguments(rater_onnx):
+    selector = NoiseSelector.local(rater_onnx, num_candidates=8)
     x0, t = batch()
-    assert selector.select(x0, t, k=1).shape == x0.shape
-    with pytest.raises(SelectorError, match="k:"):
-        selector.select(x0, t, k=0)
+    assert selector.select(x0, t, num_candidates=1).shape == x0.shape
+    with pytest.raises(SelectorError, match="num_candidates:"):
+        selector.select(x0, t, num_candidates=0)
     with pytest.raises(SelectorError, match="x0: shape"):
         selector.select(x0[:, :10], t)
     with pytest.raises(SelectorError, match="rule"):
@@ -63,23 +63,23 @@ def test_per_call_k_overrides_and_bad_arguments(rater_onnx):
 
 def test_sample_rule_is_reproducible(rater_onnx):
     x0, t = batch()
-    a = NoiseSelector.local(rater_onnx, k=8, rule="sample", temperature=0.5, seed=11)
-    b = NoiseSelector.local(rater_onnx, k=8, rule="sample", temperature=0.5, seed=11)
+    a = NoiseSelector.local(rater_onnx, num_candidates=8, rule="sample", temperature=0.5, seed=11)
+    b = NoiseSelector.local(rater_onnx, num_candidates=8, rule="sample", temperature=0.5, seed=11)
     torch.testing.assert_close(a.select(x0, t), b.select(x0, t))
 
 
 def test_remote_without_server_falls_back_and_counts(rater_onnx):
     target = f"127.0.0.1:{free_port()}"  # nothing listens here
     x0, t = batch()
-    gaussian = NoiseSelector.remote(target, model="digits", k=4, timeout_s=0.5, max_attempts=2, seed=1)
-    twin = NoiseSelector.local(rater_onnx, k=4, seed=1)
+    gaussian = NoiseSelector.remote(target, model="digits", num_candidates=4, timeout_s=0.5, max_attempts=2, seed=1)
+    twin = NoiseSelector.local(rater_onnx, num_candidates=4, seed=1)
     eps = gaussian.select(x0, t)
     torch.testing.assert_close(eps, twin.draw_candidates(x0, 4)[:, 0])  # first candidate: plain Gaussian
     assert gaussian.counters["fallback_gaussian"] == 1
 
-    with_local = NoiseSelector.remote(target, model="digits", k=4, timeout_s=0.5, max_attempts=2, seed=1,
+    with_local = NoiseSelector.remote(target, model="digits", num_candidates=4, timeout_s=0.5, max_attempts=2, seed=1,
                                       fallback_onnx=rater_onnx)
-    local = NoiseSelector.local(rater_onnx, k=4, seed=1)
+    local = NoiseSelector.local(rater_onnx, num_candidates=4, seed=1)
     torch.testing.assert_close(with_local.select(x0, t), local.select(x0, t))
     assert with_local.counters["fallback_local"] == 1
     gaussian.close()
@@ -88,8 +88,8 @@ def test_remote_without_server_falls_back_and_counts(rater_onnx):
 
 def test_prefetch_gives_the_same_noise_as_select(rater_onnx):
     x0, t = batch()
-    plain = NoiseSelector.local(rater_onnx, k=8, seed=4)
-    prefetching = NoiseSelector.local(rater_onnx, k=8, seed=4)
+    plain = NoiseSelector.local(rater_onnx, num_candidates=8, seed=4)
+    prefetching = NoiseSelector.local(rater_onnx, num_candidates=8, seed=4)
     expected = [plain.select(x0, t), plain.select(x0 * 0.5, t)]
     x0b = x0 * 0.5
     prefetching.prefetch(x0, t)
@@ -100,3 +100,16 @@ def test_prefetch_gives_the_same_noise_as_select(rater_onnx):
     torch.testing.assert_close(second, expected[1])
     prefetching.close()
     assert np.isfinite(second.numpy()).all()
+
+
+def test_k_is_a_deprecated_alias_of_num_candidates(rater_onnx):
+    x0, t = batch()
+    with pytest.warns(DeprecationWarning, match="use num_candidates"):
+        old = NoiseSelector.local(rater_onnx, k=3, seed=7)
+    new = NoiseSelector.local(rater_onnx, num_candidates=3, seed=7)
+    assert old.num_candidates == new.num_candidates == 3
+    with pytest.warns(DeprecationWarning, match="use num_candidates"):
+        got = old.select(x0, t, k=2)
+    torch.testing.assert_close(got, new.select(x0, t, num_candidates=2), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="not both"):
+        NoiseSelector.local(rater_onnx, num_candidates=3, k=3)

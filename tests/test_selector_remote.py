@@ -25,10 +25,10 @@ def batches(n, b=16, seed=0):
 @pytest.mark.parametrize("transport", ["stream", "unary"])
 @pytest.mark.parametrize("rule, k", [("argmax", 8), ("sample", 8), ("assign", 1)])
 def test_remote_equals_local(server, rater_onnx, rule, k, transport):
-    remote = NoiseSelector.remote(server.target, model="digits", dataset="digits", k=k, rule=rule,
+    remote = NoiseSelector.remote(server.target, model="digits", dataset="digits", num_candidates=k, rule=rule,
                                   temperature=0.7, seed=3, transport=transport)
-    local = NoiseSelector.local(rater_onnx, k=k, rule=rule, temperature=0.7, seed=3)
-    uniform = NoiseSelector.local(rater_onnx, k=k, rule=rule, seed=3)
+    local = NoiseSelector.local(rater_onnx, num_candidates=k, rule=rule, temperature=0.7, seed=3)
+    uniform = NoiseSelector.local(rater_onnx, num_candidates=k, rule=rule, seed=3)
     for x0, t in batches(3):
         got, want = remote.select(x0, t), local.select(x0, t)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -41,21 +41,22 @@ def test_remote_equals_local(server, rater_onnx, rule, k, transport):
 
 
 def test_remote_prefetch_and_k_schedule(server, rater_onnx):
-    remote = NoiseSelector.remote(server.target, model="digits", k=8, seed=5)
-    local = NoiseSelector.local(rater_onnx, k=8, seed=5)
+    remote = NoiseSelector.remote(server.target, model="digits", num_candidates=8, seed=5)
+    local = NoiseSelector.local(rater_onnx, num_candidates=8, seed=5)
     (x0a, ta), (x0b, tb) = batches(2, seed=1)
-    remote.prefetch(x0a, ta, k=4)
-    torch.testing.assert_close(remote.select(x0a, ta), local.select(x0a, ta, k=4), rtol=0, atol=0)
-    torch.testing.assert_close(remote.select(x0b, tb, k=2), local.select(x0b, tb, k=2), rtol=0, atol=0)
+    remote.prefetch(x0a, ta, num_candidates=4)
+    torch.testing.assert_close(remote.select(x0a, ta), local.select(x0a, ta, num_candidates=4), rtol=0, atol=0)
+    torch.testing.assert_close(remote.select(x0b, tb, num_candidates=2), local.select(x0b, tb, num_candidates=2),
+                               rtol=0, atol=0)
     remote.close()
 
 
 def test_remote_errors(server):
-    unknown = NoiseSelector.remote(server.target, model="nope", k=4, timeout_s=2)
+    unknown = NoiseSelector.remote(server.target, model="nope", num_candidates=4, timeout_s=2)
     x0, t = batches(1)[0]
     eps = unknown.select(x0, t)  # NOT_FOUND: training goes on with Gaussian noise, counted
     assert eps.shape == x0.shape and unknown.counters["fallback_gaussian"] == 1
-    bad = NoiseSelector.remote(server.target, model="digits", k=4)
+    bad = NoiseSelector.remote(server.target, model="digits", num_candidates=4)
     with pytest.raises(SelectorError, match="t: timesteps must lie in"):
         bad.select(x0, t + 1000)
     unknown.close()

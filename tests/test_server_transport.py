@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from support.server import ServerThread, make_repository
 
+from noiserater.client.channel import RaterChannel
 from noiserater.core import codec
 from noiserater.core.v1 import rater_service_pb2 as pb
 from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
@@ -37,6 +38,8 @@ def test_tls(tmp_path, rater_onnx):
         credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
         with grpc.secure_channel(f"localhost:{server.port}", credentials) as channel:
             assert pb_grpc.RaterServiceStub(channel).Score(score_request(3)).model.version == 1
+        with RaterChannel(f"localhost:{server.port}", tls_root_cert=cert.read_bytes(), timeout_s=10) as channel:
+            assert channel.call("Score", score_request(3)).model.version == 1
         with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as err:
             pb_grpc.RaterServiceStub(channel).Score(score_request(3), timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -26,7 +26,7 @@ def test_diffusers_loop_trains_on_selected_noise(tmp_path):
     spec = importlib.util.spec_from_file_location("diffusers_loop", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    selector = NoiseSelector.local(onnx, k=4, rule="argmax")
+    selector = NoiseSelector.local(onnx, num_candidates=4, rule="argmax")
     losses = example.train(selector, steps=2, batch_size=8, log_every=1)
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
     assert selector.counters["selections"] == 2

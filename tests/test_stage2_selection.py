@@ -96,8 +96,8 @@ def test_selector_rules_match_the_shared_functions(dot_onnx):
     x0 = torch.randn(5, D, generator=gen)
     t = torch.randint(0, T, (5,), generator=gen)
     for rule, shared in (("argmax", "top_k"), ("sample", "sample")):
-        selector = NoiseSelector.local(dot_onnx, k=6, rule=rule, temperature=0.5, seed=4)
-        twin = NoiseSelector.local(dot_onnx, k=6, rule=rule, temperature=0.5, seed=4)
+        selector = NoiseSelector.local(dot_onnx, num_candidates=6, rule=rule, temperature=0.5, seed=4)
+        twin = NoiseSelector.local(dot_onnx, num_candidates=6, rule=rule, temperature=0.5, seed=4)
         candidates = twin.draw_candidates(x0, 6)
         eps = selector.select(x0, t)
         scores = (x0[:, None, :] * candidates).sum(-1).numpy()
@@ -133,7 +133,8 @@ def test_noise_source_selects_only_above_t_min_and_symmetrise_only_flips_signs(d
     eps = NoiseSource("rater-argmax", cfg, seed=0, device=cpu, rater=dot_onnx)(x0, t, 0)
     gaussian = peers.gaussian(x0, torch.Generator().manual_seed(0 * 1000 + 2))
     torch.testing.assert_close(eps[~high], gaussian[~high])
-    candidates = NoiseSelector.local(dot_onnx, k=4, seed=0, intra_op_threads=1).draw_candidates(x0[high], 4)
+    twin = NoiseSelector.local(dot_onnx, num_candidates=4, seed=0, intra_op_threads=1)
+    candidates = twin.draw_candidates(x0[high], 4)
     best = (x0[high][:, None, :] * candidates).sum(-1).argmax(1)
     torch.testing.assert_close(eps[high], candidates[torch.arange(int(high.sum())), best])
 

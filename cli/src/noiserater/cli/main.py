@@ -1,15 +1,39 @@
 """nrctl: train, export, deploy, inspect and benchmark NoiseRater raters.
 
-Each command lives in its own module; this file only wires them into one Typer app. Errors are
-reported as one line on stderr with a non-zero exit (see `noiserater.cli.output.fail`).
+Each command lives in its own module; this file only wires them into one Typer app. Starting nrctl imports
+no torch, scikit-learn or matplotlib: the command modules imported here keep those imports inside the
+command bodies, and the `bench` commands are imported only when one of them (or `nrctl bench --help`) runs.
+Errors are reported as one line on stderr with a non-zero exit (see `noiserater.cli.output.fail`).
 """
 
 from __future__ import annotations
 
-import typer
+import importlib
 
-import noiserater.cli.bench_serve as bench_serve
-from noiserater.cli import bench_train_cmd, models_cmds, quickstart, train_cmd
+import click
+import typer
+from typer.core import TyperGroup
+
+from noiserater.cli import models_cmds, quickstart, train_cmd
+
+# bench subcommand -> the module whose register(typer_app) adds it, in the order `nrctl bench --help` lists them
+BENCH_COMMANDS = {"train": "noiserater.cli.bench_train_cmd", "serve": "noiserater.cli.bench_serve"}
+
+
+class LazyBenchGroup(TyperGroup):
+    """The `bench` group: a subcommand's module is imported the first time the subcommand is looked up."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*BENCH_COMMANDS, *(name for name in super().list_commands(ctx) if name not in BENCH_COMMANDS)]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in BENCH_COMMANDS and name not in self.commands:
+            module = importlib.import_module(BENCH_COMMANDS[name])
+            loaded = typer.Typer(add_completion=False)
+            module.register(loaded)
+            self.add_command(typer.main.get_group(loaded).commands[name], name)
+        return super().get_command(ctx, name)
+
 
 app = typer.Typer(
     name="nrctl",
@@ -19,14 +43,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 bench_app = typer.Typer(help="Benchmarks that write reports (efficacy of training; serving throughput).",
-                        no_args_is_help=True)
+                        no_args_is_help=True, cls=LazyBenchGroup)
 app.add_typer(bench_app, name="bench")
 
 models_cmds.register(app)
 train_cmd.register(app)
 quickstart.register(app)
-bench_train_cmd.register(bench_app)
-bench_serve.register(bench_app)
 
 
 if __name__ == "__main__":

@@ -31,27 +31,23 @@ def read_token(token_file: Path | None) -> str | None:
 
 
 @contextlib.contextmanager
-def rater_stub(server: str | None):
-    """A RaterService stub; any gRPC error inside the block becomes one line and exit code 1."""
+def rater_channel(server: str | None, token: str | None = None):
+    """A RaterChannel to the server (no retries: a retried deploy could add a version twice); any gRPC error
+    inside the block becomes one line and exit code 1."""
     import grpc
 
-    from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
+    from noiserater.client.channel import ChannelError, RaterChannel
 
-    target = server_target(server)
-    size = 64 * 1024 * 1024
-    channel = grpc.insecure_channel(
-        target, [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
-    )
     try:
-        yield pb_grpc.RaterServiceStub(channel)
+        channel = RaterChannel(server_target(server), token=token, timeout_s=TIMEOUT_S, max_attempts=1)
+    except ChannelError as exc:
+        fail(str(exc))
+    try:
+        yield channel
     except grpc.RpcError as exc:
-        fail(f"{target}: {exc.code().name}: {exc.details()}")
+        fail(f"{channel.target}: {exc.code().name}: {exc.details()}")
     finally:
         channel.close()
-
-
-def auth_metadata(token: str | None):
-    return (("authorization", f"Bearer {token}"),) if token else None
 
 
 def export(
@@ -114,9 +110,8 @@ def deploy(
     else:
         from noiserater.core.v1 import rater_service_pb2 as pb
 
-        with rater_stub(server) as stub:
-            response = stub.DeployModel(pb.DeployModelRequest(name=name, version=version, onnx=data),
-                                        timeout=TIMEOUT_S, metadata=auth_metadata(read_token(token_file)))
+        with rater_channel(server, read_token(token_file)) as channel:
+            response = channel.call("DeployModel", pb.DeployModelRequest(name=name, version=version, onnx=data))
         result = {"name": response.model.name, "version": response.model.version, "server": server_target(server)}
     if as_json:
         emit_json(result)
@@ -140,8 +135,8 @@ def models(
     else:
         from noiserater.core.v1 import rater_service_pb2 as pb
 
-        with rater_stub(server) as stub:
-            response = stub.ListModels(pb.ListModelsRequest(), timeout=TIMEOUT_S)
+        with rater_channel(server) as channel:
+            response = channel.call("ListModels", pb.ListModelsRequest())
         rows = [{"name": m.name, "default_version": m.default_version,
                  "versions": [{"version": v.version, "state": v.state} for v in m.versions]}
                 for m in response.models]
@@ -164,9 +159,8 @@ def stats(
     """Show the shared per-dataset score statistics (count, mean, std, min, max per timestep bucket)."""
     from noiserater.core.v1 import rater_service_pb2 as pb
 
-    with rater_stub(server) as stub:
-        response = stub.GetStats(pb.GetStatsRequest(dataset=dataset, model=model, version=version),
-                                 timeout=TIMEOUT_S)
+    with rater_channel(server) as channel:
+        response = channel.call("GetStats", pb.GetStatsRequest(dataset=dataset, model=model, version=version))
     rows = []
     for b in response.buckets:
         variance = b.m2 / (b.count - 1) if b.count > 1 else 0.0

@@ -29,12 +29,11 @@ def quickstart(
     as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
 ) -> None:
     """Run the whole pipeline on digits: train-rater, export, serve, deploy, select remotely, compare."""
-    import grpc
     from tqdm import tqdm
 
+    from noiserater.client.channel import RaterChannel
     from noiserater.client.selector import NoiseSelector
     from noiserater.core.v1 import rater_service_pb2 as pb
-    from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
     from noiserater.trainer.data import load_dataset
     from noiserater.trainer.export import export_rater
     from noiserater.trainer.rater import load_rater
@@ -70,10 +69,9 @@ def quickstart(
             target = start_rater_server(stack, repository, log_path=work / "rater-server.log").target
         except (RuntimeError, OSError) as exc:
             fail(f"{exc}; see {work / 'rater-server.log'}")
-        with grpc.insecure_channel(target) as channel:
-            stub = pb_grpc.RaterServiceStub(channel)
-            deployed = stub.DeployModel(pb.DeployModelRequest(name="digits", onnx=onnx_path.read_bytes()),
-                                        timeout=60).model
+        with RaterChannel(target, max_attempts=1) as channel:
+            deployed = channel.call("DeployModel", pb.DeployModelRequest(name="digits", onnx=onnx_path.read_bytes()),
+                                    timeout_s=60).model
             say(f"    {target}: deployed digits version {deployed.version}")
 
             say(f"[bold]4/5 stage 2[/] {train_steps} steps each: uniform Gaussian noise vs the served rater "
@@ -82,7 +80,7 @@ def quickstart(
             cfg = Stage2Config(steps=train_steps, k=k)
             context = EvalContext.build(data, cfg)
             results = {}
-            selector = NoiseSelector.remote(target, model="digits", dataset="digits", k=k, seed=seed)
+            selector = NoiseSelector.remote(target, model="digits", dataset="digits", num_candidates=k, seed=seed)
             for method, sel in (("uniform", None), ("rater-argmax", selector)):
                 with tqdm(total=train_steps, desc=method, unit="step", disable=as_json, dynamic_ncols=True) as bar:
                     results[method] = train_stage2(data, method, train_steps, seed, selector=sel, config=cfg,
@@ -91,7 +89,7 @@ def quickstart(
             selector.close()
 
             say("[bold]5/5 statistics[/] the server's score statistics for dataset digits")
-            stats = stub.GetStats(pb.GetStatsRequest(dataset="digits"), timeout=10)
+            stats = channel.call("GetStats", pb.GetStatsRequest(dataset="digits"), timeout_s=10)
     scored = sum(b.count for b in stats.buckets)
 
     metrics = ["val_loss", "frechet", "swd", "ms_per_step", "noise_sq_norm_per_dim", "noise_cosine_with_x0"]

@@ -1,18 +1,19 @@
-"""NoiseRater's client for training jobs: `NoiseSelector` (in-process or remote), its transports and the
-one channel builder every caller of a rater server uses.
+"""NoiseRater's client for training jobs: `NoiseSelector` (in-process, remote or a peer method), its
+transports and `RaterChannel`, the one channel builder every caller of a rater server uses.
 
-Importing this package imports no torch: `NoiseSelector` is loaded on first use, and the channel and
+Importing this package imports no torch: each name is loaded on first use, and the channel and the
 admin calls need only grpc and numpy.
 """
 
 from __future__ import annotations
 
-__all__ = ["NoiseSelector", "SelectorError"]
+import importlib
+
+_HOMES = {"NoiseSelector": "selector", "SelectorError": "backends", "RaterChannel": "channel"}
+__all__ = list(_HOMES)
 
 
 def __getattr__(name: str):
-    if name in __all__:
-        from noiserater.client import selector
-
-        return getattr(selector, name)
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"noiserater.client.{_HOMES[name]}"), name)
     raise AttributeError(name)

@@ -3,25 +3,34 @@
 `NoiseSelector.local(onnx)` scores in-process with onnxruntime; `NoiseSelector.remote(target, model=...)`
 asks a rater server. Both draw the K candidates here, with the selector's own seeded generator, and both
 choose through `noiserater.core.scoring`, so for the same seed they return the same noise.
+`NoiseSelector.peer(name)` puts a peer method (a registered noise source: uniform, immiscible,
+immiscible-knn, min-snr) behind the same interface (select, prefetch, counters, close).
 
-`k` is the number of candidates K drawn per sample; one of them is kept per sample:
+`num_candidates` is the number of candidates K drawn per sample; one of them is kept per sample:
 - "argmax": the best-scoring of the K;
 - "sample": one drawn from softmax(score / temperature) over the K;
 - "assign": K is ignored; the batch's B Gaussian noises are permuted over the samples to maximise
   the summed score (batch-level assignment), so the multiset of noises stays i.i.d. Gaussian.
+The constructors and `select` / `prefetch` still take K as `k=`, the name it had before, so code written
+against it keeps working; `k=` warns (DeprecationWarning) and is the same as `num_candidates=`.
+
+A selector is a noise source (`noiserater.client.sources.NoiseSource`): `sample(x0, t, step)` is
+`select(x0, t)` and `loss_weights(t)` is None for a rater (a peer's own weights for a peer).
 
 The remote selector never stalls training: every call has a deadline, UNAVAILABLE is retried with
 exponential backoff (by the stream transport, or by the gRPC channel for unary calls), and when the
 server still cannot answer the selector falls back to a local ONNX rater (if given) or else to plain
-Gaussian noise. Each fallback is counted in
-`selector.counters` and logged. Only INVALID_ARGUMENT (a bug in the caller) raises.
+Gaussian noise. Each fallback is counted in `selector.counters` and logged. Only INVALID_ARGUMENT (a bug
+in the caller) raises.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import threading
+import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,16 +38,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from noiserater.core import codec, scoring
+from noiserater.client.backends import LocalBackend, RemoteBackend, SelectorError
+from noiserater.core import scoring
 from noiserater.core.selection import Rule, SelectionPlan
 
+__all__ = ["NoiseSelector", "SelectorError", "selection_stats"]
+
 log = logging.getLogger("noiserater.selector")
-
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-class SelectorError(ValueError):
-    pass
 
 
 def selection_stats(eps: torch.Tensor, x0: torch.Tensor) -> dict[str, float]:
@@ -49,105 +55,45 @@ def selection_stats(eps: torch.Tensor, x0: torch.Tensor) -> dict[str, float]:
     return {"sq_norm_per_dim": float(e.pow(2).mean()), "cosine_with_x0": float(cosine.mean())}
 
 
-class _LocalBackend:
-    def __init__(self, onnx_path: str | Path, device: str = "cpu", intra_op_threads: int = 0):
-        path = Path(onnx_path)
-        if not path.is_file():
-            raise SelectorError(f"rater file not found: {path}")
-        self.session = scoring.RaterSession(path, device=device, intra_op_threads=intra_op_threads)
-        self.version = 0
+def _accepts_k(func: Callable) -> Callable:
+    """`func(..., k=K)` is `func(..., num_candidates=K)` with a DeprecationWarning (K's name before)."""
 
-    def choose(self, plan: SelectionPlan, x0, t, candidates, seed) -> np.ndarray:
-        indices, _ = plan.select(self.session.score, self.session.info, x0, t, candidates, seed)
-        return indices
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if "k" in kwargs:
+            if "num_candidates" in kwargs:
+                raise TypeError(f"{func.__qualname__}: give num_candidates, not both it and k")
+            warnings.warn(f"{func.__qualname__}(k=...) is deprecated; use num_candidates=...", DeprecationWarning,
+                          stacklevel=2)
+            kwargs["num_candidates"] = kwargs.pop("k")
+        return func(*args, **kwargs)
+
+    return wrapper
 
 
-class _RemoteBackend:
-    def __init__(self, target: str, model: str, dataset: str, version: int, timeout_s: float, max_attempts: int,
-                 token: str | None, tls_root_cert: bytes | None, round_robin: bool, transport: str = "stream"):
-        import grpc
+def _check_num_candidates(num_candidates: int) -> None:
+    if num_candidates < 1:
+        raise SelectorError(f"num_candidates: the number of candidates must be >= 1, got {num_candidates}")
 
-        from noiserater.client.transports import TRANSPORTS, StreamTransport
-        from noiserater.core.v1 import rater_service_pb2 as pb
-        from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
 
-        if transport not in TRANSPORTS:
-            raise SelectorError(f"transport: {transport!r} is not one of {', '.join(TRANSPORTS)}")
-        self._pb = pb
-        service_config: dict[str, Any] = {
-            "methodConfig": [{
-                "name": [{"service": "noiserater.v1.RaterService"}],
-                "retryPolicy": {
-                    "maxAttempts": max(2, max_attempts),
-                    "initialBackoff": "0.05s",
-                    "maxBackoff": "1s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }],
-        }
-        if round_robin:
-            service_config["loadBalancingConfig"] = [{"round_robin": {}}]
-        options = [
-            ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
-            ("grpc.enable_retries", 1),
-            ("grpc.service_config", json.dumps(service_config)),
-        ]
-        if tls_root_cert is not None:
-            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(tls_root_cert), options)
-        else:
-            self.channel = grpc.insecure_channel(target, options)
-        self.stub = pb_grpc.RaterServiceStub(self.channel)
-        self.model_ref = pb.ModelRef(name=model, version=version)
-        self.dataset = dataset
-        self.timeout_s = timeout_s
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
-        self.version = 0
-        self.stream = StreamTransport(self.stub, pb, self.metadata, max_attempts, self._unary) \
-            if transport == "stream" else None
-
-    def _unary(self, request, timeout_s: float):
-        return self.stub.SelectNoise(request, timeout=timeout_s, metadata=self.metadata)
-
-    def choose(self, plan: SelectionPlan, x0, t, candidates, seed) -> np.ndarray:
-        request = self._pb.SelectNoiseRequest(
-            model=self.model_ref,
-            dataset=self.dataset,
-            x0=codec.encode(x0),
-            t=codec.encode(t),
-            candidates=codec.encode(candidates),
-            keep=plan.keep,
-            rule=plan.rule.to_proto(),
-            temperature=plan.temperature,
-            seed=seed,
-        )
-        if self.stream is not None:
-            response = self.stream.select(request, self.timeout_s)
-        else:
-            response = self._unary(request, self.timeout_s)
-        self.version = response.model.version
-        return np.array(codec.decode(response.indices, "indices"))
-
-    def close(self) -> None:
-        if self.stream is not None:
-            self.stream.close()
-        self.channel.close()
+def _check_batch(x0: torch.Tensor, t: torch.Tensor) -> None:
+    if x0.ndim < 1 or t.ndim != 1 or t.shape[0] != x0.shape[0]:
+        raise SelectorError(f"t: shape {list(t.shape)} does not match x0's batch {list(x0.shape[:1])}")
 
 
 class NoiseSelector:
     """Draws K candidate noises per sample and keeps the one the rater prefers (see module doc)."""
 
-    def __init__(self, backend: Any, k: int = 8, rule: str = "argmax", temperature: float = 1.0, seed: int = 0,
-                 fallback: _LocalBackend | None = None):
+    @_accepts_k
+    def __init__(self, backend: Any, num_candidates: int = 8, rule: str = "argmax", temperature: float = 1.0,
+                 seed: int = 0, fallback: LocalBackend | None = None):
         try:
             rule = Rule.parse(rule)
         except scoring.ScoringError as exc:
             raise SelectorError(str(exc)) from None
-        if k < 1:
-            raise SelectorError(f"k: the number of candidates must be >= 1, got {k}")
+        _check_num_candidates(num_candidates)
         self.backend = backend
-        self.k = k
+        self.num_candidates = num_candidates
         self.rule = rule
         self.temperature = temperature
         self.seed = seed
@@ -162,30 +108,64 @@ class NoiseSelector:
 
     # -- constructors ---------------------------------------------------------------------------------
     @classmethod
-    def local(cls, onnx_path: str | Path, k: int = 8, rule: str = "argmax", temperature: float = 1.0,
+    @_accepts_k
+    def local(cls, onnx_path: str | Path, num_candidates: int = 8, rule: str = "argmax", temperature: float = 1.0,
               seed: int = 0, device: str = "cpu", intra_op_threads: int = 0) -> NoiseSelector:
         """Score in-process with onnxruntime (`device` picks its execution provider; `intra_op_threads`
         0 = onnxruntime's default pool, 1 = no pool, which is faster for small raters on a busy CPU)."""
-        return cls(_LocalBackend(onnx_path, device, intra_op_threads), k, rule, temperature, seed)
+        return cls(LocalBackend(onnx_path, device, intra_op_threads), num_candidates, rule, temperature, seed)
+
+    @classmethod
+    @_accepts_k
+    def remote(cls, target: str | Sequence[str], model: str, dataset: str = "", num_candidates: int = 8,
+               rule: str = "argmax", temperature: float = 1.0, seed: int = 0, version: int = 0,
+               timeout_s: float = 5.0, max_attempts: int = 4, fallback_onnx: str | Path | None = None,
+               token: str | None = None, tls_root_cert: bytes | None = None, round_robin: bool = False,
+               transport: str = "stream") -> NoiseSelector:
+        """Ask the rater server at `target` (one channel, kept open; several addresses, as a list or
+        comma-separated, are balanced with gRPC's round_robin, see `noiserater.client.channel`). `version` 0
+        = the server's default. `transport` "stream" sends every selection over one SelectNoiseStream
+        (cheaper per request for both sides, see `noiserater.client.transports`; with several servers the
+        stream goes to one of them, a retry's new stream perhaps to another); "unary" makes one SelectNoise
+        call per selection, each balanced."""
+        from noiserater.client.channel import ChannelError, RaterChannel
+        from noiserater.client.transports import TRANSPORTS
+
+        if transport not in TRANSPORTS:
+            raise SelectorError(f"transport: {transport!r} is not one of {', '.join(TRANSPORTS)}")
+        try:
+            # The unary transport retries UNAVAILABLE at least once (gRPC's retry policy needs two attempts).
+            channel = RaterChannel(target, token=token, tls_root_cert=tls_root_cert, timeout_s=timeout_s,
+                                   max_attempts=max(2, max_attempts), round_robin=round_robin)
+        except ChannelError as exc:
+            raise SelectorError(str(exc)) from None
+        backend = RemoteBackend(channel, model, dataset, version, max_attempts, transport)
+        fallback = LocalBackend(fallback_onnx) if fallback_onnx is not None else None
+        return cls(backend, num_candidates, rule, temperature, seed, fallback)
+
+    @classmethod
+    @_accepts_k
+    def peer(cls, name: str, num_candidates: int = 8, seed: int = 0, device: str = "cpu",
+             **options: Any) -> NoiseSelector:
+        """A peer method behind the selector's interface: the noise source registered as `name` in
+        `noiserater.client.sources` (uniform, immiscible, immiscible-knn, min-snr, ...), built by
+        `make_source` with a generator seeded with `seed` on `device`, `num_candidates` and `options`
+        (min-snr takes `snr`, a function t -> snr(t), and `gamma`)."""
+        from noiserater.client import sources
+        from noiserater.client.peer_selector import PeerSelector
+
+        _check_num_candidates(num_candidates)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        try:
+            source = sources.make_source(name, generator=generator, num_candidates=num_candidates, **options)
+        except sources.SourceError as exc:
+            raise SelectorError(str(exc)) from None
+        return PeerSelector(source, num_candidates, seed)
 
     @property
     def session(self) -> scoring.RaterSession | None:
         """The in-process onnxruntime session (None for a remote selector)."""
         return getattr(self.backend, "session", None)
-
-    @classmethod
-    def remote(cls, target: str, model: str, dataset: str = "", k: int = 8, rule: str = "argmax",
-               temperature: float = 1.0, seed: int = 0, version: int = 0, timeout_s: float = 5.0,
-               max_attempts: int = 4, fallback_onnx: str | Path | None = None, token: str | None = None,
-               tls_root_cert: bytes | None = None, round_robin: bool = False,
-               transport: str = "stream") -> NoiseSelector:
-        """Ask the rater server at `target` (one channel, kept open). `version` 0 = the server's default.
-        `transport` "stream" sends every selection over one SelectNoiseStream (cheaper per request for
-        both sides, see select_stream.py); "unary" makes one SelectNoise call per selection."""
-        backend = _RemoteBackend(target, model, dataset, version, timeout_s, max_attempts, token, tls_root_cert,
-                                 round_robin, transport)
-        fallback = _LocalBackend(fallback_onnx) if fallback_onnx is not None else None
-        return cls(backend, k, rule, temperature, seed, fallback)
 
     # -- selection ------------------------------------------------------------------------------------
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -199,18 +179,20 @@ class NoiseSelector:
         shape = (x0.shape[0], num_candidates, *x0.shape[1:])
         return torch.randn(shape, generator=self._generator(x0.device), device=x0.device, dtype=torch.float32)
 
-    def _prepare(self, x0: torch.Tensor, t: torch.Tensor, k: int | None):
-        if x0.ndim < 1 or t.ndim != 1 or t.shape[0] != x0.shape[0]:
-            raise SelectorError(f"t: shape {list(t.shape)} does not match x0's batch {list(x0.shape[:1])}")
-        num = 1 if self.rule is Rule.ASSIGN else (self.k if k is None else k)
-        if num < 1:
-            raise SelectorError(f"k: the number of candidates must be >= 1, got {num}")
+    def _start(self, x0: torch.Tensor, t: torch.Tensor, num_candidates: int | None) -> Callable[[], Any]:
+        """Everything that must happen in call order (checks, drawing the candidates, the call's seed), and
+        the rest as a function that `select` runs now or `prefetch` in the background; `_finish` takes
+        its result."""
+        _check_batch(x0, t)
+        num = 1 if self.rule is Rule.ASSIGN else (self.num_candidates if num_candidates is None else num_candidates)
+        _check_num_candidates(num)
         candidates = self.draw_candidates(x0, num)
         seed = (self.seed * 1_000_003 + self.calls) % (2**63)
         self.calls += 1
         x0_np = x0.detach().to("cpu", torch.float32).numpy()
         t_np = t.detach().to("cpu", torch.int64).numpy()
-        return candidates, x0_np, t_np, candidates.cpu().numpy(), seed
+        cand_np = candidates.cpu().numpy()
+        return lambda: (candidates, self._choose(x0_np, t_np, cand_np, seed))
 
     def _choose(self, x0_np, t_np, cand_np, seed) -> np.ndarray | None:
         """Chosen indices, or None when plain Gaussian noise (the first candidate) must do."""
@@ -234,7 +216,8 @@ class NoiseSelector:
                     reason, self.counters["fallback_gaussian"])
         return None
 
-    def _finish(self, x0: torch.Tensor, candidates: torch.Tensor, indices: np.ndarray | None) -> torch.Tensor:
+    def _finish(self, x0: torch.Tensor, result: tuple[torch.Tensor, np.ndarray | None]) -> torch.Tensor:
+        candidates, indices = result
         if indices is None:
             eps = candidates[:, 0]
         elif self.rule is Rule.ASSIGN:
@@ -243,32 +226,47 @@ class NoiseSelector:
         else:
             idx = torch.from_numpy(indices[:, 0]).to(candidates.device)
             eps = candidates[torch.arange(candidates.shape[0], device=candidates.device), idx]
-        eps = eps.to(dtype=x0.dtype)
+        return self._count(eps.to(dtype=x0.dtype), x0)
+
+    def _count(self, eps: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         self.counters["selections"] += 1
         self.last_stats = selection_stats(eps, x0)
         return eps
 
-    def select(self, x0: torch.Tensor, t: torch.Tensor, *, k: int | None = None) -> torch.Tensor:
-        """One selected noise per sample: same shape, device and dtype as x0. `k` overrides K for this call."""
+    @_accepts_k
+    def select(self, x0: torch.Tensor, t: torch.Tensor, *, num_candidates: int | None = None) -> torch.Tensor:
+        """One selected noise per sample: same shape, device and dtype as x0. `num_candidates` overrides K
+        for this call."""
         with self._lock:
             pending = self._pending
             self._pending = None
         if pending is not None and pending[0] == id(x0) and pending[1] == id(t):
-            candidates, indices = pending[2].result()
-            return self._finish(x0, candidates, indices)
-        candidates, x0_np, t_np, cand_np, seed = self._prepare(x0, t, k)
-        indices = self._choose(x0_np, t_np, cand_np, seed)
-        return self._finish(x0, candidates, indices)
+            return self._finish(x0, pending[2].result())
+        if pending is not None:
+            self._discard(pending[2])
+        return self._finish(x0, self._start(x0, t, num_candidates)())
 
-    def prefetch(self, x0: torch.Tensor, t: torch.Tensor, *, k: int | None = None) -> None:
+    def _discard(self, prefetched: Future) -> None:
+        """A prefetch that `select` was not called for: its result is dropped, unwaited (its candidates
+        were drawn when it started, so nothing later depends on it)."""
+
+    @_accepts_k
+    def prefetch(self, x0: torch.Tensor, t: torch.Tensor, *, num_candidates: int | None = None) -> None:
         """Start selecting for (x0, t) in the background; the next `select(x0, t)` with these very
         tensors returns that result, so the rater's round trip overlaps the current training step."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noise-prefetch")
-        candidates, x0_np, t_np, cand_np, seed = self._prepare(x0, t, k)
-        future = self._pool.submit(lambda: (candidates, self._choose(x0_np, t_np, cand_np, seed)))
+        future = self._pool.submit(self._start(x0, t, num_candidates))
         with self._lock:
             self._pending = (id(x0), id(t), future)
+
+    # -- the NoiseSource interface --------------------------------------------------------------------
+    def sample(self, x0: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        """`select(x0, t)` (the selector seeds each call from its own call count, not from `step`)."""
+        return self.select(x0, t)
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor | None:
+        return None
 
     @property
     def model_version(self) -> int:

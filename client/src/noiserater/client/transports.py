@@ -1,8 +1,15 @@
-"""The remote selector's transport over one long-lived SelectNoiseStream.
+"""How the remote selector sends a SelectNoise request: one interface, two transports.
+
+A transport has `select(request, timeout_s) -> SelectNoiseResponse` and `close()`; `open_transport(name,
+channel, max_attempts)` builds one on a `RaterChannel`:
+- "unary" (`UnaryTransport`): one SelectNoise call per request; the channel's service config retries
+  UNAVAILABLE with backoff and the call carries the deadline;
+- "stream" (`StreamTransport`, the default): every request over one long-lived SelectNoiseStream.
 
 A stream request costs the server and the client a fraction of a unary call (measured with
 `nrctl bench serve --transport stream|unary`; see docs/serving.md), which is most of the server's CPU for
-the small requests a training step sends. What the unary call gets from gRPC, this module does itself:
+the small requests a training step sends. What the unary call gets from gRPC, the stream transport does
+itself:
 - a deadline per request: responses are routed by request_id to waiting callers, each of which waits
   with its own timeout (a late response is dropped; the stream stays open);
 - retries: UNAVAILABLE (stream broken, server draining) drops the stream and retries the request on a
@@ -20,9 +27,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
+
+if TYPE_CHECKING:
+    from noiserater.client.channel import RaterChannel
 
 TRANSPORTS = ("stream", "unary")  # NoiseSelector.remote(transport=...) and nrctl bench serve --transport
 _CLOSE = object()
@@ -41,6 +51,37 @@ class RemoteError(Exception):
 
 
 _STATUS_BY_NUMBER = {status.value[0]: status for status in grpc.StatusCode}
+
+
+class Transport(Protocol):
+    def select(self, request: Any, timeout_s: float) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+def open_transport(name: str, channel: RaterChannel, max_attempts: int) -> Transport:
+    """The transport called `name` (one of TRANSPORTS) on `channel`; closing it leaves the channel open."""
+    if name not in TRANSPORTS:
+        raise ValueError(f"transport: {name!r} is not one of {', '.join(TRANSPORTS)}")
+    unary = UnaryTransport(channel)
+    if name == "unary":
+        return unary
+    from noiserater.core.v1 import rater_service_pb2 as pb
+
+    return StreamTransport(channel.stub, pb, channel.metadata, max_attempts, unary.select)
+
+
+class UnaryTransport:
+    """One SelectNoise call per request; retries are the channel's (its service config)."""
+
+    def __init__(self, channel: RaterChannel):
+        self._channel = channel
+
+    def select(self, request: Any, timeout_s: float) -> Any:
+        return self._channel.call("SelectNoise", request, timeout_s)
+
+    def close(self) -> None:
+        pass
 
 
 class _Stream:

@@ -1,0 +1,174 @@
+"""RaterChannel: the one way a client reaches a rater server.
+
+Every caller (the remote NoiseSelector, nrctl deploy / models / stats, nrctl quickstart, the serving bench)
+builds its channel here, so the pieces that must agree are written once:
+
+- the target: one address ("host:port", or any gRPC target such as "dns:///raters:50051") or several
+  ("a:50051,b:50051", or a list). Several addresses are resolved once, here, and balanced with gRPC's
+  round_robin; `round_robin=True` also balances the addresses one DNS name resolves to;
+- the message size limit (both directions), TLS (a PEM root certificate) and the bearer token, sent as
+  `authorization: Bearer <token>` metadata on every call;
+- retries: with `max_attempts` >= 2, gRPC retries UNAVAILABLE on the RaterService with exponential
+  backoff (0.05 s doubling up to 1 s); `max_attempts=1` turns retries off;
+- the default deadline `timeout_s` of `call`.
+
+The synchronous channel opens on first use. `aio_channel` builds a grpc.aio channel with the same target,
+options and credentials (the bench's load generator runs its clients on one event loop).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+SERVICE = "noiserater.v1.RaterService"
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_MAX_ATTEMPTS = 4
+
+
+class ChannelError(ValueError):
+    """A target that names no address, or several addresses that cannot share one channel."""
+
+
+def split_target(target: str | Sequence[str]) -> list[str]:
+    """The addresses a target names: a list, or a comma-separated string. A target in gRPC's own syntax for
+    several addresses ("ipv4:a:p,b:p", "ipv6:...") is one target."""
+    if isinstance(target, str):
+        parts = [target] if target.startswith(("ipv4:", "ipv6:")) else target.split(",")
+    else:
+        parts = list(target)
+    addresses = [part.strip() for part in parts if part.strip()]
+    if not addresses:
+        raise ChannelError(f"target: no address in {target!r}")
+    return addresses
+
+
+def _resolve(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The host's IP address: a literal as is, a name by the system resolver (its first IPv4 address, if any)."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ChannelError(f"target: cannot resolve {host!r} ({exc})") from None
+    ips = [ipaddress.ip_address(info[4][0]) for info in found]
+    return next((ip for ip in ips if ip.version == 4), ips[0])
+
+
+def grpc_target(addresses: list[str]) -> str:
+    """One gRPC target for `addresses`: the address itself, or an ipv4:/ipv6: list of the resolved ones."""
+    if len(addresses) == 1:
+        return addresses[0]
+    resolved = []
+    for address in addresses:
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ChannelError(f"target: {address!r} is not HOST:PORT (several addresses each need a port)")
+        resolved.append((_resolve(host.strip("[]")), port))
+    versions = {ip.version for ip, _ in resolved}
+    if len(versions) > 1:
+        raise ChannelError(f"target: {', '.join(addresses)} mixes IPv4 and IPv6 addresses")
+    if versions == {4}:
+        return "ipv4:" + ",".join(f"{ip}:{port}" for ip, port in resolved)
+    return "ipv6:" + ",".join(f"[{ip}]:{port}" for ip, port in resolved)
+
+
+def service_config(max_attempts: int, round_robin: bool) -> dict[str, Any]:
+    """gRPC service config: UNAVAILABLE retried with backoff (max_attempts >= 2) and round_robin balancing."""
+    config: dict[str, Any] = {}
+    if max_attempts >= 2:
+        config["methodConfig"] = [{
+            "name": [{"service": SERVICE}],
+            "retryPolicy": {
+                "maxAttempts": max_attempts,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }]
+    if round_robin:
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
+    return config
+
+
+class RaterChannel:
+    """A channel to one rater server or several (see the module doc)."""
+
+    def __init__(self, target: str | Sequence[str], *, token: str | None = None,
+                 tls_root_cert: bytes | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 round_robin: bool = False):
+        addresses = split_target(target)
+        self.target = ",".join(addresses)  # as the user named it, for messages
+        self.grpc_target = grpc_target(addresses)
+        self.timeout_s = timeout_s
+        self.metadata: tuple[tuple[str, str], ...] | None = (("authorization", f"Bearer {token}"),) if token else None
+        self.credentials = grpc.ssl_channel_credentials(tls_root_cert) if tls_root_cert is not None else None
+        self.options: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        config = service_config(max_attempts, round_robin or len(addresses) > 1)
+        if max_attempts >= 2:
+            self.options.append(("grpc.enable_retries", 1))
+        if config:
+            self.options.append(("grpc.service_config", json.dumps(config)))
+        self._channel: grpc.Channel | None = None
+        self._stub: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def channel(self) -> grpc.Channel:
+        """The synchronous channel, opened on first use."""
+        with self._lock:
+            if self._channel is None:
+                if self.credentials is not None:
+                    self._channel = grpc.secure_channel(self.grpc_target, self.credentials, self.options)
+                else:
+                    self._channel = grpc.insecure_channel(self.grpc_target, self.options)
+            return self._channel
+
+    @property
+    def stub(self) -> Any:
+        """A RaterServiceStub on `channel`."""
+        if self._stub is None:
+            from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
+
+            self._stub = pb_grpc.RaterServiceStub(self.channel)
+        return self._stub
+
+    def call(self, method: str, request: Any, timeout_s: float | None = None) -> Any:
+        """One unary RaterService call (`method` as named in the proto) with the channel's metadata and
+        deadline (`timeout_s` overrides it for this call)."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        return getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata)
+
+    def aio_channel(self, *extra_options: tuple[str, Any]) -> grpc.aio.Channel:
+        """A new grpc.aio channel with this target, options (plus `extra_options`, such as
+        ("grpc.channel_id", i) to keep several apart) and credentials; pass `metadata` on its calls."""
+        options = [*self.options, *extra_options]
+        if self.credentials is not None:
+            return grpc.aio.secure_channel(self.grpc_target, self.credentials, options)
+        return grpc.aio.insecure_channel(self.grpc_target, options)
+
+    def close(self) -> None:
+        with self._lock:
+            channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            channel.close()
+
+    def __enter__(self) -> RaterChannel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
