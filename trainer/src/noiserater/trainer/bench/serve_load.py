@@ -30,13 +30,12 @@ def make_request(model: str, data_shape: tuple[int, ...], num_timesteps: int, ba
 
 def open_channels(target: str, count: int, token: str | None = None):
     """`count` grpc.aio channels to `target` (distinct, so they do not share one connection) and the call
-    metadata that carries `token` as a bearer token (None without one). The bench's only channel builder."""
-    import grpc
+    metadata that carries `token` as a bearer token (None without one). No retries while measuring."""
+    from noiserater.client.channel import RaterChannel
 
-    options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
-    channels = [grpc.aio.insecure_channel(target, options=[*options, ("grpc.channel_id", i)]) for i in range(count)]
-    metadata = (("authorization", f"Bearer {token}"),) if token is not None else None
-    return channels, metadata
+    rater_channel = RaterChannel(target, token=token, max_attempts=1, max_message_bytes=256 << 20)
+    channels = [rater_channel.aio_channel(("grpc.channel_id", i)) for i in range(count)]
+    return channels, rater_channel.metadata
 
 
 async def measure_server(target: str, request, concurrency: int, candidates: int, windows: Windows,
