@@ -8,9 +8,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from noiserater.trainer.bench_train import run_bench
-from noiserater.trainer.data import load_dataset
-from noiserater.trainer.stage2 import METHODS, Stage2Config, Stage2Error, train_stage2
+from noiserater.trainer.bench.train import run_bench
+from noiserater.trainer.stage2.training import METHODS, Stage2Config, Stage2Error, train_stage2
+from noiserater.trainer.substrate.data import load_dataset
 
 TINY = dict(batch_size=16, num_timesteps=100, eval_every=2, eval_repeats=1, sample_steps=4,
             denoiser_kwargs={"hidden": 32, "depth": 1, "time_dim": 16})
@@ -68,7 +68,7 @@ def test_rater_methods_need_a_rater(digits, tmp_path):
 
 def test_cli_bench_train_from_a_run_folder(tmp_path):
     from noiserater.cli.main import app
-    from noiserater.trainer.rater import build_rater, save_rater
+    from noiserater.trainer.stage1.rater import build_rater, save_rater
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -14,7 +14,7 @@ from support import select_in_process
 from torch import nn
 
 from noiserater.core import scoring, selection
-from noiserater.trainer.stage2 import kanneal_schedule
+from noiserater.trainer.stage2.training import kanneal_schedule
 
 D, T = 4, 50
 
@@ -31,7 +31,7 @@ class DotRater(nn.Module):
 
 @pytest.fixture(scope="module")
 def dot_onnx(tmp_path_factory):
-    from noiserater.trainer.export import export_rater
+    from noiserater.trainer.stage1.export import export_rater
 
     path = tmp_path_factory.mktemp("dot") / "dot.onnx"
     export_rater(DotRater(), path, dataset="test", schedule="linear")
@@ -122,7 +122,7 @@ def test_k_anneal_schedule_goes_from_k_to_one():
 def test_noise_source_selects_only_above_t_min_and_symmetrise_only_flips_signs(dot_onnx):
     from noiserater.client import peers
     from noiserater.client.selector import NoiseSelector
-    from noiserater.trainer.stage2 import NoiseSource, Stage2Config
+    from noiserater.trainer.stage2.training import NoiseSource, Stage2Config
 
     cpu = torch.device("cpu")
     gen = torch.Generator().manual_seed(1)
@@ -147,7 +147,7 @@ def test_noise_source_selects_only_above_t_min_and_symmetrise_only_flips_signs(d
 
 
 def test_importance_weights_are_one_over_k_p(dot_onnx):
-    from noiserater.trainer.stage2 import NoiseSource, Stage2Config, Stage2Error
+    from noiserater.trainer.stage2.training import NoiseSource, Stage2Config, Stage2Error
 
     cfg = Stage2Config(steps=10, k=4, num_timesteps=T, importance_weights=True, temperature=1.0)
     source = NoiseSource("rater-sample", cfg, seed=0, device=torch.device("cpu"), rater=dot_onnx)

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from noiserater.trainer.data import load_dataset
-from noiserater.trainer.stage2 import EvalContext, Stage2Config, train_stage2
+from noiserater.trainer.stage2.training import EvalContext, Stage2Config, train_stage2
+from noiserater.trainer.substrate.data import load_dataset
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results.jsonl"

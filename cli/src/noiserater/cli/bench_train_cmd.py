@@ -23,8 +23,8 @@ def resolve_rater(rater: Path, out_dir: Path, dataset: str) -> Path:
     checkpoint = rater / "rater.pt" if rater.is_dir() else rater
     if not checkpoint.is_file():
         raise ValueError(f"--rater {rater}: neither an .onnx file nor a run folder with rater.pt")
-    from noiserater.trainer.export import export_rater
-    from noiserater.trainer.rater import load_rater
+    from noiserater.trainer.stage1.export import export_rater
+    from noiserater.trainer.stage1.rater import load_rater
 
     try:
         model, info = load_rater(checkpoint)
@@ -60,9 +60,9 @@ def bench_train(
     import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from noiserater.trainer.bench_train import BASELINE, parse_methods, rater_schedule, run_bench
-    from noiserater.trainer.data import load_dataset
-    from noiserater.trainer.stage2 import Stage2Config, Stage2Error
+    from noiserater.trainer.bench.train import BASELINE, parse_methods, rater_schedule, run_bench
+    from noiserater.trainer.stage2.training import Stage2Config, Stage2Error
+    from noiserater.trainer.substrate.data import load_dataset
 
     if threads:
         torch.set_num_threads(threads)

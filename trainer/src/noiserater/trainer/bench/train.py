@@ -25,8 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from noiserater.trainer.data import DataSplits
-from noiserater.trainer.stage2 import (
+from noiserater.trainer.stage2.training import (
     METHODS,
     EvalContext,
     Stage2Config,
@@ -35,6 +34,7 @@ from noiserater.trainer.stage2 import (
     steps_to_reach,
     train_stage2,
 )
+from noiserater.trainer.substrate.data import DataSplits
 
 QUALITY_METRICS = ("val_loss", "test_loss", "frechet", "swd")  # lower is better; paired against uniform
 COST_METRICS = ("ms_per_step", "selection_ms_per_step")

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from noiserater.client import peers
-from noiserater.trainer.data import DataSplits
-from noiserater.trainer.denoisers import build_denoiser
-from noiserater.trainer.diffusion import NoiseSchedule, ddpm_sample, per_sample_loss
-from noiserater.trainer.metrics import EVAL_SEED, FixedEval, SampleQuality
+from noiserater.trainer.stage2.metrics import EVAL_SEED, FixedEval, SampleQuality
+from noiserater.trainer.substrate.data import DataSplits
+from noiserater.trainer.substrate.denoisers import build_denoiser
+from noiserater.trainer.substrate.diffusion import NoiseSchedule, ddpm_sample, per_sample_loss
 
 RATER_RULES = {"rater-argmax": "argmax", "rater-sample": "sample", "rater-assign": "assign", "rater-kanneal": "argmax"}
 PEER_METHODS = ("uniform", "immiscible", "immiscible-knn", "min-snr")
