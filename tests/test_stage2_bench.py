@@ -9,9 +9,12 @@ import torch
 from typer.testing import CliRunner
 
 from noiserater.trainer.bench.train import run_bench
-from noiserater.trainer.stage2.training import METHODS, Stage2Config, Stage2Error, train_stage2
+from noiserater.trainer.stage2.sources import Stage2Error
+from noiserater.trainer.stage2.training import Stage2Config, train_stage2
 from noiserater.trainer.substrate.data import load_dataset
 
+METHODS = ("uniform", "rater-argmax", "rater-sample", "rater-assign", "rater-kanneal", "immiscible",
+           "immiscible-knn", "min-snr")
 TINY = dict(batch_size=16, num_timesteps=100, eval_every=2, eval_repeats=1, sample_steps=4,
             denoiser_kwargs={"hidden": 32, "depth": 1, "time_dim": 16})
 

@@ -38,8 +38,9 @@ def resolve_rater(rater: Path, out_dir: Path, dataset: str) -> Path:
 
 def bench_train(
     dataset: str = typer.Option("digits", help="Built-in dataset name or a .npy/.npz file / image folder."),
-    methods: str = typer.Option(DEFAULT_METHODS, help="Comma-separated: uniform, rater-argmax, rater-sample, "
-                                "rater-assign, rater-kanneal, immiscible, immiscible-knn, min-snr."),
+    methods: str = typer.Option(DEFAULT_METHODS, help="Comma-separated names of registered noise sources "
+                                "(uniform, rater-argmax, rater-sample, rater-assign, rater-kanneal, immiscible, "
+                                "immiscible-knn, min-snr and any other registered)."),
     seeds: int = typer.Option(3, min=1, help="Number of seeds (0..N-1), paired across methods."),
     steps: int = typer.Option(3000, min=1, help="Training steps per run (the same for every method)."),
     rater: Path | None = typer.Option(None, help="Rater run folder (rater.pt) or exported MODEL.onnx."),
@@ -60,8 +61,9 @@ def bench_train(
     import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from noiserater.trainer.bench.train import BASELINE, parse_methods, rater_schedule, run_bench
-    from noiserater.trainer.stage2.training import Stage2Config, Stage2Error
+    from noiserater.trainer.bench.train import BASELINE, parse_methods, rater_schedule, require_rater, run_bench
+    from noiserater.trainer.stage2.sources import Stage2Error, needs_rater
+    from noiserater.trainer.stage2.training import Stage2Config
     from noiserater.trainer.substrate.data import load_dataset
 
     if threads:
@@ -70,12 +72,10 @@ def bench_train(
         method_list = parse_methods(methods)
         if BASELINE not in method_list:
             method_list = [BASELINE, *method_list]
+        require_rater(method_list, rater)
         data = load_dataset(dataset)
         out.mkdir(parents=True, exist_ok=True)
-        needs_rater = any(m.startswith("rater-") for m in method_list)
-        if needs_rater and rater is None:
-            raise ValueError("a rater-* method needs --rater RUN_DIR|MODEL.onnx")
-        onnx_path = resolve_rater(rater, out, dataset) if (needs_rater and rater is not None) else None
+        onnx_path = resolve_rater(rater, out, dataset) if any(needs_rater(m) for m in method_list) else None
         cfg = Stage2Config(steps=steps, batch_size=batch_size, lr=lr, k=k, temperature=temperature,
                            kanneal_end=kanneal_end, denoiser=denoiser, sample_steps=sample_steps,
                            quality=not no_quality)

@@ -3,7 +3,8 @@
 Writes into the output folder:
 - `report.json`: method -> metric -> {"mean", "std", "seeds": [per-seed values in seed order]} (exactly that);
 - `details.json`: the command, the setup, the metric references (classifier accuracy, floors), the paired
-  differences against uniform (and of rater methods against immiscible-knn) and every run's curve;
+  differences against uniform (and of the methods that need a rater against immiscible-knn) and every run's
+  curve;
 - `report.md`: the same for people, with mean ± std tables and paired differences with standard errors;
 - `curves.png`: held-out loss (Gaussian noise, fixed seeds) against training step, mean ± std over seeds.
 
@@ -25,11 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from noiserater.client.sources import names
+from noiserater.trainer.stage2.sources import Stage2Error, needs_rater
 from noiserater.trainer.stage2.training import (
-    METHODS,
     EvalContext,
     Stage2Config,
-    Stage2Error,
     Stage2Result,
     steps_to_reach,
     train_stage2,
@@ -61,14 +62,21 @@ def _worker_run(method: str, steps: int, seed: int, rater: str | None) -> Stage2
 def parse_methods(text: str | Sequence[str]) -> list[str]:
     methods = [m.strip() for m in text.split(",")] if isinstance(text, str) else list(text)
     methods = [m for m in methods if m]
-    unknown = [m for m in methods if m not in METHODS]
+    known = names()
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise Stage2Error(f"methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})")
+        raise Stage2Error(f"methods: unknown {', '.join(unknown)} (choose from {', '.join(known)})")
     if not methods:
         raise Stage2Error("methods: none given")
     if len(set(methods)) != len(methods):
         raise Stage2Error("methods: listed twice")
     return methods
+
+
+def require_rater(methods: Sequence[str], rater: Any) -> None:
+    need = [m for m in methods if needs_rater(m)]
+    if need and rater is None:
+        raise Stage2Error(f"{', '.join(need)}: selecting with a rater needs --rater RUN_DIR|MODEL.onnx")
 
 
 def rater_schedule(rater_onnx: str | Path) -> tuple[int, str]:
@@ -122,8 +130,7 @@ def run_bench(data: DataSplits, methods: Sequence[str], seeds: Sequence[int], st
     methods = parse_methods(list(methods))
     if BASELINE not in methods:
         methods = [BASELINE, *methods]  # every comparison is paired against uniform
-    if any(m.startswith("rater-") for m in methods) and rater_onnx is None:
-        raise Stage2Error("a rater-* method needs --rater (a run folder or an ONNX file)")
+    require_rater(methods, rater_onnx)
     cfg = Stage2Config(**{**asdict(config or Stage2Config()), "steps": int(steps)})
     if rater_onnx is not None:
         check_rater_matches(rater_onnx, data, cfg)
@@ -136,7 +143,7 @@ def run_bench(data: DataSplits, methods: Sequence[str], seeds: Sequence[int], st
     jobs_list = [(method, seed) for seed in seeds for method in methods]
     if jobs <= 1:
         for method, seed in jobs_list:
-            result = train_stage2(data, method, steps, seed, rater=rater_onnx if method.startswith("rater-") else None,
+            result = train_stage2(data, method, steps, seed, rater=rater_onnx,
                                   config=cfg, context=context, progress=progress)
             runs[method].append(result)
             if on_run is not None:
@@ -150,7 +157,7 @@ def run_bench(data: DataSplits, methods: Sequence[str], seeds: Sequence[int], st
                                  initializer=_init_worker,
                                  initargs=(data, asdict(cfg), torch.get_num_threads())) as pool:
             futures = {pool.submit(_worker_run, method, steps, seed,
-                                   str(rater_onnx) if method.startswith("rater-") else None): (method, seed)
+                                   None if rater_onnx is None else str(rater_onnx)): (method, seed)
                        for method, seed in jobs_list}
             for future in as_completed(futures):
                 result = future.result()
@@ -181,13 +188,13 @@ def run_bench(data: DataSplits, methods: Sequence[str], seeds: Sequence[int], st
     if KNN in methods:
         vs_knn = {
             method: {name: paired(report[method][name]["seeds"], report[KNN][name]["seeds"]) for name in quality}
-            for method in methods if method.startswith("rater-")
+            for method in methods if needs_rater(method)
         }
     goal = {
         method: bool(vs_uniform[method]["val_loss"]["lower_beyond_2se"]
                      and "frechet" in vs_uniform[method] and vs_uniform[method]["frechet"]["lower_beyond_2se"]
                      and method in vs_knn and vs_knn[method]["frechet"]["lower_beyond_2se"])
-        for method in methods if method.startswith("rater-")
+        for method in methods if needs_rater(method)
     }
     q = context.quality
     details: dict[str, Any] = {

@@ -1,4 +1,4 @@
-"""Stage 2: train a fresh denoiser with a given noise source, the same way for every method.
+"""Stage 2: train a fresh denoiser on a noise source, the same way for every method.
 
 Same data, model, optimiser, step budget and seeds for every method: for one seed, the model's
 initialisation, the minibatches and the timesteps are identical across methods; only the noise (or, for
@@ -9,16 +9,17 @@ min-snr, the loss weighting) differs. The held-out loss is measured under *Gauss
                           selector=NoiseSelector.local("digits.onnx", k=8, seed=0))
     result.metrics["val_loss"], result.curve_steps, result.curve_val_loss
 
-Methods (see `METHODS`): `uniform`; the rater with a selection rule, `rater-argmax`, `rater-sample`,
-`rater-assign`, and `rater-kanneal` (argmax with K annealed linearly from K to 1 by `kanneal_end` of the
-run, uniform afterwards); the peers `immiscible`, `immiscible-knn` (nearest of K, the same K) and `min-snr`.
+A method is the name of a source in `noiserater.client.sources.REGISTRY`: the peers (`uniform`,
+`immiscible`, `immiscible-knn`, `min-snr`), the rater rules of `stage2.sources` (`rater-argmax`,
+`rater-sample`, `rater-assign`, `rater-kanneal`) and whatever else is registered. The loop only calls
+`source.sample(x0, t, step)` and `source.loss_weights(t)`; `source_options` are what every source is built from.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,20 +27,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from noiserater.client import peers
+from noiserater.client.sources import NoiseSource, SourceError, make_source
 from noiserater.trainer.stage2.metrics import EVAL_SEED, FixedEval, SampleQuality
+from noiserater.trainer.stage2.sources import Stage2Error
+from noiserater.trainer.stage2.variants import Wrap
 from noiserater.trainer.substrate.data import DataSplits
 from noiserater.trainer.substrate.denoisers import build_denoiser
 from noiserater.trainer.substrate.diffusion import NoiseSchedule, ddpm_sample, per_sample_loss
 
-RATER_RULES = {"rater-argmax": "argmax", "rater-sample": "sample", "rater-assign": "assign", "rater-kanneal": "argmax"}
-PEER_METHODS = ("uniform", "immiscible", "immiscible-knn", "min-snr")
-METHODS = ("uniform", "rater-argmax", "rater-sample", "rater-assign", "rater-kanneal", "immiscible",
-           "immiscible-knn", "min-snr")
-
-
-class Stage2Error(ValueError):
-    pass
+__all__ = ["EvalContext", "Stage2Config", "Stage2Error", "Stage2Result", "build_source", "source_options",
+           "steps_to_reach", "train_stage2"]
 
 
 @dataclass
@@ -52,12 +49,6 @@ class Stage2Config:
     k: int = 8  # candidates per sample for the rater's argmax/sample/kanneal and for immiscible-knn
     temperature: float = 1.0  # rater-sample's softmax temperature
     kanneal_end: float = 0.5  # rater-kanneal: K reaches 1 at this fraction of the run
-    select_from: float = 0.0  # rater-*: select only for steps in [select_from, select_until) * steps,
-    select_until: float = 1.0  # plain Gaussian noise outside (the "when does selection help" knob)
-    symmetrise: bool = False  # rater-*: flip each selected noise's sign by a fair coin (removes any mean shift)
-    select_t_min: int = 0  # rater-*: select only for samples with t >= this; Gaussian noise below
-    importance_weights: bool = False  # rater-sample: weight each loss by 1 / (K p_chosen), which makes the
-    # expected gradient exactly the Gaussian one (importance sampling; needs `rater`, not a remote selector)
     num_timesteps: int = 1000
     schedule: str = "linear"
     denoiser: str = "auto"
@@ -110,108 +101,36 @@ def _seeded(seed: int, stream: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed * 1000 + stream)
 
 
-def kanneal_schedule(k: int, steps: int, end_fraction: float) -> Callable[[int], int]:
-    """K(step): linear from k at step 0 to 1 at end_fraction * steps, 1 afterwards."""
-    end = max(1, int(round(end_fraction * steps)))
-    return lambda step: max(1, int(round(k - (k - 1) * min(step, end) / end)))
+def source_options(cfg: Stage2Config, seed: int, device: torch.device, schedule: NoiseSchedule, *,
+                   selector: Any = None, rater: str | Path | None = None) -> dict[str, Any]:
+    """Everything a registered source may take; `make_source` passes each factory the ones it names."""
+    return {"generator": _seeded(seed, 2, device), "num_candidates": cfg.k, "temperature": cfg.temperature,
+            "kanneal_end": cfg.kanneal_end, "steps": cfg.steps, "seed": seed, "threads": cfg.rater_threads,
+            "snr": schedule.snr, "selector": selector, "rater": rater}
 
 
-class NoiseSource:
-    """method -> eps for a batch; min-snr's loss weights come from `weights`."""
-
-    def __init__(self, method: str, cfg: Stage2Config, seed: int, device: torch.device, selector: Any = None,
-                 rater: str | Path | None = None, k_schedule: Callable[[int], int] | None = None):
-        if method not in METHODS and not method.startswith("rater-"):
-            raise Stage2Error(f"method: unknown {method!r} (one of {', '.join(METHODS)})")
-        self.method, self.cfg = method, cfg
-        self.gen = _seeded(seed, 2, device)
-        self.selector = selector
-        self.k_schedule = k_schedule
-        self.is_rater = method.startswith("rater-")
-        if self.is_rater and selector is None:
-            if rater is None:
-                raise Stage2Error(f"method {method!r} needs a rater (an ONNX file) or a NoiseSelector")
-            from noiserater.client.selector import NoiseSelector, SelectorError
-
-            rule = RATER_RULES.get(method, "argmax")
-            try:
-                self.selector = NoiseSelector.local(rater, k=cfg.k, rule=rule, temperature=cfg.temperature,
-                                                    seed=seed, intra_op_threads=cfg.rater_threads)
-            except SelectorError as exc:
-                raise Stage2Error(str(exc)) from None
-        self._is_weights: torch.Tensor | None = None
-        self._is_calls = 0
-        if cfg.importance_weights:
-            if method != "rater-sample" or rater is None:
-                raise Stage2Error("importance_weights needs method rater-sample and a rater ONNX file")
-            self._session = self.selector.session
-            if self._session is None:
-                raise Stage2Error("importance_weights needs an in-process rater (rater=ONNX file, no remote selector)")
-        if method == "rater-kanneal" and self.k_schedule is None:
-            self.k_schedule = kanneal_schedule(cfg.k, cfg.steps, cfg.kanneal_end)
-
-    def __call__(self, x0: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
-        m = self.method
-        if self.is_rater:
-            lo, hi = self.cfg.select_from * self.cfg.steps, self.cfg.select_until * self.cfg.steps
-            k = self.k_schedule(step) if self.k_schedule is not None else None
-            if not lo <= step < hi or k == 1:
-                return peers.gaussian(x0, self.gen)
-            if self.cfg.importance_weights:
-                return self._sample_with_weights(x0, t, k or self.cfg.k)
-            if self.cfg.select_t_min > 0:
-                eps = peers.gaussian(x0, self.gen)
-                chosen = t >= self.cfg.select_t_min
-                if bool(chosen.any()):
-                    eps[chosen] = self.selector.select(x0[chosen], t[chosen], k=k)
-            else:
-                eps = self.selector.select(x0, t, k=k)
-            if self.cfg.symmetrise:
-                coin = torch.randint(0, 2, (eps.shape[0],), generator=self.gen, device=self.gen.device)
-                eps = eps * (2 * coin - 1).to(eps.device, eps.dtype).view(-1, *([1] * (eps.dim() - 1)))
-            return eps
-        if m in ("uniform", "min-snr"):
-            return peers.gaussian(x0, self.gen)
-        if m == "immiscible":
-            return peers.immiscible(x0, self.gen)
-        if m == "immiscible-knn":
-            return peers.immiscible_knn(x0, self.gen, self.cfg.k)
-        raise Stage2Error(f"method: unknown {m!r}")
-
-    def _sample_with_weights(self, x0: torch.Tensor, t: torch.Tensor, k: int) -> torch.Tensor:
-        """rater-sample through the shared scoring code, keeping 1 / (K p_chosen) as the loss weights."""
-        from noiserater.core.selection import Rule, SelectionPlan
-
-        b = x0.shape[0]
-        candidates = torch.randn((b, k, *x0.shape[1:]), generator=self.gen, device=self.gen.device)
-        x0_np, t_np = x0.detach().cpu().float().numpy(), t.detach().cpu().numpy()
-        plan = SelectionPlan(k, 1, Rule.SAMPLE, self.cfg.temperature)
-        flat = self._session.score(*plan.triples(x0_np, t_np, candidates.cpu().numpy()))
-        self._is_calls += 1
-        idx, _ = plan.choose(flat, seed=self._is_calls)
-        chosen = torch.from_numpy(idx[:, 0])
-        log_p = torch.from_numpy(plan.log_probs(flat))[torch.arange(b), chosen]
-        self._is_weights = (1.0 / (k * log_p.exp())).to(x0.device, torch.float32)
-        return candidates[torch.arange(b), chosen].to(x0.device, x0.dtype)
-
-    def weights(self, schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor | None:
-        if self.method == "min-snr":
-            return peers.min_snr_weights(schedule.snr(t))
-        if self.cfg.importance_weights:
-            return self._is_weights
-        return None
+def build_source(method: str, options: dict[str, Any], wrappers: Sequence[Wrap] = ()) -> NoiseSource:
+    """The source registered as `method`, built from `options`, inside `wrappers` (innermost first)."""
+    try:
+        source = make_source(method, **options)
+    except SourceError as exc:
+        raise Stage2Error(str(exc)) from None
+    for wrap in wrappers:
+        source = wrap(source, options)
+    return source
 
 
 def train_stage2(data: DataSplits, method: str, steps: int, seed: int, selector: Any = None, *,
                  rater: str | Path | None = None, config: Stage2Config | None = None,
-                 context: EvalContext | None = None, k_schedule: Callable[[int], int] | None = None,
+                 context: EvalContext | None = None, wrappers: Sequence[Wrap] = (),
                  progress: Callable[[int], None] | None = None, keep_model: bool = False) -> Stage2Result:
-    """Train a fresh denoiser on `data` for `steps` with `method`'s noise; measure it.
+    """Train a fresh denoiser on `data` for `steps` with the noise of the source registered as `method`;
+    measure it.
 
     `selector` (a NoiseSelector, local or remote) or `rater` (an ONNX path, wrapped in a local selector
-    with the config's K / temperature and this seed) serves the `rater-*` methods; `k_schedule(step) -> K`
-    overrides K per step. `context` shares the fixed evaluation sets between runs. `progress(n)` is called
-    with the number of steps just done.
+    with the config's K / temperature and this seed) serves the sources that need a rater. `wrappers`
+    (`stage2.variants`) wrap the source. `context` shares the fixed evaluation sets between runs.
+    `progress(n)` is called with the number of steps just done.
     """
     cfg = Stage2Config(**{**asdict(config or Stage2Config()), "steps": int(steps)})
     if cfg.steps < 1:
@@ -228,7 +147,8 @@ def train_stage2(data: DataSplits, method: str, steps: int, seed: int, selector:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     lr_at = lambda s: cfg.lr * (cfg.lr_final_fraction + (1 - cfg.lr_final_fraction)  # noqa: E731
                                 * 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
-    source = NoiseSource(method, cfg, seed, device, selector=selector, rater=rater, k_schedule=k_schedule)
+    options = source_options(cfg, seed, device, schedule, selector=selector, rater=rater)
+    source = build_source(method, options, wrappers)
     data_gen = _seeded(seed, 1, torch.device("cpu"))
     train = data.train
     eval_every = cfg.eval_every or max(1, cfg.steps // 20)
@@ -243,10 +163,10 @@ def train_stage2(data: DataSplits, method: str, steps: int, seed: int, selector:
         x0 = train[idx].to(device)
         t = schedule.sample_timesteps(cfg.batch_size, generator=data_gen).to(device)
         t_sel = time.perf_counter()
-        eps = source(x0, t, step)
+        eps = source.sample(x0, t, step)
         select_s += time.perf_counter() - t_sel
         losses = per_sample_loss(model, schedule, x0, t, eps)
-        w = source.weights(schedule, t)
+        w = source.loss_weights(t)
         loss = (losses * w).mean() if w is not None else losses.mean()
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
