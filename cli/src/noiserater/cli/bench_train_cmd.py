@@ -62,6 +62,7 @@ def bench_train(
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from noiserater.trainer.bench.train import BASELINE, parse_methods, rater_schedule, require_rater, run_bench
+    from noiserater.trainer.bench.train_report import write_report
     from noiserater.trainer.stage2.sources import Stage2Error, needs_rater
     from noiserater.trainer.stage2.training import Stage2Config
     from noiserater.trainer.substrate.data import load_dataset
@@ -93,9 +94,9 @@ def bench_train(
                 bar.update(task, description=f"{result.method} seed {result.seed}: "
                                              f"val {result.metrics['val_loss']:.4f}")
 
-            result = run_bench(data, method_list, range(seeds), steps, out, rater_onnx=onnx_path, config=cfg,
-                               command=command, progress=lambda n: bar.advance(task, n), on_run=on_run,
-                               jobs=jobs)
+            runs = run_bench(data, method_list, range(seeds), steps, rater_onnx=onnx_path, config=cfg,
+                             progress=lambda n: bar.advance(task, n), on_run=on_run, jobs=jobs)
+        result = write_report(runs, out, command=command)
     except (Stage2Error, ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     report, details = result["report"], result["details"]
