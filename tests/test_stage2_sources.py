@@ -1,10 +1,13 @@
-"""Every stage-2 method is a registered noise source: the training loop runs any registered name and knows
-no method names."""
+"""Every stage-2 method is a registered noise source: the training loop and `nrctl bench train` run any
+registered name, a plugin's included, and know no method names."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from noiserater.client import peers
 from noiserater.client.sources import REGISTRY, make_source, names, register
@@ -18,6 +21,24 @@ RATER_METHODS = ("rater-argmax", "rater-sample", "rater-assign", "rater-kanneal"
 PEER_METHODS = ("uniform", "immiscible", "immiscible-knn", "min-snr")
 TINY = dict(batch_size=16, num_timesteps=100, eval_every=2, eval_repeats=1, quality=False,
             denoiser_kwargs={"hidden": 32, "depth": 1, "time_dim": 16})
+
+PLUGIN = '''
+import torch
+from noiserater.client.sources import register
+
+
+@register("reversed-gaussian")
+class ReversedGaussian:
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def sample(self, x0, t, step):
+        return -torch.randn(x0.shape, generator=self.generator).to(x0.device, x0.dtype)
+
+    def loss_weights(self, t):
+        return None
+'''
+
 
 @pytest.fixture
 def forget_sources():
@@ -64,3 +85,34 @@ def test_a_source_registered_here_trains_by_name(forget_sources):
     assert result.metrics["noise_sq_norm_per_dim"] == 0.0
     with pytest.raises(Stage2Error, match="unknown 'no-such-noise'"):
         train_stage2(load_dataset("digits"), "no-such-noise", 2, seed=0, config=Stage2Config(**TINY))
+
+
+def test_nrctl_bench_train_runs_a_plugin_source_by_name(tmp_path, forget_sources):
+    from noiserater.cli.main import app
+
+    plugin = tmp_path / "reversed.py"
+    plugin.write_text(PLUGIN)
+    forget_sources.append("reversed-gaussian")
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, ["bench", "train", "--plugin", str(plugin), "--methods", "reversed-gaussian",
+                                      "--seeds", "2", "--steps", "3", "--batch-size", "8", "--no-quality",
+                                      "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert list(report) == ["uniform", "reversed-gaussian"]
+    # the same generator stream as uniform, negated: the cosine with x0 flips sign exactly
+    assert report["reversed-gaussian"]["noise_cosine_with_x0"]["seeds"] == [
+        -v for v in report["uniform"]["noise_cosine_with_x0"]["seeds"]]
+
+    shown = CliRunner().invoke(app, ["bench", "train", "--plugin", str(plugin), "--help"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0
+    assert "--plugin" in shown.output
+    for name in (*RATER_METHODS, *PEER_METHODS, "reversed-gaussian"):
+        assert name in shown.output
+    unknown = CliRunner().invoke(app, ["bench", "train", "--plugin", str(plugin), "--methods", "nope",
+                                       "--out", str(tmp_path / "x")])
+    assert unknown.exit_code == 1 and "reversed-gaussian" in unknown.output and "rater-kanneal" in unknown.output
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('broken plugin')\n")
+    failed = CliRunner().invoke(app, ["bench", "train", "--plugin", str(broken), "--out", str(tmp_path / "z")])
+    assert failed.exit_code == 2 and "broken plugin" in failed.output

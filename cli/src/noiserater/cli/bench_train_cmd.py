@@ -7,10 +7,44 @@ import sys
 from pathlib import Path
 
 import typer
+from typer.core import TyperCommand
 
 from noiserater.cli.output import emit_json, fail, table
 
 DEFAULT_METHODS = "uniform,rater-argmax,rater-assign,immiscible,immiscible-knn,min-snr"
+METHODS_HELP = ("Comma-separated names of registered noise sources{names}. uniform, the paired baseline, "
+                "always runs.")
+PLUGIN_HELP = ("Import a module (a dotted name or a .py file) that registers noise sources, so --methods can "
+               "name them: in it, @register(\"my-noise\") from noiserater.client.sources on a factory "
+               "f(generator, ...) whose result has sample(x0, t, step) -> eps and loss_weights(t) -> None or "
+               "weights. Repeatable.")
+
+
+class BenchTrainCommand(TyperCommand):
+    """Fills the registry's names into --methods' help when help is shown: the registry imports torch, which
+    the rest of nrctl should not wait for at start."""
+
+    def format_help(self, ctx, formatter) -> None:
+        import noiserater.trainer.stage2.sources  # noqa: F401  (registers the rater rules)
+        from noiserater.client.sources import names
+
+        for param in self.params:
+            if param.name == "methods":
+                param.help = METHODS_HELP.format(names=": " + ", ".join(names()))
+        super().format_help(ctx, formatter)
+
+
+def load_plugins(plugins: list[str]) -> list[str]:
+    """--plugin's callback (eager, so the plugins' sources are registered before --help or --methods)."""
+    if plugins:
+        from noiserater.trainer.stage2.sources import Stage2Error, load_plugin
+
+        for spec in plugins:
+            try:
+                load_plugin(spec)
+            except Stage2Error as exc:
+                raise typer.BadParameter(str(exc)) from None
+    return plugins
 
 
 def resolve_rater(rater: Path, out_dir: Path, dataset: str) -> Path:
@@ -38,9 +72,8 @@ def resolve_rater(rater: Path, out_dir: Path, dataset: str) -> Path:
 
 def bench_train(
     dataset: str = typer.Option("digits", help="Built-in dataset name or a .npy/.npz file / image folder."),
-    methods: str = typer.Option(DEFAULT_METHODS, help="Comma-separated names of registered noise sources "
-                                "(uniform, rater-argmax, rater-sample, rater-assign, rater-kanneal, immiscible, "
-                                "immiscible-knn, min-snr and any other registered)."),
+    methods: str = typer.Option(DEFAULT_METHODS, help=METHODS_HELP.format(names="")),
+    plugin: list[str] = typer.Option([], "--plugin", help=PLUGIN_HELP, is_eager=True, callback=load_plugins),
     seeds: int = typer.Option(3, min=1, help="Number of seeds (0..N-1), paired across methods."),
     steps: int = typer.Option(3000, min=1, help="Training steps per run (the same for every method)."),
     rater: Path | None = typer.Option(None, help="Rater run folder (rater.pt) or exported MODEL.onnx."),
@@ -95,7 +128,7 @@ def bench_train(
                                              f"val {result.metrics['val_loss']:.4f}")
 
             runs = run_bench(data, method_list, range(seeds), steps, rater_onnx=onnx_path, config=cfg,
-                             progress=lambda n: bar.advance(task, n), on_run=on_run, jobs=jobs)
+                             progress=lambda n: bar.advance(task, n), on_run=on_run, jobs=jobs, plugins=plugin)
         result = write_report(runs, out, command=command)
     except (Stage2Error, ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -123,4 +156,4 @@ def bench_train(
 
 
 def register(bench_app: typer.Typer) -> None:
-    bench_app.command("train")(bench_train)
+    bench_app.command("train", cls=BenchTrainCommand)(bench_train)

@@ -6,7 +6,7 @@ the same budget, paired by seed (per seed every method shares the model init, mi
     write_report(runs, "out", command="...")
 
 A method is any name in the noise-source registry (`noiserater.client.sources`; the rater rules are
-registered by `noiserater.trainer.stage2.sources`).
+registered by `noiserater.trainer.stage2.sources`, plugins by `load_plugin`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from noiserater.client.sources import names
-from noiserater.trainer.stage2.sources import Stage2Error, needs_rater
+from noiserater.trainer.stage2.sources import Stage2Error, load_plugin, needs_rater
 from noiserater.trainer.stage2.training import EvalContext, Stage2Config, Stage2Result, train_stage2
 from noiserater.trainer.substrate.data import DataSplits
 
@@ -85,8 +85,10 @@ def check_rater_matches(rater_onnx: str | Path, data: DataSplits, cfg: Stage2Con
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(data: DataSplits, cfg: dict[str, Any], threads: int) -> None:
+def _init_worker(data: DataSplits, cfg: dict[str, Any], threads: int, plugins: Sequence[str]) -> None:
     torch.set_num_threads(threads)
+    for plugin in plugins:
+        load_plugin(plugin)
     config = Stage2Config(**cfg)
     _WORKER.update(data=data, cfg=config, context=EvalContext.build(data, config))
 
@@ -97,7 +99,7 @@ def _worker_run(method: str, steps: int, seed: int, rater: str | None) -> Stage2
 
 
 def _run_in_workers(data: DataSplits, cfg: Stage2Config, jobs_list: list[tuple[str, int]], rater: str | None,
-                    jobs: int, progress: Callable[[int], None] | None,
+                    jobs: int, plugins: Sequence[str], progress: Callable[[int], None] | None,
                     on_run: Callable[[Stage2Result], None] | None) -> dict[tuple[str, int], Stage2Result]:
     """Independent runs in worker processes; results are the same as in one process."""
     import multiprocessing
@@ -106,7 +108,7 @@ def _run_in_workers(data: DataSplits, cfg: Stage2Config, jobs_list: list[tuple[s
     done: dict[tuple[str, int], Stage2Result] = {}
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_init_worker,
-                             initargs=(data, asdict(cfg), torch.get_num_threads())) as pool:
+                             initargs=(data, asdict(cfg), torch.get_num_threads(), list(plugins))) as pool:
         futures = {pool.submit(_worker_run, method, cfg.steps, seed, rater): (method, seed)
                    for method, seed in jobs_list}
         for future in as_completed(futures):
@@ -122,9 +124,10 @@ def _run_in_workers(data: DataSplits, cfg: Stage2Config, jobs_list: list[tuple[s
 def run_bench(data: DataSplits, methods: Sequence[str], seeds: Sequence[int], steps: int, *,
               rater_onnx: str | Path | None = None, config: Stage2Config | None = None,
               progress: Callable[[int], None] | None = None, on_run: Callable[[Stage2Result], None] | None = None,
-              jobs: int = 1) -> BenchRuns:
+              jobs: int = 1, plugins: Sequence[str] = ()) -> BenchRuns:
     """Train every method (uniform added first if missing) for every seed with the same budget.
-    `jobs` > 1 runs that many trainings at once in worker processes (each with this process's torch threads)."""
+    `jobs` > 1 runs that many trainings at once in worker processes (each with this process's torch threads,
+    each importing `plugins` first so plugin sources exist there too)."""
     methods = parse_methods(list(methods))
     if BASELINE not in methods:
         methods = [BASELINE, *methods]
@@ -138,7 +141,7 @@ def run_bench(data: DataSplits, methods: Sequence[str], seeds: Sequence[int], st
     started = time.time()
     jobs_list = [(method, seed) for seed in seeds for method in methods]
     if jobs > 1:
-        done = _run_in_workers(data, cfg, jobs_list, rater, jobs, progress, on_run)
+        done = _run_in_workers(data, cfg, jobs_list, rater, jobs, plugins, progress, on_run)
     else:
         done = {}
         for method, seed in jobs_list:

@@ -10,13 +10,17 @@
 
 A factory that needs a rater says so with `needs_rater = True` (`needs_rater(name)` reads it), so a harness
 knows before it trains which methods need one; such a factory receives `rater` and `selector` among its
-options.
+options. `load_plugin` imports a module that registers more sources (`nrctl bench train --plugin`).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -104,3 +108,22 @@ def rater_kanneal(generator: torch.Generator, steps: int, selector: Any = None, 
 
 rater_kanneal.needs_rater = True
 
+
+def load_plugin(spec: str) -> ModuleType:
+    """Import a module that registers sources: a dotted module name, or the path of a .py file. Any failure,
+    inside the module too, is a Stage2Error naming the plugin."""
+    try:
+        if not spec.endswith(".py"):
+            return importlib.import_module(spec)
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError("no such file")
+        name = f"noiserater_plugin_{path.stem}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+        return module
+    except Exception as exc:  # an import error, or any error the plugin's own code raises
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise Stage2Error(f"plugin {spec}: {reason}") from None
