@@ -13,14 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
-def timestep_embedding(t: torch.Tensor, dim: int, num_timesteps: int) -> torch.Tensor:
-    """Sinusoidal embedding of integer timesteps, scaled so t spans [0, 1000) whatever T is."""
-    half = dim // 2
-    scaled = t.to(torch.float32) * (1000.0 / num_timesteps)
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * (-math.log(10000.0) / half))
-    angles = scaled[:, None] * freqs[None, :]
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+from noiserater.trainer.substrate.diffusion import timestep_embedding
 
 
 class VectorRater(nn.Module):

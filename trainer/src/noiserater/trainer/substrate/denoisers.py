@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noiserater.trainer.rater import timestep_embedding
+from noiserater.trainer.substrate.diffusion import timestep_embedding
 
 DENOISER_KINDS = ("auto", "mlp", "unet")
 
