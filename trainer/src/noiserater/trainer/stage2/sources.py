@@ -62,7 +62,7 @@ class RaterSource:
             return self.selector.select(x0, t)
         if k == 1:
             return peers.gaussian(x0, self.generator)
-        return self.selector.select(x0, t, k=k)
+        return self.selector.select(x0, t, num_candidates=k)
 
     def loss_weights(self, t: torch.Tensor) -> torch.Tensor | None:
         return None
@@ -78,7 +78,7 @@ def rater_selector(method: str, rule: str, selector: Any, rater: str | Path | No
     from noiserater.client.selector import NoiseSelector, SelectorError
 
     try:
-        return NoiseSelector.local(rater, k=num_candidates, rule=rule, temperature=temperature, seed=seed,
+        return NoiseSelector.local(rater, num_candidates=num_candidates, rule=rule, temperature=temperature, seed=seed,
                                    intra_op_threads=threads)
     except SelectorError as exc:
         raise Stage2Error(str(exc)) from None

@@ -6,7 +6,7 @@ min-snr, the loss weighting) differs. The held-out loss is measured under *Gauss
 (`metrics.FixedEval`), because sampling starts from N(0, I) whatever noise a method trained on.
 
     result = train_stage2(load_dataset("digits"), "rater-argmax", steps=3000, seed=0,
-                          selector=NoiseSelector.local("digits.onnx", k=8, seed=0))
+                          selector=NoiseSelector.local("digits.onnx", num_candidates=8, seed=0))
     result.metrics["val_loss"], result.curve_steps, result.curve_val_loss
 
 A method is the name of a source in `noiserater.client.sources.REGISTRY`: the peers (`uniform`,
