@@ -14,6 +14,7 @@ RESOURCE_EXHAUSTED before it is scored, and counted in nr_datasets_rejected. Rea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Callable, Iterable
@@ -330,9 +331,7 @@ class StatsRecorder:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         await self.flush()
         await self.store.close()
