@@ -302,4 +302,5 @@ def test_after_the_suite_memory_is_bounded_and_a_valid_request_is_right(server, 
     expected = np.argmax(np.einsum("bd,bkd->bk", x0, candidates), axis=1)
     np.testing.assert_array_equal(codec.decode(response.indices)[:, 0], expected)
     growth = server.rss_kb() - server.rss_before_kb
+    print(f"rater-server resident memory: {server.rss_before_kb} kB before the suite, +{growth} kB after")
     assert growth < RSS_BOUND_KB, f"resident memory grew by {growth / 1024:.0f} MB"

@@ -35,7 +35,7 @@ from . import DIGITS_SHAPE, TINY_TIMESTEPS, free_port
 GIB = 1024**3
 MIB = 1024**2
 # The address-space limit of a server that may be fed a memory bomb: well above what a rater-server with a
-# few tiny models maps (about 1.3 GiB of virtual memory, mostly thread stacks and onnxruntime's arenas).
+# few tiny models maps (VmPeak about 0.8 GiB, mostly thread stacks and shared libraries).
 DEFAULT_MEMORY_LIMIT = 2 * GIB
 TOKEN = "hardening-token"
 ADMIN = (("authorization", f"Bearer {TOKEN}"),)
