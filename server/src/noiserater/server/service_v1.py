@@ -148,8 +148,8 @@ class RaterServicer(pb_grpc.RaterServiceServicer):
                                    next_page_token=token)
 
 
-STATS_PAGE_SIZE = 1000  # buckets of a GetStats page that does not ask for a size
-STATS_MAX_PAGE_SIZE = 10000
+STATS_PAGE_SIZE = 400  # buckets of a GetStats page that does not ask for a size (about 60 KB)
+STATS_MAX_PAGE_SIZE = 4000
 MAX_PAGE_TOKEN = 512  # characters; the tokens this server writes are far shorter
 
 
