@@ -6,16 +6,12 @@ FAILED_PRECONDITION, and never reaches the statistics."""
 from __future__ import annotations
 
 import asyncio
-import resource
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from support import free_port
+from support.hostile import inf_on_real_input_rater_bytes, write_repository
 from support.server import ServerThread, make_repository
 
 from noiserater.core import codec
@@ -27,8 +23,6 @@ from noiserater.server.batcher import DynamicBatcher, NonFiniteScoresError, Queu
 from noiserater.server.config import ServerConfig
 from noiserater.server.metrics import ServerMetrics
 from noiserater.server.rpc import status_of
-
-RLIMIT_AS = 2 << 30  # the server process's address space in the memory test
 
 
 def select_request(batch: int, k: int = 1, rule: int = pb.SELECTION_RULE_ASSIGN, seed: int = 0,
@@ -83,39 +77,6 @@ def test_one_requests_work_is_bounded_and_the_message_names_the_flag(small_limit
     assert codec.decode(v1.SelectNoise(select_request(8), timeout=30).indices).shape == (8, 1)
     assert codec.decode(v1.Score(score_request(100), timeout=30).scores).shape == (100,)
     assert ks.ModelInfer(infer_request(100), timeout=30).outputs[0].shape == [100]
-
-
-def test_a_large_assign_is_refused_before_it_is_expanded(tmp_path, rater_onnx):
-    """B=2048 under rule assign is 4M triples (gigabytes once expanded): a server with the default limits
-    and a 2 GiB address space answers RESOURCE_EXHAUSTED at once and keeps serving."""
-    from test_server_shutdown import wait_until_serving
-
-    repo = make_repository(tmp_path / "repo", {"digits": [rater_onnx]})
-    port = free_port()
-    script = Path(sys.executable).parent / "rater-server"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "noiserater.server.main"]
-
-    def limit_memory() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (RLIMIT_AS, RLIMIT_AS))
-
-    proc = subprocess.Popen([*command, "serve", "--repository", str(repo), "--host", "127.0.0.1", "--port",
-                             str(port), "--device", "cpu"], preexec_fn=limit_memory,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    target = f"127.0.0.1:{port}"
-    try:
-        wait_until_serving(target, proc)
-        with grpc.insecure_channel(target) as channel:
-            stub = pb_grpc.RaterServiceStub(channel)
-            with pytest.raises(grpc.RpcError) as err:
-                stub.SelectNoise(select_request(2048), timeout=60)
-            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
-            assert "--max-assign-batch" in err.value.details()
-            assert proc.poll() is None
-            assert codec.decode(stub.SelectNoise(select_request(256), timeout=60).indices).shape == (256, 1)
-    finally:
-        proc.terminate()
-        output = proc.communicate(timeout=60)[0]
-    assert "Traceback" not in output
 
 
 def test_queued_work_is_bounded_in_triples():
@@ -180,38 +141,8 @@ def test_non_finite_rows_fail_only_their_own_request():
     assert calls == [9]
 
 
-def overflowing_rater(path: Path, dim: int = 64, timesteps: int = 100) -> Path:
-    """A rater whose score is sum(x0) * 1e30 * 1e30: 0 on the all-zero warm-up input, Inf on most real input."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    nodes = [
-        helper.make_node("ReduceSum", ["x0", "axes"], ["sx"], keepdims=0),
-        helper.make_node("Mul", ["sx", "big"], ["a"]),
-        helper.make_node("Mul", ["a", "big"], ["b"]),
-        helper.make_node("ReduceSum", ["eps", "axes"], ["se"], keepdims=0),
-        helper.make_node("Cast", ["t"], ["tf"], to=TensorProto.FLOAT),
-        helper.make_node("Add", ["se", "tf"], ["c"]),
-        helper.make_node("Mul", ["c", "zero"], ["d"]),  # eps and t take part, as a rater's inputs must
-        helper.make_node("Add", ["b", "d"], ["score"]),
-    ]
-    graph = helper.make_graph(
-        nodes, "overflowing",
-        [helper.make_tensor_value_info("x0", TensorProto.FLOAT, ["N", dim]),
-         helper.make_tensor_value_info("t", TensorProto.INT64, ["N"]),
-         helper.make_tensor_value_info("eps", TensorProto.FLOAT, ["N", dim])],
-        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"])],
-        initializer=[helper.make_tensor("big", TensorProto.FLOAT, [], [1e30]),
-                     helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
-                     helper.make_tensor("axes", TensorProto.INT64, [1], [1])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
-    helper.set_model_props(model, {"noiserater.data_shape": f"[{dim}]", "noiserater.num_timesteps": str(timesteps)})
-    onnx.save(model, str(path))
-    return path
-
-
 def test_a_model_that_scores_inf_fails_the_request_and_spares_the_statistics(tmp_path):
-    repo = make_repository(tmp_path / "repo", {"digits": [overflowing_rater(tmp_path / "inf.onnx")]})
+    repo = write_repository(tmp_path / "repo", {"digits": inf_on_real_input_rater_bytes()})
     config = ServerConfig(repository=repo, host="127.0.0.1", port=0, device="cpu")
     with ServerThread(config) as server, grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.RaterServiceStub(channel)
