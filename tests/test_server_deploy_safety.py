@@ -212,13 +212,16 @@ def rater_server(repo: Path, *flags: str) -> tuple[subprocess.Popen, str, list[s
             lines.append(line.rstrip("\n"))
 
     threading.Thread(target=collect, daemon=True).start()
-    target = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    while not any("listening on" in line for line in lines):
-        assert proc.poll() is None, "rater-server exited during start-up:\n" + "\n".join(lines[-20:])
-        assert time.monotonic() < deadline, "rater-server never started:\n" + "\n".join(lines[-20:])
-        time.sleep(0.05)
-    return proc, target, lines
+    try:
+        while not any("listening on" in line for line in lines):
+            assert proc.poll() is None, "rater-server exited during start-up:\n" + "\n".join(lines[-20:])
+            assert time.monotonic() < deadline, "rater-server never started:\n" + "\n".join(lines[-20:])
+            time.sleep(0.05)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, f"127.0.0.1:{port}", lines
 
 
 def validating_children(pid: int) -> list[int]:
@@ -283,13 +286,13 @@ def test_sigterm_stops_a_server_in_the_middle_of_a_validation(tmp_path, rater_on
             bomb = threading.Thread(target=lambda: outcome.append(refused(lambda: deploy(stub, "loop", loop_bomb()))))
             bomb.start()
             deadline = time.monotonic() + 30
-            while not (children := validating_children(proc.pid)):
-                assert time.monotonic() < deadline, "no validating process appeared"
+            while not (children := validating_children(proc.pid)) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            time.sleep(0.5)
+            time.sleep(1.0)  # well into the endless warm-up
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0, "\n".join(lines[-20:])
             bomb.join(timeout=30)
+        assert children, "the upload was never validated in a process of its own"
         assert outcome and outcome[0].code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
                                                  grpc.StatusCode.RESOURCE_EXHAUSTED), outcome
         for child in children:
