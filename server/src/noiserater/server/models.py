@@ -77,6 +77,7 @@ class ModelVersion:
     session: RaterSession
     batcher: DynamicBatcher
     batching: Batching
+    sha256: str = ""  # the first 16 hex digits of the model file's digest, as audit lines name it
 
     @property
     def cpu_fallback(self) -> bool:
@@ -165,13 +166,14 @@ class ModelRegistry:
         config = self.config
         return open_session(data, config.device, config.intra_op_threads, config.graph_optimization)
 
-    def _activate(self, name: str, version: int, session: RaterSession, batching: Batching) -> ModelVersion:
+    def _activate(self, name: str, version: int, session: RaterSession, batching: Batching,
+                  sha256: str) -> ModelVersion:
         """Make a loaded version servable, in one step on the event loop (nothing here awaits)."""
         labels = (name, str(version))
         batcher = DynamicBatcher(session.score, self.executor, self.metrics, labels, batching.max_batch,
                                  batching.max_delay_ms / 1000.0, self.config.max_queue, batching.instances,
                                  self.config.inline_max_triples, batching.preferred)
-        loaded = ModelVersion(name, version, session, batcher, batching)
+        loaded = ModelVersion(name, version, session, batcher, batching, sha256)
         if loaded.cpu_fallback and self.config.device in ("auto", "cuda"):
             log.warning("%s version %d runs on CPU (device=%s requested, CUDA unavailable)", name, version,
                         self.config.device)
@@ -204,16 +206,18 @@ class ModelRegistry:
                         data = await loop.run_in_executor(self.loader, read_repository_model, path)
                         await validation.check(data)
                         session = await loop.run_in_executor(self.loader, self._open, data)
+                        digest = await loop.run_in_executor(self.loader, upload_digest, data)
                     except Exception as exc:
                         problems.append(f"{name} version {version}: {exc}")
                         continue
-                    self._activate(name, version, session, batching)
+                    self._activate(name, version, session, batching, digest)
         return problems
 
-    async def deploy(self, name: str, data: bytes, version: int = 0) -> ModelVersion:
+    async def deploy(self, name: str, data: bytes, version: int = 0, sha256: str = "") -> ModelVersion:
         """Validate (in a separate process), load the very bytes validated, write them into the repository
         and serve them as the newest version. The write and the activation succeed together or not at
-        all: a version that cannot be activated is removed again."""
+        all: a version that cannot be activated is removed again. `sha256`: upload_digest(data), when the
+        caller has it already."""
         try:
             repository.check_model_name(name)
         except repository.RepositoryError as exc:
@@ -224,6 +228,7 @@ class ModelRegistry:
             repository.check_version(version)
         batching = read_batching(self.config.repository / name, self.defaults)
         loop = asyncio.get_running_loop()
+        sha256 = sha256 or await loop.run_in_executor(self.loader, upload_digest, data)
         await self.validator.check(data)
         session = await loop.run_in_executor(self.loader, self._open, data)
         async with self._deploy_lock:
@@ -237,10 +242,11 @@ class ModelRegistry:
             elif name in self._models and version in self._models[name].versions:
                 raise ModelExistsError(f"version: {name} version {version} is already loaded")
             # Shielded: a deploy whose caller goes away still ends written and serving, or neither.
-            return await asyncio.shield(loop.create_task(self._commit(name, version, data, session, batching)))
+            return await asyncio.shield(loop.create_task(self._commit(name, version, data, session, batching,
+                                                                      sha256)))
 
-    async def _commit(self, name: str, version: int, data: bytes, session: RaterSession,
-                      batching: Batching) -> ModelVersion:
+    async def _commit(self, name: str, version: int, data: bytes, session: RaterSession, batching: Batching,
+                      sha256: str) -> ModelVersion:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self.loader, repository.write_version, self.config.repository, name, data,
@@ -248,13 +254,14 @@ class ModelRegistry:
         except repository.RepositoryError as exc:
             raise ModelExistsError(str(exc)) from None
         try:
-            return self._activate(name, version, session, batching)
+            return self._activate(name, version, session, batching, sha256)
         except BaseException:
             await loop.run_in_executor(self.loader, repository.remove_version, self.config.repository, name, version)
             raise
 
-    async def unload(self, name: str, version: int = 0) -> None:
-        """Stop serving one version (or all: version 0); in-flight requests finish first."""
+    async def unload(self, name: str, version: int = 0) -> list[ModelVersion]:
+        """Stop serving one version (or all: version 0); in-flight requests finish first. Returns the
+        versions removed."""
         model = self._loaded(name, version)
         targets = [version] if version else sorted(model.versions)
         removed = [model.versions.pop(v) for v in targets]
@@ -262,6 +269,7 @@ class ModelRegistry:
             del self._models[name]
         self.metrics.models_loaded.set(self.loaded_count())
         await asyncio.gather(*(m.batcher.close(self.config.grace_s) for m in removed))
+        return removed
 
     def set_default(self, name: str, version: int) -> None:
         model = self._loaded(name, version)

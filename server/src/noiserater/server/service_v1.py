@@ -131,7 +131,7 @@ class RaterServicer(pb_grpc.RaterServiceServicer):
         what = f"model={request.name[:64]!r} version={request.version or 'next'} sha256={digest} " \
                f"size={len(request.onnx)}"
         loaded = await audited("deploy", what, call,
-                               self.registry.deploy(request.name, request.onnx, request.version),
+                               self.registry.deploy(request.name, request.onnx, request.version, digest),
                                lambda loaded: f" -> serving version {loaded.version}")
         call.version = str(loaded.version)
         return pb.DeployModelResponse(model=pb.ModelRef(name=loaded.name, version=loaded.version))
@@ -140,7 +140,9 @@ class RaterServicer(pb_grpc.RaterServiceServicer):
     async def UnloadModel(self, request: pb.UnloadModelRequest, call: CallContext):
         call.model = request.model.name
         what = f"model={request.model.name[:64]!r} version={request.model.version or 'all'}"
-        await audited("unload", what, call, self.registry.unload(request.model.name, request.model.version))
+        await audited("unload", what, call, self.registry.unload(request.model.name, request.model.version),
+                      lambda removed: " -> removed " + ", ".join(f"version {v.version} (sha256={v.sha256})"
+                                                                 for v in removed))
         return pb.UnloadModelResponse()
 
     @unary("SetDefaultVersion")
