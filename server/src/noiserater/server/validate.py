@@ -260,7 +260,11 @@ class _Process:
         raise await self._died(phase)
 
     async def _died(self, phase: str) -> ValidationError:
-        code = await self.proc.wait()
+        try:
+            code = await asyncio.wait_for(self.proc.wait(), 5)
+        except TimeoutError:  # its output closed but it lives on: end it
+            await self.kill()
+            code = self.proc.returncode
         await self._stderr_done()
         limits = self.limits
         if code == -signal.SIGXCPU:
@@ -285,8 +289,9 @@ class _Process:
             await self.proc.wait()
         await self._stderr_done()
 
-    async def close(self) -> None:
-        if self.alive:
+    async def close(self, kill: bool = False) -> None:
+        """Let the process finish after its current model, or `kill` it at once."""
+        if self.alive and not kill:
             self.proc.stdin.close()
             try:
                 await asyncio.wait_for(self.proc.wait(), 5)
@@ -316,9 +321,9 @@ class ValidationSession:
                 raise
         return await self._process.check(data)
 
-    async def close(self) -> None:
+    async def close(self, kill: bool = False) -> None:
         if self._process is not None:
-            await self._process.close()
+            await self._process.close(kill)
             self._process = None
 
 
@@ -335,9 +340,11 @@ class Validator:
             session = ValidationSession(self.limits)
             try:
                 yield session
-            finally:
+            except BaseException:
                 # Shielded: a cancelled deploy still kills and reaps its validating process.
-                await asyncio.shield(session.close())
+                await asyncio.shield(session.close(kill=True))
+                raise
+            await session.close()
 
     async def check(self, data: bytes) -> dict[str, Any]:
         async with self.session() as session:
