@@ -205,8 +205,6 @@ def strings_in(value) -> list[str]:
     return found or [value]
 
 
-@pytest.mark.xfail(strict=True, reason="model metadata (provenance) is served verbatim to unauthenticated callers, "
-                                       "absolute paths included")
 def test_model_metadata_exposes_no_absolute_paths(channel):
     """GetModelMetadata and KServe ModelConfig, which need no token, show no absolute file-system path in any
     metadata value of a rater whose provenance records where it was trained."""

@@ -66,6 +66,7 @@ class RaterServer:
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if config.auth_token_file:
             interceptors.append(TokenAuthInterceptor(read_token(config.auth_token_file), config.auth_all))
+            self.runtime.authenticate = interceptors[-1].authenticated
         interceptors.append(MalformedRequestInterceptor())  # after auth: an unauthenticated call is refused unread
         self.server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config.max_message_mb))
         v1_grpc.add_RaterServiceServicer_to_server(

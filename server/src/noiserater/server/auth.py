@@ -49,6 +49,10 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
                 return "authorization: invalid bearer token"
         return "authorization: missing bearer token (metadata 'authorization: Bearer <token>')"
 
+    def authenticated(self, metadata) -> bool:
+        """Whether call metadata carries the right token."""
+        return self._reason(metadata) is None
+
     async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         method = handler_call_details.method
         if method.startswith(OPEN_PREFIXES):

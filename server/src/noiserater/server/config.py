@@ -75,6 +75,10 @@ class ServerConfig:
                                    valid=at_least(0))
     graph_optimization: str = option("all", "onnxruntime graph optimisation level",
                                      choices=("disable", "basic", "extended", "all"))
+    validate_memory_mb: int = option(1024, "address-space limit of the process that validates and warms up a model "
+                                           "before it is served, in MiB (default %(default)s)", valid=at_least(256))
+    validate_timeout_s: float = option(30.0, "wall-clock (and CPU-time) limit of one model's validation and "
+                                             "warm-up, in seconds (default %(default)s)", valid=positive)
     auth_token_file: str = option("", "file holding the bearer token that admin RPCs (deploy, unload, set "
                                       "default) require")
     auth_all: bool = option(False, "require the token on every RPC (health checks excepted)")

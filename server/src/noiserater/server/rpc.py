@@ -99,6 +99,15 @@ class CallContext:
     inference: bool
     model: str = ""
     version: str = ""
+    grpc_context: Any = None  # the grpc.aio.ServicerContext of a unary call
+
+    def peer(self) -> str:
+        return self.grpc_context.peer() if self.grpc_context is not None else ""
+
+    def authenticated(self) -> bool:
+        """Whether the call carries the server's bearer token (never, when no token is configured)."""
+        check = self.runtime.authenticate
+        return bool(check and self.grpc_context is not None and check(self.grpc_context.invocation_metadata()))
 
     def served(self, name: str, version: int) -> None:
         """The call reached a loaded model version: it labels the call's metric."""
@@ -122,6 +131,8 @@ class RpcRuntime:
         self.metrics = metrics
         self.counters = RequestCounters()
         self.draining = False
+        # Says whether a call's metadata carries the bearer token; set when a token is configured.
+        self.authenticate: Callable[[Any], bool] | None = None
 
     async def drained(self, deadline: float) -> None:
         """Wait until no accepted inference request is in flight, or the loop's clock passes `deadline`."""
@@ -129,10 +140,11 @@ class RpcRuntime:
         while self.counters.in_flight > 0 and loop.time() < deadline:
             await asyncio.sleep(0.005)
 
-    async def answer(self, method: str, inference: bool, handler: Handler, request: Any) -> Outcome:
+    async def answer(self, method: str, inference: bool, handler: Handler, request: Any,
+                     context: grpc.aio.ServicerContext | None = None) -> Outcome:
         """Run one request's handler with the server's accounting: refuse inference while draining, map
         exceptions to status codes, count the answer."""
-        call = CallContext(self, method, inference)
+        call = CallContext(self, method, inference, grpc_context=context)
         counters = self.counters
         if inference and self.draining:
             code = grpc.StatusCode.UNAVAILABLE
@@ -208,7 +220,7 @@ def unary(method: str, inference: bool = False):
     def decorate(handler: Callable[[Any, Any, CallContext], Awaitable[Any]]):
         @functools.wraps(handler)
         async def method_handler(self: Servicer, request: Any, context: grpc.aio.ServicerContext):
-            outcome = await self.runtime.answer(method, inference, handler.__get__(self), request)
+            outcome = await self.runtime.answer(method, inference, handler.__get__(self), request, context)
             if outcome.code == grpc.StatusCode.OK:
                 return outcome.response
             await context.abort(outcome.code, outcome.message)

@@ -15,7 +15,7 @@ from noiserater.core.inference import model_config_pb2 as config_pb
 from noiserater.core.text import clip, clip_shape
 from noiserater.server.inference import Inference, RequestLimits
 from noiserater.server.model_config import BACKEND, PLATFORM
-from noiserater.server.models import ModelNotFoundError, ModelRegistry, ModelVersion
+from noiserater.server.models import ModelNotFoundError, ModelRegistry, ModelVersion, public_metadata
 from noiserater.server.rpc import UNKNOWN_MODEL, CallContext, Outcome, RpcRuntime, unary
 from noiserater.server.stats import StatsRecorder
 
@@ -44,15 +44,17 @@ def tensor_signature(version: ModelVersion) -> tuple[list[TensorSpec], list[Tens
     return inputs, [(scoring.OUTPUT_SCORE, "FP32", [-1])]
 
 
-def model_config(version: ModelVersion) -> config_pb.ModelConfig:
-    """The version's configuration in Triton's terms. max_batch_size is left at 0 because every input
+def model_config(version: ModelVersion, full_metadata: bool = False) -> config_pb.ModelConfig:
+    """The version's configuration in Triton's terms (its metadata as `public_metadata` shows it unless
+    `full_metadata`). max_batch_size is left at 0 because every input
     carries its own N axis; the batcher that merges requests along it is dynamic_batching, instance_group
     and the `parameters` (max_batch_triples is the config.pbtxt's max_batch_size)."""
     inputs, outputs = tensor_signature(version)
     batching = version.batching
     kind = (config_pb.ModelInstanceGroup.KIND_CPU if version.cpu_fallback
             else config_pb.ModelInstanceGroup.KIND_GPU)
-    parameters = {f"metadata.{k}": v for k, v in version.session.info.metadata.items()}
+    metadata = version.session.info.metadata
+    parameters = {f"metadata.{k}": v for k, v in (metadata if full_metadata else public_metadata(metadata)).items()}
     parameters.update({
         "dynamic_batching": "on" if batching.max_batch > 0 else "off",
         "max_batch_triples": str(batching.max_batch),
@@ -210,7 +212,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @unary("ModelConfig")
     async def ModelConfig(self, request: pb.ModelConfigRequest, call: CallContext):
         version = self._lookup(request.name, request.version, call)
-        return pb.ModelConfigResponse(config=model_config(version))
+        return pb.ModelConfigResponse(config=model_config(version, call.authenticated()))
 
     @unary("ModelStatistics")
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, call: CallContext):

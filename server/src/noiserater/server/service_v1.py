@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 import numpy as np
@@ -18,9 +21,11 @@ from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
 from noiserater.core.v1 import tensor_pb2
 from noiserater.server import stats as stats_mod
 from noiserater.server.inference import Inference, RequestLimits
-from noiserater.server.models import ModelRegistry, ModelVersion
-from noiserater.server.rpc import UNKNOWN_MODEL, CallContext, Outcome, RpcError, RpcRuntime, unary
+from noiserater.server.models import ModelRegistry, ModelVersion, public_metadata, upload_digest
+from noiserater.server.rpc import UNKNOWN_MODEL, CallContext, Outcome, RpcError, RpcRuntime, status_of, unary
 from noiserater.server.stats import StatsRecorder
+
+audit = logging.getLogger("rater-server.audit")
 
 
 def plan_of(request: pb.SelectNoiseRequest, candidates: np.ndarray) -> SelectionPlan:
@@ -46,6 +51,22 @@ def stream_reply(message: pb.SelectNoiseStreamRequest, outcome: Outcome) -> pb.S
         return pb.SelectNoiseStreamResponse(request_id=message.request_id, response=outcome.response)
     return pb.SelectNoiseStreamResponse(request_id=message.request_id, error_code=outcome.code.value[0],
                                         error_message=outcome.message)
+
+
+async def audited(action: str, what: str, call: CallContext, work: Awaitable[Any],
+                  outcome: Callable[[Any], str] = lambda result: "") -> Any:
+    """Await an admin action and log one line saying who did what and how it ended (`outcome` adds what the
+    result says)."""
+    who = f"peer={call.peer() or '-'} auth={'token' if call.authenticated() else 'none'}"
+    try:
+        result = await work
+    except BaseException as exc:
+        code = status_of(exc) if isinstance(exc, Exception) else grpc.StatusCode.CANCELLED
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        audit.warning("%s refused: %s %s: %s %s", action, what, who, (code or grpc.StatusCode.INTERNAL).name, detail)
+        raise
+    audit.info("%s: %s%s %s", action, what, outcome(result), who)
+    return result
 
 
 class RaterServicer(pb_grpc.RaterServiceServicer):
@@ -101,29 +122,43 @@ class RaterServicer(pb_grpc.RaterServiceServicer):
     async def GetModelMetadata(self, request: pb.GetModelMetadataRequest, call: CallContext):
         version = self._lookup(request.model, call)
         inputs, outputs = signature(version.session.info)
+        metadata = version.session.info.metadata
         return pb.GetModelMetadataResponse(
             model=pb.ModelRef(name=version.name, version=version.version),
-            metadata=version.session.info.metadata, inputs=inputs, outputs=outputs,
-            execution_provider=version.session.provider)
+            metadata=metadata if call.authenticated() else public_metadata(metadata), inputs=inputs,
+            outputs=outputs, execution_provider=version.session.provider)
 
     @unary("DeployModel")
     async def DeployModel(self, request: pb.DeployModelRequest, call: CallContext):
         call.model = UNKNOWN_MODEL
-        loaded = await self.registry.deploy(request.name, request.onnx, request.version)
+        digest = await asyncio.get_running_loop().run_in_executor(self.registry.loader, upload_digest, request.onnx)
+        what = f"model={request.name[:64]!r} version={request.version or 'next'} sha256={digest} " \
+               f"size={len(request.onnx)}"
+        loaded = await audited("deploy", what, call,
+                               self.registry.deploy(request.name, request.onnx, request.version, digest),
+                               lambda loaded: f" -> serving version {loaded.version}")
         call.served(loaded.name, loaded.version)
         return pb.DeployModelResponse(model=pb.ModelRef(name=loaded.name, version=loaded.version))
 
     @unary("UnloadModel")
     async def UnloadModel(self, request: pb.UnloadModelRequest, call: CallContext):
         call.model = UNKNOWN_MODEL
-        await self.registry.unload(request.model.name, request.model.version)
+        what = f"model={request.model.name[:64]!r} version={request.model.version or 'all'}"
+        await audited("unload", what, call, self.registry.unload(request.model.name, request.model.version),
+                      lambda removed: " -> removed " + ", ".join(f"version {v.version} (sha256={v.sha256})"
+                                                                 for v in removed))
         call.served(request.model.name, request.model.version)
         return pb.UnloadModelResponse()
 
     @unary("SetDefaultVersion")
     async def SetDefaultVersion(self, request: pb.SetDefaultVersionRequest, call: CallContext):
         call.model = UNKNOWN_MODEL
-        self.registry.set_default(request.model.name, request.model.version)
+        what = f"model={request.model.name[:64]!r} version={request.model.version}"
+
+        async def pin() -> None:
+            self.registry.set_default(request.model.name, request.model.version)
+
+        await audited("set-default", what, call, pin())
         call.served(request.model.name, request.model.version)
         return pb.SetDefaultVersionResponse()
 
