@@ -2,6 +2,10 @@
 
 Every rater takes x0 [N, *data_shape] (float), t [N] (int64) and eps [N, *data_shape] and returns
 a score per triple [N]. `build_rater` is the one constructor used by training, checkpoints and export.
+
+A trained rater is saved as a folder in the Hugging Face layout (`save_pretrained`: model.safetensors +
+config.json, no pickle) and as one torch file (`save_rater`: rater.pt); `load_rater` reads either, or a
+train-rater RUN_DIR holding them, from_pretrained-style.
 """
 
 from __future__ import annotations
