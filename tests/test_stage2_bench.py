@@ -86,7 +86,8 @@ def test_cli_bench_train_from_a_run_folder(tmp_path):
                                       "--steps", "3", "--rater", str(run_dir), "--out", str(out), "--k", "4",
                                       "--batch-size", "8", "--sample-steps", "3", "--json"])
     assert result.exit_code == 0, result.output
-    payload = json.loads(result.output)
+    assert "bench train" in result.stderr  # the progress bar, on stderr also under --json
+    payload = json.loads(result.stdout)
     assert set(payload["report"]) == {"uniform", "rater-argmax", "rater-assign", "immiscible-knn"}
     assert (out / "rater.onnx").is_file() and (out / "report.md").is_file()
     check_report(json.loads((out / "report.json").read_text()),
@@ -103,3 +104,24 @@ def test_cli_bench_train_errors_are_one_line(tmp_path):
     result = CliRunner().invoke(app, ["bench", "train", "--methods", "nope", "--steps", "2",
                                       "--out", str(tmp_path / "y")])
     assert result.exit_code == 1 and "unknown" in result.output
+
+
+def test_cli_one_seed_without_quality_reads_honestly(tmp_path, rater_onnx):
+    """With one seed there are no error bars (no '± 0', no '± nan'), and with --no-quality the goal, which needs
+    frechet, is 'not measured' rather than 'not met'."""
+    from noiserater.cli.main import app
+    from noiserater.cli.options import Denoiser
+
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, ["bench", "train", "--methods", "uniform,rater-argmax,immiscible-knn", "--seeds",
+                                      "1", "--steps", "2", "--rater", str(rater_onnx), "--out", str(out), "--k", "2",
+                                      "--batch-size", "8", "--no-quality", "--denoiser", Denoiser.mlp.value])
+    assert result.exit_code == 0, result.output
+    assert "one seed" in result.stdout and "(Δ " in result.stdout
+    assert "nan" not in result.stdout and "± 0 " not in result.stdout
+    md = (out / "report.md").read_text()
+    assert "- rater-argmax: not measured (missing: a standard error (needs at least 2 seeds); frechet (sampling " \
+           "was skipped: --no-quality))" in md
+    assert "± —" not in md and "## Values (one seed: no error bars)" in md
+    details = json.loads((out / "details.json").read_text())
+    assert details["goal_met"] == {"rater-argmax": None}

@@ -22,7 +22,7 @@ import torch
 from noiserater.client.sources import names
 from noiserater.trainer.stage2.sources import Stage2Error, load_plugin, needs_rater
 from noiserater.trainer.stage2.training import EvalContext, Stage2Config, Stage2Result, train_stage2
-from noiserater.trainer.substrate.data import DataSplits
+from noiserater.trainer.substrate.data import DataSplits, warn_if_tiny
 
 BASELINE = "uniform"  # every comparison is paired against it, so it always runs
 
@@ -135,6 +135,7 @@ def run_bench(data: DataSplits, methods: Sequence[str], seeds: Sequence[int], st
     cfg = Stage2Config(**{**asdict(config or Stage2Config()), "steps": int(steps)})
     if rater_onnx is not None:
         check_rater_matches(rater_onnx, data, cfg)
+    warn_if_tiny(data, cfg.batch_size)
     rater = str(rater_onnx) if rater_onnx is not None else None
     seeds = list(seeds)
     context = EvalContext.build(data, cfg)

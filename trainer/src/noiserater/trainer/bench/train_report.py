@@ -9,7 +9,9 @@ writes into the output folder
 - `curves.png`: held-out loss (Gaussian noise, fixed seeds) against training step, mean ± std over seeds.
 
 "Beats" means: the paired mean difference is below zero by more than two standard errors of that mean
-(lower is better for every quality metric here).
+(lower is better for every quality metric here). With one seed there is no standard error: the report shows
+the values without error bars, and a goal that needs one is "not measured", as is a goal whose metric was
+not measured (frechet under --no-quality) or whose reference method did not run.
 """
 
 from __future__ import annotations
@@ -75,12 +77,7 @@ def build_details(bench: BenchRuns, report: dict[str, Any], command: str = "") -
     raters = [m for m in methods if needs_rater(m)]
     vs_uniform = _paired_against(report, [m for m in methods if m != BASELINE], BASELINE)
     vs_knn = _paired_against(report, raters, KNN) if KNN in methods else {}
-    goal = {
-        method: bool(vs_uniform[method]["val_loss"]["lower_beyond_2se"]
-                     and "frechet" in vs_uniform[method] and vs_uniform[method]["frechet"]["lower_beyond_2se"]
-                     and method in vs_knn and vs_knn[method]["frechet"]["lower_beyond_2se"])
-        for method in raters
-    }
+    goal = {method: goal_status(vs_uniform[method], vs_knn.get(method), len(bench.seeds)) for method in raters}
     return {
         "command": command,
         "dataset": data.name,
@@ -100,12 +97,31 @@ def build_details(bench: BenchRuns, report: dict[str, Any], command: str = "") -
         },
         "paired_vs_uniform": vs_uniform,
         "paired_vs_immiscible_knn": vs_knn,
-        "goal_met": goal,
+        "goal_met": {method: met for method, (met, _) in goal.items()},
+        "goal_not_measured": {method: missing for method, (_, missing) in goal.items() if missing},
         "runs": [r.to_dict() for m in methods for r in bench.runs[m]],
         "wall_seconds": bench.wall_seconds,
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
     }
+
+
+def goal_status(vs_uniform: dict[str, Any], vs_knn: dict[str, Any] | None,
+                seeds: int) -> tuple[bool | None, list[str]]:
+    """(met, what was not measured) of the goal: beat uniform on val_loss and frechet and immiscible-knn on
+    frechet, each beyond two standard errors. met is None when no measured part fails but a part could not
+    be measured (False as soon as a measured part fails)."""
+    missing = []
+    if seeds < 2:
+        missing.append("a standard error (needs at least 2 seeds)")
+    if "frechet" not in vs_uniform:
+        missing.append("frechet (sampling was skipped: --no-quality)")
+    if vs_knn is None:
+        missing.append(f"the comparison with {KNN} (not among the methods)")
+    parts = [vs_uniform["val_loss"], vs_uniform.get("frechet"), (vs_knn or {}).get("frechet")]
+    results = [None if part is None or seeds < 2 else bool(part["lower_beyond_2se"]) for part in parts]
+    met = False if False in results else (None if None in results else True)
+    return met, missing if met is None else []
 
 
 def summarise(values: Sequence[float | None]) -> dict[str, Any]:
@@ -171,7 +187,8 @@ def render_markdown(report: dict[str, Any], details: dict[str, Any]) -> str:
         )
     lines.append(f"- Wall time of the whole benchmark: {details['wall_seconds']:.0f} s "
                  f"({details['machine']['threads']} torch threads).")
-    lines += ["", "## Mean ± std over seeds", ""]
+    one_seed = len(details["seeds"]) < 2
+    lines += ["", "## Values (one seed: no error bars)" if one_seed else "## Mean ± std over seeds", ""]
     cols = [c for c in (*QUALITY_METRICS, STEP_METRIC, *COST_METRICS, *NOISE_METRICS) if c in report[methods[0]]]
     lines.append("| method | " + " | ".join(cols) + " |")
     lines.append("|---" * (len(cols) + 1) + "|")
@@ -179,7 +196,7 @@ def render_markdown(report: dict[str, Any], details: dict[str, Any]) -> str:
         cells = []
         for c in cols:
             s = report[m][c]
-            cell = f"{_fmt(s['mean'])} ± {_fmt(s['std'], 2)}"
+            cell = _fmt(s["mean"]) if one_seed else f"{_fmt(s['mean'])} ± {_fmt(s['std'], 2)}"
             if c == STEP_METRIC:
                 reached = sum(v is not None for v in s["seeds"])
                 cell = f"{_fmt(s['mean'])} ({reached}/{len(s['seeds'])} reached)"
@@ -192,6 +209,8 @@ def render_markdown(report: dict[str, Any], details: dict[str, Any]) -> str:
         if not table:
             return
         lines.extend(["", f"## {title}", "",
+                      f"Difference (method − {against}) with one seed: no standard error, so no verdict. "
+                      "Negative is better." if one_seed else
                       f"Paired difference (method − {against}) per seed; mean ± standard error of the mean. "
                       "Negative is better. **better** / **worse**: beyond two standard errors.", ""])
         names = list(next(iter(table.values())).keys())
@@ -202,7 +221,7 @@ def render_markdown(report: dict[str, Any], details: dict[str, Any]) -> str:
             for n in names:
                 p = per[n]
                 verdict = " **better**" if p["lower_beyond_2se"] else (" **worse**" if p["higher_beyond_2se"] else "")
-                cells.append(f"{p['mean']:+.4g} ± {_fmt(p['se'], 2)}{verdict}")
+                cells.append(f"{p['mean']:+.4g}" if one_seed else f"{p['mean']:+.4g} ± {_fmt(p['se'], 2)}{verdict}")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
 
     paired_table("Paired differences against uniform", details["paired_vs_uniform"], BASELINE)
@@ -211,8 +230,12 @@ def render_markdown(report: dict[str, Any], details: dict[str, Any]) -> str:
         lines += ["", "## The goal", "",
                   "A rater method meets the goal when it beats uniform on val_loss and frechet and beats "
                   "immiscible-knn on frechet, each beyond two standard errors.", ""]
+        not_measured = details.get("goal_not_measured", {})
         for m, ok in details["goal_met"].items():
-            lines.append(f"- {m}: {'met' if ok else 'not met'}")
+            if ok is None:
+                lines.append(f"- {m}: not measured (missing: {'; '.join(not_measured.get(m, []))})")
+            else:
+                lines.append(f"- {m}: {'met' if ok else 'not met'}")
     lines += ["", "![held-out loss curves](curves.png)", ""]
     return "\n".join(lines)
 

@@ -2,12 +2,17 @@
 
 Every rater takes x0 [N, *data_shape] (float), t [N] (int64) and eps [N, *data_shape] and returns
 a score per triple [N]. `build_rater` is the one constructor used by training, checkpoints and export.
+
+A trained rater is saved as a folder in the Hugging Face layout (`save_pretrained`: model.safetensors +
+config.json, no pickle) and as one torch file (`save_rater`: rater.pt); `load_rater` reads either, or a
+train-rater RUN_DIR holding them, from_pretrained-style.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,32 +83,108 @@ def build_rater(kind: str, data_shape: tuple[int, ...], num_timesteps: int, **kw
     return RATER_KINDS[kind](tuple(data_shape), num_timesteps, **kwargs)
 
 
-RATER_FILE = "rater.pt"
+RATER_FILE = "rater.pt"  # pickle-based (torch.save), read back with weights_only=True
+PRETRAINED_DIR = "rater"  # RUN_DIR/rater/: the Hugging Face layout, model.safetensors + config.json
+WEIGHTS_FILE = "model.safetensors"
+PRETRAINED_CONFIG_FILE = "config.json"
+MODEL_TYPE = "noiserater-rater"
 
 
-def save_rater(path, rater: nn.Module, kind: str, *, dataset: str = "", schedule: str = "",
-               rater_kwargs: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None) -> None:
-    """Write the frozen rater (weights + everything needed to rebuild and export it)."""
-    torch.save(
-        {
-            "kind": kind,
-            "data_shape": list(rater.data_shape),
-            "num_timesteps": rater.num_timesteps,
-            "rater_kwargs": rater_kwargs or {},
-            "state_dict": rater.state_dict(),
-            "dataset": dataset,
-            "schedule": schedule,
-            # JSON round trip: provenance must load with weights_only=True (no torch objects inside).
-            "provenance": json.loads(json.dumps(provenance or {}, default=str)),
-        },
-        path,
-    )
+class RaterLoadError(ValueError):
+    """A path that holds no loadable rater; the message is one line and starts with the path."""
+
+
+def describe(rater: nn.Module, kind: str, *, dataset: str = "", schedule: str = "",
+             rater_kwargs: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything needed to rebuild and export the rater, but its weights (plain JSON types only)."""
+    return {
+        "kind": kind,
+        "data_shape": list(rater.data_shape),
+        "num_timesteps": rater.num_timesteps,
+        "rater_kwargs": rater_kwargs or {},
+        "dataset": dataset,
+        "schedule": schedule,
+        # JSON round trip: provenance must load with weights_only=True (no torch objects inside).
+        "provenance": json.loads(json.dumps(provenance or {}, default=str)),
+    }
+
+
+def save_rater(path, rater: nn.Module, kind: str, **description: Any) -> None:
+    """Write the frozen rater as one torch file (weights + `describe`), what `load_rater` reads back."""
+    torch.save({**describe(rater, kind, **description), "state_dict": rater.state_dict()}, path)
+
+
+def save_pretrained(folder, rater: nn.Module, kind: str, **description: Any) -> Path:
+    """Write the frozen rater as `folder`/model.safetensors + `folder`/config.json (the Hugging Face layout:
+    no pickle; `load_rater(folder)` reads it back). Returns the folder."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": MODEL_TYPE, **describe(rater, kind, **description)}
+    weights = {k: v.detach().cpu().contiguous() for k, v in rater.state_dict().items()}
+    save_file(weights, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    (folder / PRETRAINED_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def rater_source(path) -> Path:
+    """The file or folder `load_rater(path)` reads: a rater.pt, a model.safetensors folder, or in a train-rater
+    RUN_DIR its rater/ folder (else its rater.pt). RaterLoadError when `path` holds none of them."""
+    path = Path(path)
+    if not path.exists():
+        raise RaterLoadError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.suffix == ".onnx":
+            raise RaterLoadError(f"{path}: an exported ONNX model, not a trained rater (deploy it with nrctl "
+                                 "deploy; a trained rater is a train-rater RUN_DIR, its rater.pt or a "
+                                 f"{WEIGHTS_FILE} folder)")
+        if path.name == WEIGHTS_FILE:
+            return path.parent
+        return path
+    for candidate in (path, path / PRETRAINED_DIR):
+        if (candidate / WEIGHTS_FILE).is_file():
+            return candidate
+    if (path / RATER_FILE).is_file():
+        return path / RATER_FILE
+    raise RaterLoadError(f"{path}: no trained rater here (expected a train-rater RUN_DIR, a {RATER_FILE} or "
+                         f"a folder with {WEIGHTS_FILE} + {PRETRAINED_CONFIG_FILE})")
 
 
 def load_rater(path) -> tuple[nn.Module, dict[str, Any]]:
-    """(rater in eval mode, the checkpoint's description without the weights)."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    rater = build_rater(blob["kind"], tuple(blob["data_shape"]), blob["num_timesteps"], **blob["rater_kwargs"])
-    rater.load_state_dict(blob["state_dict"])
+    """(rater in eval mode, its description without the weights), from_pretrained-style: `path` is a rater.pt,
+    a folder with model.safetensors + config.json, or a train-rater RUN_DIR. RaterLoadError (one line) when
+    it holds no loadable rater."""
+    source = rater_source(path)
+    try:
+        if source.is_dir():
+            from safetensors.torch import load_file
+
+            info = json.loads((source / PRETRAINED_CONFIG_FILE).read_text())
+            state = load_file(str(source / WEIGHTS_FILE))
+        else:
+            try:
+                blob = torch.load(source, map_location="cpu", weights_only=True)
+            except Exception as exc:  # torch's message advises unpickling untrusted files: leave it out
+                raise RaterLoadError(f"{source}: not a rater checkpoint (torch cannot read it: "
+                                     f"{type(exc).__name__})") from None
+            if not isinstance(blob, dict) or "state_dict" not in blob:
+                raise RaterLoadError(f"{source}: a torch file, but not a rater checkpoint (no state_dict)")
+            state, info = blob["state_dict"], {k: v for k, v in blob.items() if k != "state_dict"}
+    except RaterLoadError:
+        raise
+    except Exception as exc:  # torch.load, safetensors, JSON and OS errors of many kinds
+        raise RaterLoadError(f"{source}: not a readable rater ({type(exc).__name__}: {_first_line(exc)})") from None
+    try:
+        rater = build_rater(info["kind"], tuple(info["data_shape"]), info["num_timesteps"], **info["rater_kwargs"])
+        rater.load_state_dict(state)
+    except Exception as exc:  # missing keys, shape mismatches, an unknown kind
+        raise RaterLoadError(f"{source}: the weights do not fit the rater it describes "
+                             f"({type(exc).__name__}: {_first_line(exc)})") from None
     rater.eval()
-    return rater, {k: v for k, v in blob.items() if k != "state_dict"}
+    return rater, info
