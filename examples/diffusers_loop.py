@@ -39,7 +39,7 @@ def train(selector, steps: int = 200, batch_size: int = 64, lr: float = 2e-4, se
     """Train a small UNet2DModel on 8x8 digits with noise chosen by `selector`; returns the losses."""
     from diffusers import DDPMScheduler
 
-    from noiserater.trainer.data import load_dataset
+    from noiserater.trainer.substrate.data import load_dataset
 
     torch.manual_seed(seed)
     data = load_dataset("digits-image").train  # [N, 1, 8, 8] in [-1, 1]

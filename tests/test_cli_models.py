@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from noiserater.core import repository, scoring
-from noiserater.trainer.rater import RATER_FILE, build_rater, save_rater
+from noiserater.trainer.stage1.rater import RATER_FILE, build_rater, save_rater
 
 
 def nrctl(*args, check=True):

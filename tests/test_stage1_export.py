@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from noiserater.core import scoring
-from noiserater.trainer.export import export_rater
-from noiserater.trainer.rater import RATER_FILE, build_rater, load_rater, save_rater
+from noiserater.trainer.stage1.export import export_rater
+from noiserater.trainer.stage1.rater import RATER_FILE, build_rater, load_rater, save_rater
 
 
 @pytest.mark.parametrize(("kind", "shape", "kw"), [("mlp", (64,), {"hidden": 32}), ("conv", (1, 8, 8), {"channels": 8}),
@@ -39,7 +39,7 @@ def test_export_has_parity_and_loads_in_the_server_session(tmp_path: Path, kind,
 
 
 def test_image_rater_is_cheap_next_to_the_unet():
-    from noiserater.trainer.denoisers import build_denoiser
+    from noiserater.trainer.substrate.denoisers import build_denoiser
 
     rater = build_rater("conv", (1, 8, 8), 1000)
     unet = build_denoiser((1, 8, 8), "unet", num_timesteps=1000)

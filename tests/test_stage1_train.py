@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from noiserater.trainer.rater import RATER_FILE, load_rater
-from noiserater.trainer.train_rater import (
+from noiserater.trainer.stage1.rater import RATER_FILE, load_rater
+from noiserater.trainer.stage1.train import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
     METRICS_FILE,

@@ -8,10 +8,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from noiserater.trainer.bench_train import run_bench
-from noiserater.trainer.data import load_dataset
-from noiserater.trainer.stage2 import METHODS, Stage2Config, Stage2Error, train_stage2
+from noiserater.trainer.bench.train import run_bench
+from noiserater.trainer.bench.train_report import write_report
+from noiserater.trainer.stage2.sources import Stage2Error
+from noiserater.trainer.stage2.training import Stage2Config, train_stage2
+from noiserater.trainer.substrate.data import load_dataset
 
+METHODS = ("uniform", "rater-argmax", "rater-sample", "rater-assign", "rater-kanneal", "immiscible",
+           "immiscible-knn", "min-snr")
 TINY = dict(batch_size=16, num_timesteps=100, eval_every=2, eval_repeats=1, sample_steps=4,
             denoiser_kwargs={"hidden": 32, "depth": 1, "time_dim": 16})
 
@@ -34,8 +38,9 @@ def check_report(report: dict, methods: list[str], seeds: int) -> None:
 
 def test_bench_all_methods_tiny(digits, rater_onnx, tmp_path):
     cfg = Stage2Config(**TINY)
-    result = run_bench(digits, list(METHODS), [0, 1], 4, tmp_path, rater_onnx=rater_onnx, config=cfg,
-                       command="test")
+    runs = run_bench(digits, list(METHODS), [0, 1], 4, rater_onnx=rater_onnx, config=cfg)
+    assert runs.methods == list(METHODS) and [r.seed for r in runs.runs["rater-kanneal"]] == [0, 1]
+    result = write_report(runs, tmp_path, command="test")
     report = json.loads((tmp_path / "report.json").read_text())
     check_report(report, list(METHODS), 2)
     assert (tmp_path / "curves.png").stat().st_size > 0
@@ -59,16 +64,16 @@ def test_methods_share_init_batches_and_timesteps(digits):
     assert a.curve_val_loss[-1] != c.curve_val_loss[-1]
 
 
-def test_rater_methods_need_a_rater(digits, tmp_path):
+def test_rater_methods_need_a_rater(digits):
     with pytest.raises(Stage2Error, match="rater"):
-        run_bench(digits, ["uniform", "rater-argmax"], [0], 2, tmp_path, config=Stage2Config(**TINY))
+        run_bench(digits, ["uniform", "rater-argmax"], [0], 2, config=Stage2Config(**TINY))
     with pytest.raises(Stage2Error, match="unknown"):
-        run_bench(digits, ["uniform", "best-noise"], [0], 2, tmp_path, config=Stage2Config(**TINY))
+        run_bench(digits, ["uniform", "best-noise"], [0], 2, config=Stage2Config(**TINY))
 
 
 def test_cli_bench_train_from_a_run_folder(tmp_path):
     from noiserater.cli.main import app
-    from noiserater.trainer.rater import build_rater, save_rater
+    from noiserater.trainer.stage1.rater import build_rater, save_rater
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -7,10 +7,44 @@ import sys
 from pathlib import Path
 
 import typer
+from typer.core import TyperCommand
 
 from noiserater.cli.output import emit_json, fail, table
 
 DEFAULT_METHODS = "uniform,rater-argmax,rater-assign,immiscible,immiscible-knn,min-snr"
+METHODS_HELP = ("Comma-separated names of registered noise sources{names}. uniform, the paired baseline, "
+                "always runs.")
+PLUGIN_HELP = ("Import a module (a dotted name or a .py file) that registers noise sources, so --methods can "
+               "name them: in it, @register(\"my-noise\") from noiserater.client.sources on a factory "
+               "f(generator, ...) whose result has sample(x0, t, step) -> eps and loss_weights(t) -> None or "
+               "weights. Repeatable.")
+
+
+class BenchTrainCommand(TyperCommand):
+    """Fills the registry's names into --methods' help when help is shown: the registry imports torch, which
+    the rest of nrctl should not wait for at start."""
+
+    def format_help(self, ctx, formatter) -> None:
+        import noiserater.trainer.stage2.sources  # noqa: F401  (registers the rater rules)
+        from noiserater.client.sources import names
+
+        for param in self.params:
+            if param.name == "methods":
+                param.help = METHODS_HELP.format(names=": " + ", ".join(names()))
+        super().format_help(ctx, formatter)
+
+
+def load_plugins(plugins: list[str]) -> list[str]:
+    """--plugin's callback (eager, so the plugins' sources are registered before --help or --methods)."""
+    if plugins:
+        from noiserater.trainer.stage2.sources import Stage2Error, load_plugin
+
+        for spec in plugins:
+            try:
+                load_plugin(spec)
+            except Stage2Error as exc:
+                raise typer.BadParameter(str(exc)) from None
+    return plugins
 
 
 def resolve_rater(rater: Path, out_dir: Path, dataset: str) -> Path:
@@ -23,8 +57,8 @@ def resolve_rater(rater: Path, out_dir: Path, dataset: str) -> Path:
     checkpoint = rater / "rater.pt" if rater.is_dir() else rater
     if not checkpoint.is_file():
         raise ValueError(f"--rater {rater}: neither an .onnx file nor a run folder with rater.pt")
-    from noiserater.trainer.export import export_rater
-    from noiserater.trainer.rater import load_rater
+    from noiserater.trainer.stage1.export import export_rater
+    from noiserater.trainer.stage1.rater import load_rater
 
     try:
         model, info = load_rater(checkpoint)
@@ -38,8 +72,8 @@ def resolve_rater(rater: Path, out_dir: Path, dataset: str) -> Path:
 
 def bench_train(
     dataset: str = typer.Option("digits", help="Built-in dataset name or a .npy/.npz file / image folder."),
-    methods: str = typer.Option(DEFAULT_METHODS, help="Comma-separated: uniform, rater-argmax, rater-sample, "
-                                "rater-assign, rater-kanneal, immiscible, immiscible-knn, min-snr."),
+    methods: str = typer.Option(DEFAULT_METHODS, help=METHODS_HELP.format(names="")),
+    plugin: list[str] = typer.Option([], "--plugin", help=PLUGIN_HELP, is_eager=True, callback=load_plugins),
     seeds: int = typer.Option(3, min=1, help="Number of seeds (0..N-1), paired across methods."),
     steps: int = typer.Option(3000, min=1, help="Training steps per run (the same for every method)."),
     rater: Path | None = typer.Option(None, help="Rater run folder (rater.pt) or exported MODEL.onnx."),
@@ -60,9 +94,11 @@ def bench_train(
     import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from noiserater.trainer.bench_train import BASELINE, parse_methods, rater_schedule, run_bench
-    from noiserater.trainer.data import load_dataset
-    from noiserater.trainer.stage2 import Stage2Config, Stage2Error
+    from noiserater.trainer.bench.train import BASELINE, parse_methods, rater_schedule, require_rater, run_bench
+    from noiserater.trainer.bench.train_report import write_report
+    from noiserater.trainer.stage2.sources import Stage2Error, needs_rater
+    from noiserater.trainer.stage2.training import Stage2Config
+    from noiserater.trainer.substrate.data import load_dataset
 
     if threads:
         torch.set_num_threads(threads)
@@ -70,12 +106,10 @@ def bench_train(
         method_list = parse_methods(methods)
         if BASELINE not in method_list:
             method_list = [BASELINE, *method_list]
+        require_rater(method_list, rater)
         data = load_dataset(dataset)
         out.mkdir(parents=True, exist_ok=True)
-        needs_rater = any(m.startswith("rater-") for m in method_list)
-        if needs_rater and rater is None:
-            raise ValueError("a rater-* method needs --rater RUN_DIR|MODEL.onnx")
-        onnx_path = resolve_rater(rater, out, dataset) if (needs_rater and rater is not None) else None
+        onnx_path = resolve_rater(rater, out, dataset) if any(needs_rater(m) for m in method_list) else None
         cfg = Stage2Config(steps=steps, batch_size=batch_size, lr=lr, k=k, temperature=temperature,
                            kanneal_end=kanneal_end, denoiser=denoiser, sample_steps=sample_steps,
                            quality=not no_quality)
@@ -93,9 +127,9 @@ def bench_train(
                 bar.update(task, description=f"{result.method} seed {result.seed}: "
                                              f"val {result.metrics['val_loss']:.4f}")
 
-            result = run_bench(data, method_list, range(seeds), steps, out, rater_onnx=onnx_path, config=cfg,
-                               command=command, progress=lambda n: bar.advance(task, n), on_run=on_run,
-                               jobs=jobs)
+            runs = run_bench(data, method_list, range(seeds), steps, rater_onnx=onnx_path, config=cfg,
+                             progress=lambda n: bar.advance(task, n), on_run=on_run, jobs=jobs, plugins=plugin)
+        result = write_report(runs, out, command=command)
     except (Stage2Error, ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     report, details = result["report"], result["details"]
@@ -122,4 +156,4 @@ def bench_train(
 
 
 def register(bench_app: typer.Typer) -> None:
-    bench_app.command("train")(bench_train)
+    bench_app.command("train", cls=BenchTrainCommand)(bench_train)

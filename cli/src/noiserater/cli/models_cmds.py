@@ -56,8 +56,8 @@ def export(
     as_json: bool = JsonOpt,
 ) -> None:
     """Export a trained rater to ONNX with metadata; parity with torch is checked."""
-    from noiserater.trainer.export import ParityError, export_rater
-    from noiserater.trainer.rater import RATER_FILE, load_rater
+    from noiserater.trainer.stage1.export import ParityError, export_rater
+    from noiserater.trainer.stage1.rater import RATER_FILE, load_rater
 
     checkpoint = run / RATER_FILE if run.is_dir() else run
     if not checkpoint.is_file():

@@ -34,11 +34,11 @@ def quickstart(
     from noiserater.client.channel import RaterChannel
     from noiserater.client.selector import NoiseSelector
     from noiserater.core.v1 import rater_service_pb2 as pb
-    from noiserater.trainer.data import load_dataset
-    from noiserater.trainer.export import export_rater
-    from noiserater.trainer.rater import load_rater
-    from noiserater.trainer.stage2 import EvalContext, Stage2Config, train_stage2
-    from noiserater.trainer.train_rater import TrainConfig, train_rater
+    from noiserater.trainer.stage1.export import export_rater
+    from noiserater.trainer.stage1.rater import load_rater
+    from noiserater.trainer.stage1.train import TrainConfig, train_rater
+    from noiserater.trainer.stage2.training import EvalContext, Stage2Config, train_stage2
+    from noiserater.trainer.substrate.data import load_dataset
 
     set_torch_threads()
     work = workdir or Path(tempfile.mkdtemp(prefix="nrctl-quickstart-"))

@@ -31,8 +31,8 @@ def train_rater(
     import torch
     from tqdm import tqdm
 
-    from noiserater.trainer.train_rater import TrainConfig, cleanup_distributed
-    from noiserater.trainer.train_rater import train_rater as run
+    from noiserater.trainer.stage1.train import TrainConfig, cleanup_distributed
+    from noiserater.trainer.stage1.train import train_rater as run
 
     overrides = {"steps": steps, "inner_steps": inner_steps, "population": population, "meta_grad": meta_grad,
                  "seed": seed, "candidate_group": candidate_group, "tau": tau}

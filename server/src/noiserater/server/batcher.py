@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -274,10 +275,8 @@ class DynamicBatcher:
             pass
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         for job in self._queue:
             if not job.future.done():
                 job.future.set_exception(BatcherClosedError("model version was unloaded"))

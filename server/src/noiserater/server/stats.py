@@ -10,6 +10,7 @@ are retried on the next flush, and the failure is counted; requests never wait o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from dataclasses import dataclass, field
@@ -262,9 +263,7 @@ class StatsRecorder:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         await self.flush()
         await self.store.close()

@@ -13,24 +13,15 @@ from typing import Any
 import torch
 from torch import nn
 
-
-def timestep_embedding(t: torch.Tensor, dim: int, num_timesteps: int) -> torch.Tensor:
-    """Sinusoidal embedding of integer timesteps, scaled so t spans [0, 1000) whatever T is."""
-    half = dim // 2
-    scaled = t.to(torch.float32) * (1000.0 / num_timesteps)
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * (-math.log(10000.0) / half))
-    angles = scaled[:, None] * freqs[None, :]
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+from noiserater.trainer.substrate.denoisers import TimeConditioned
+from noiserater.trainer.substrate.diffusion import timestep_embedding
 
 
-class VectorRater(nn.Module):
+class VectorRater(TimeConditioned):
     """An MLP over x0, eps, x0*eps and a timestep embedding, for vector data."""
 
     def __init__(self, data_shape: tuple[int, ...], num_timesteps: int, hidden: int = 128, time_dim: int = 32):
-        super().__init__()
-        self.data_shape = tuple(data_shape)
-        self.num_timesteps = num_timesteps
-        self.time_dim = time_dim
+        super().__init__(data_shape, num_timesteps, time_dim)
         dim = math.prod(self.data_shape)
         self.net = nn.Sequential(
             nn.Linear(3 * dim + time_dim, hidden),
@@ -47,18 +38,13 @@ class VectorRater(nn.Module):
         return self.net(torch.cat([x, e, x * e, emb], dim=1)).squeeze(1)
 
 
-class ImageRater(nn.Module):
+class ImageRater(TimeConditioned):
     """A small conv net over the channels [x0, eps, x0*eps]: one full-resolution conv, the timestep embedding
     added per channel, then convs at half resolution, global average pooling and a linear head.
     Ops: Conv, SiLU, Add, Mul, ReduceMean, Gemm. Rating K = 8 candidates costs ~0.1 UNet training steps."""
 
     def __init__(self, data_shape: tuple[int, ...], num_timesteps: int, channels: int = 16, time_dim: int = 32):
-        super().__init__()
-        if len(data_shape) != 3:
-            raise ValueError(f"ImageRater needs image data (C, H, W), got shape {tuple(data_shape)}")
-        self.data_shape = tuple(data_shape)
-        self.num_timesteps = num_timesteps
-        self.time_dim = time_dim
+        super().__init__(data_shape, num_timesteps, time_dim, image=True)
         c_img = data_shape[0]
         self.inp = nn.Conv2d(3 * c_img, channels, 3, padding=1)
         self.time = nn.Linear(time_dim, channels)

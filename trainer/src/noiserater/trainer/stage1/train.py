@@ -1,7 +1,7 @@
 """Stage 1's training loop: meta-learn the rater against a population of proxy denoisers.
 
 Each meta step, every inner model of the population (reset at staggered times, so the rater sees every
-phase of training) contributes a meta-gradient (`noiserater.trainer.meta`) for the rater and then really
+phase of training) contributes a meta-gradient (`noiserater.trainer.stage1.meta`) for the rater and then really
 trains one Adam step on the rater-weighted loss. Under torchrun each rank holds its own population and
 data stream; the rater's gradients are all-reduced (gloo on CPU), so all ranks hold the same rater.
 
@@ -24,17 +24,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from noiserater.trainer.data import DataSplits, load_dataset
-from noiserater.trainer.denoisers import build_denoiser
-from noiserater.trainer.diffusion import NoiseSchedule, per_sample_loss
-from noiserater.trainer.meta import (
+from noiserater.trainer.stage1.meta import (
     META_GRAD_ROUTES,
     adam_preconditioner,
     meta_gradient,
     virtual_step_losses,
     weight_stats,
 )
-from noiserater.trainer.rater import RATER_FILE, build_rater, default_rater_kind, save_rater
+from noiserater.trainer.stage1.rater import RATER_FILE, build_rater, default_rater_kind, save_rater
+from noiserater.trainer.substrate.data import DataSplits, load_dataset
+from noiserater.trainer.substrate.denoisers import build_denoiser
+from noiserater.trainer.substrate.diffusion import NoiseSchedule, per_sample_loss
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.json"

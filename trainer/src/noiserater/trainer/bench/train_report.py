@@ -1,9 +1,10 @@
-"""The efficacy benchmark (`nrctl bench train`): methods x seeds through `train_stage2`, paired by seed.
+"""The efficacy benchmark (`nrctl bench train`), reporting half: from the runs of `bench.train.run_bench`,
+writes into the output folder
 
-Writes into the output folder:
 - `report.json`: method -> metric -> {"mean", "std", "seeds": [per-seed values in seed order]} (exactly that);
 - `details.json`: the command, the setup, the metric references (classifier accuracy, floors), the paired
-  differences against uniform (and of rater methods against immiscible-knn) and every run's curve;
+  differences against uniform (and of the methods that need a rater against immiscible-knn) and every run's
+  curve;
 - `report.md`: the same for people, with mean ± std tables and paired differences with standard errors;
 - `curves.png`: held-out loss (Gaussian noise, fixed seeds) against training step, mean ± std over seeds.
 
@@ -16,8 +17,7 @@ from __future__ import annotations
 import json
 import math
 import platform
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,69 +25,87 @@ from typing import Any
 import numpy as np
 import torch
 
-from noiserater.trainer.data import DataSplits
-from noiserater.trainer.stage2 import (
-    METHODS,
-    EvalContext,
-    Stage2Config,
-    Stage2Error,
-    Stage2Result,
-    steps_to_reach,
-    train_stage2,
-)
+from noiserater.trainer.bench.train import BASELINE, BenchRuns
+from noiserater.trainer.stage2.sources import needs_rater
+from noiserater.trainer.stage2.training import Stage2Result, steps_to_reach
 
 QUALITY_METRICS = ("val_loss", "test_loss", "frechet", "swd")  # lower is better; paired against uniform
 COST_METRICS = ("ms_per_step", "selection_ms_per_step")
 NOISE_METRICS = ("noise_sq_norm_per_dim", "noise_cosine_with_x0", "train_loss_selected")
 STEP_METRIC = "steps_to_uniform_final"
-BASELINE = "uniform"
 KNN = "immiscible-knn"
 
 
-_WORKER: dict[str, Any] = {}
+def write_report(bench: BenchRuns, out_dir: str | Path, command: str = "") -> dict[str, Any]:
+    """Write report.json, details.json, report.md and curves.png into `out_dir`; return both dicts."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = build_report(bench)
+    details = build_details(bench, report, command)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "details.json").write_text(json.dumps(details, indent=2) + "\n")
+    (out / "report.md").write_text(render_markdown(report, details))
+    plot_curves(bench.runs, out / "curves.png", title=f"{bench.data.name}: held-out loss under Gaussian noise")
+    return {"report": report, "details": details}
 
 
-def _init_worker(data: DataSplits, cfg: dict[str, Any], threads: int) -> None:
-    torch.set_num_threads(threads)
-    config = Stage2Config(**cfg)
-    _WORKER.update(data=data, cfg=config, context=EvalContext.build(data, config))
+def build_report(bench: BenchRuns) -> dict[str, dict[str, Any]]:
+    """method -> metric -> summarise(per-seed values), plus the steps to reach uniform's final held-out loss."""
+    runs = bench.runs
+    metric_names = [m for m in (*QUALITY_METRICS, *COST_METRICS, *NOISE_METRICS) if m in runs[BASELINE][0].metrics]
+    targets = [r.metrics["val_loss"] for r in runs[BASELINE]]
+    report: dict[str, dict[str, Any]] = {}
+    for method in bench.methods:
+        report[method] = {name: summarise([r.metrics[name] for r in runs[method]]) for name in metric_names}
+        report[method][STEP_METRIC] = summarise([
+            steps_to_reach(r.curve_steps, r.curve_val_loss, target)
+            for r, target in zip(runs[method], targets, strict=True)
+        ])
+    return report
 
 
-def _worker_run(method: str, steps: int, seed: int, rater: str | None) -> Stage2Result:
-    return train_stage2(_WORKER["data"], method, steps, seed, rater=rater, config=_WORKER["cfg"],
-                        context=_WORKER["context"])
+def _paired_against(report: dict[str, Any], methods: Sequence[str], against: str) -> dict[str, Any]:
+    quality = [m for m in QUALITY_METRICS if m in report[against]]
+    return {method: {name: paired(report[method][name]["seeds"], report[against][name]["seeds"]) for name in quality}
+            for method in methods}
 
 
-def parse_methods(text: str | Sequence[str]) -> list[str]:
-    methods = [m.strip() for m in text.split(",")] if isinstance(text, str) else list(text)
-    methods = [m for m in methods if m]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise Stage2Error(f"methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})")
-    if not methods:
-        raise Stage2Error("methods: none given")
-    if len(set(methods)) != len(methods):
-        raise Stage2Error("methods: listed twice")
-    return methods
-
-
-def rater_schedule(rater_onnx: str | Path) -> tuple[int, str]:
-    """(num_timesteps, schedule kind or "") the exported rater was trained with, from its ONNX metadata."""
-    from noiserater.core.scoring import RaterSession
-
-    info = RaterSession(Path(rater_onnx), device="cpu").info
-    return info.num_timesteps, info.schedule
-
-
-def check_rater_matches(rater_onnx: str | Path, data: DataSplits, cfg: Stage2Config) -> None:
-    from noiserater.core.scoring import RaterSession
-
-    info = RaterSession(Path(rater_onnx), device="cpu").info
-    if tuple(info.data_shape) != tuple(data.data_shape):
-        raise Stage2Error(f"rater: data shape {list(info.data_shape)} does not match the dataset's "
-                          f"{list(data.data_shape)}")
-    if info.num_timesteps != cfg.num_timesteps:
-        raise Stage2Error(f"rater: trained for T={info.num_timesteps} timesteps, the run uses T={cfg.num_timesteps}")
+def build_details(bench: BenchRuns, report: dict[str, Any], command: str = "") -> dict[str, Any]:
+    methods, data, q = bench.methods, bench.data, bench.context.quality
+    raters = [m for m in methods if needs_rater(m)]
+    vs_uniform = _paired_against(report, [m for m in methods if m != BASELINE], BASELINE)
+    vs_knn = _paired_against(report, raters, KNN) if KNN in methods else {}
+    goal = {
+        method: bool(vs_uniform[method]["val_loss"]["lower_beyond_2se"]
+                     and "frechet" in vs_uniform[method] and vs_uniform[method]["frechet"]["lower_beyond_2se"]
+                     and method in vs_knn and vs_knn[method]["frechet"]["lower_beyond_2se"])
+        for method in raters
+    }
+    return {
+        "command": command,
+        "dataset": data.name,
+        "data_shape": list(data.data_shape),
+        "split_sizes": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
+        "methods": methods,
+        "seeds": bench.seeds,
+        "steps": bench.steps,
+        "rater": bench.rater,
+        "config": asdict(bench.config),
+        "references": {
+            "feature_kind": q.feature_kind if q else None,
+            "classifier_test_accuracy": q.classifier.test_accuracy if q and q.classifier else None,
+            "frechet_floor_heldout_vs_train": q.floor_frechet if q else None,
+            "swd_floor_heldout_vs_train": q.floor_swd if q else None,
+            "heldout_count": q.heldout_count if q else None,
+        },
+        "paired_vs_uniform": vs_uniform,
+        "paired_vs_immiscible_knn": vs_knn,
+        "goal_met": goal,
+        "runs": [r.to_dict() for m in methods for r in bench.runs[m]],
+        "wall_seconds": bench.wall_seconds,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
+    }
 
 
 def summarise(values: Sequence[float | None]) -> dict[str, Any]:
@@ -111,115 +129,6 @@ def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
         "lower_beyond_2se": bool(len(d) > 1 and mean < -2 * se),
         "higher_beyond_2se": bool(len(d) > 1 and mean > 2 * se),
     }
-
-
-def run_bench(data: DataSplits, methods: Sequence[str], seeds: Sequence[int], steps: int, out_dir: str | Path, *,
-              rater_onnx: str | Path | None = None, config: Stage2Config | None = None,
-              command: str = "", progress: Callable[[int], None] | None = None,
-              on_run: Callable[[Stage2Result], None] | None = None, jobs: int = 1) -> dict[str, Any]:
-    """Train every method for every seed with the same budget; write the report files; return details.
-    `jobs` > 1 runs that many trainings at once in worker processes (each with this process's torch threads)."""
-    methods = parse_methods(list(methods))
-    if BASELINE not in methods:
-        methods = [BASELINE, *methods]  # every comparison is paired against uniform
-    if any(m.startswith("rater-") for m in methods) and rater_onnx is None:
-        raise Stage2Error("a rater-* method needs --rater (a run folder or an ONNX file)")
-    cfg = Stage2Config(**{**asdict(config or Stage2Config()), "steps": int(steps)})
-    if rater_onnx is not None:
-        check_rater_matches(rater_onnx, data, cfg)
-    seeds = list(seeds)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    context = EvalContext.build(data, cfg)
-    runs: dict[str, list[Stage2Result]] = {m: [] for m in methods}
-    started = time.time()
-    jobs_list = [(method, seed) for seed in seeds for method in methods]
-    if jobs <= 1:
-        for method, seed in jobs_list:
-            result = train_stage2(data, method, steps, seed, rater=rater_onnx if method.startswith("rater-") else None,
-                                  config=cfg, context=context, progress=progress)
-            runs[method].append(result)
-            if on_run is not None:
-                on_run(result)
-    else:  # independent runs in worker processes; results are the same as in one process, in seed order
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        done: dict[tuple[str, int], Stage2Result] = {}
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_init_worker,
-                                 initargs=(data, asdict(cfg), torch.get_num_threads())) as pool:
-            futures = {pool.submit(_worker_run, method, steps, seed,
-                                   str(rater_onnx) if method.startswith("rater-") else None): (method, seed)
-                       for method, seed in jobs_list}
-            for future in as_completed(futures):
-                result = future.result()
-                done[futures[future]] = result
-                if progress is not None:
-                    progress(int(steps))
-                if on_run is not None:
-                    on_run(result)
-        for method, seed in jobs_list:
-            runs[method].append(done[(method, seed)])
-
-    metric_names = [m for m in (*QUALITY_METRICS, *COST_METRICS, *NOISE_METRICS) if m in runs[BASELINE][0].metrics]
-    report: dict[str, dict[str, Any]] = {}
-    for method in methods:
-        report[method] = {name: summarise([r.metrics[name] for r in runs[method]]) for name in metric_names}
-        targets = [r.metrics["val_loss"] for r in runs[BASELINE]]
-        report[method][STEP_METRIC] = summarise([
-            steps_to_reach(r.curve_steps, r.curve_val_loss, target) for r, target in zip(runs[method], targets,
-                                                                                         strict=True)
-        ])
-
-    quality = [m for m in QUALITY_METRICS if m in metric_names]
-    vs_uniform = {
-        method: {name: paired(report[method][name]["seeds"], report[BASELINE][name]["seeds"]) for name in quality}
-        for method in methods if method != BASELINE
-    }
-    vs_knn = {}
-    if KNN in methods:
-        vs_knn = {
-            method: {name: paired(report[method][name]["seeds"], report[KNN][name]["seeds"]) for name in quality}
-            for method in methods if method.startswith("rater-")
-        }
-    goal = {
-        method: bool(vs_uniform[method]["val_loss"]["lower_beyond_2se"]
-                     and "frechet" in vs_uniform[method] and vs_uniform[method]["frechet"]["lower_beyond_2se"]
-                     and method in vs_knn and vs_knn[method]["frechet"]["lower_beyond_2se"])
-        for method in methods if method.startswith("rater-")
-    }
-    q = context.quality
-    details: dict[str, Any] = {
-        "command": command,
-        "dataset": data.name,
-        "data_shape": list(data.data_shape),
-        "split_sizes": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
-        "methods": methods,
-        "seeds": seeds,
-        "steps": int(steps),
-        "rater": str(rater_onnx) if rater_onnx is not None else None,
-        "config": asdict(cfg),
-        "references": {
-            "feature_kind": q.feature_kind if q else None,
-            "classifier_test_accuracy": q.classifier.test_accuracy if q and q.classifier else None,
-            "frechet_floor_heldout_vs_train": q.floor_frechet if q else None,
-            "swd_floor_heldout_vs_train": q.floor_swd if q else None,
-            "heldout_count": q.heldout_count if q else None,
-        },
-        "paired_vs_uniform": vs_uniform,
-        "paired_vs_immiscible_knn": vs_knn,
-        "goal_met": goal,
-        "runs": [r.to_dict() for m in methods for r in runs[m]],
-        "wall_seconds": time.time() - started,
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
-    }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "details.json").write_text(json.dumps(details, indent=2) + "\n")
-    (out / "report.md").write_text(render_markdown(report, details))
-    plot_curves(runs, out / "curves.png", title=f"{data.name}: held-out loss under Gaussian noise")
-    return {"report": report, "details": details}
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -306,14 +215,6 @@ def render_markdown(report: dict[str, Any], details: dict[str, Any]) -> str:
             lines.append(f"- {m}: {'met' if ok else 'not met'}")
     lines += ["", "![held-out loss curves](curves.png)", ""]
     return "\n".join(lines)
-
-
-def rerender(out_dir: str | Path) -> None:
-    """Rewrite report.md from report.json and details.json (no training)."""
-    out = Path(out_dir)
-    report = json.loads((out / "report.json").read_text())
-    details = json.loads((out / "details.json").read_text())
-    (out / "report.md").write_text(render_markdown(report, details))
 
 
 def plot_curves(runs: dict[str, list[Stage2Result]], path: Path, title: str = "") -> None:
