@@ -30,8 +30,8 @@ import torch  # noqa: E402
 
 from noiserater.client.selector import NoiseSelector  # noqa: E402
 from noiserater.trainer.bench.local_server import free_port  # noqa: E402
-from noiserater.trainer.export import export_rater  # noqa: E402
-from noiserater.trainer.rater import build_rater  # noqa: E402
+from noiserater.trainer.stage1.export import export_rater  # noqa: E402
+from noiserater.trainer.stage1.rater import build_rater  # noqa: E402
 
 WORKLOADS = {"digits": ((64,), 128), "image": ((3, 32, 32), 64)}  # name: (data shape, batch)
 K = 8
