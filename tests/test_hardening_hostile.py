@@ -10,8 +10,7 @@ mistakes), and stays alive. After the suite its resident memory is within 150 MB
 valid selection is still answered correctly (checked against the rater's formula, score = sum(x0 * eps)).
 
 The corpus makes the outcome for known classes of bad input the same on every run; the generated part is
-bounded (derandomized, no example database, no shrinking) and searches beyond it. A test marked xfail below
-fails today on its corpus; the reason lists what failed."""
+bounded (derandomized, no example database, no shrinking) and searches beyond it."""
 
 from __future__ import annotations
 
@@ -110,16 +109,9 @@ def protect_digits(message):
     return message
 
 
-def xfail(reason: str):
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
-VERSION_TEXT = "a KServe model version such as '²' (isdigit() but not int()) or 5,000 digits ends INTERNAL/UNKNOWN"
-SHAPE_TEXT = "a tensor whose data matches a pathological shape (a zero-size axis beside dims whose product " \
-             "overflows int64, or more than 64 dims) reaches numpy's reshape and ends INTERNAL"
 UNARY = [
-    pytest.param(V1, "SelectNoise", marks=xfail(SHAPE_TEXT)),
-    pytest.param(V1, "Score", marks=xfail(SHAPE_TEXT)),
+    pytest.param(V1, "SelectNoise"),
+    pytest.param(V1, "Score"),
     pytest.param(V1, "ListModels"),
     pytest.param(V1, "GetModelMetadata"),
     pytest.param(V1, "DeployModel"),
@@ -129,11 +121,11 @@ UNARY = [
     pytest.param(KSERVE, "ServerLive"),
     pytest.param(KSERVE, "ServerReady"),
     pytest.param(KSERVE, "ServerMetadata"),
-    pytest.param(KSERVE, "ModelReady", marks=xfail(VERSION_TEXT)),
-    pytest.param(KSERVE, "ModelMetadata", marks=xfail(VERSION_TEXT)),
-    pytest.param(KSERVE, "ModelInfer", marks=xfail(f"{VERSION_TEXT}; {SHAPE_TEXT}")),
-    pytest.param(KSERVE, "ModelConfig", marks=xfail(VERSION_TEXT)),
-    pytest.param(KSERVE, "ModelStatistics", marks=xfail(VERSION_TEXT)),
+    pytest.param(KSERVE, "ModelReady"),
+    pytest.param(KSERVE, "ModelMetadata"),
+    pytest.param(KSERVE, "ModelInfer"),
+    pytest.param(KSERVE, "ModelConfig"),
+    pytest.param(KSERVE, "ModelStatistics"),
 ]
 
 
@@ -251,8 +243,7 @@ def stream_corpus_failures(server: ServerProcess, channel, method: str) -> list[
     return _CORPUS_FAILURES[key]
 
 
-@pytest.mark.parametrize("method", [pytest.param("SelectNoiseStream", marks=xfail(SHAPE_TEXT)),
-                                    pytest.param("ModelStreamInfer", marks=xfail(f"{VERSION_TEXT}; {SHAPE_TEXT}"))])
+@pytest.mark.parametrize("method", ["SelectNoiseStream", "ModelStreamInfer"])
 @FUZZ
 @given(data=st.data())
 def test_stream_rpc_survives_hostile_messages(server, channel, method, data):
@@ -277,7 +268,6 @@ ALL_METHODS = [f"/{V1.full_name}/{m.name}" for m in V1.methods if not m.client_s
               [f"/{KSERVE.full_name}/{m.name}" for m in KSERVE.methods if not m.client_streaming]
 
 
-@xfail("a request that is not a valid protobuf message ends UNKNOWN (protobuf DecodeError in the handler)")
 @FUZZ
 @given(method=st.sampled_from(ALL_METHODS), payload=st.binary(min_size=1, max_size=512))
 def test_undecodable_bytes_are_invalid_argument(server, channel, method, payload):

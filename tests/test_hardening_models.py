@@ -66,7 +66,6 @@ def test_deploy_refuses_external_data_that_reads_the_servers_files(admin_server)
     assert code == grpc.StatusCode.INVALID_ARGUMENT, code
 
 
-@pytest.mark.xfail(strict=True, reason="non-finite scores are returned with OK and merged into the statistics")
 def test_non_finite_scores_fail_the_request_and_stay_out_of_the_statistics(admin_server):
     """A rater that is finite on the all-zeros warm-up input but scores +Inf on real input deploys (or is refused
     at deploy, which is also correct); SelectNoise and Score on real input then end with an error instead of OK
@@ -85,8 +84,6 @@ def test_non_finite_scores_fail_the_request_and_stay_out_of_the_statistics(admin
     assert select != grpc.StatusCode.OK and score != grpc.StatusCode.OK, (select, score)
 
 
-@pytest.mark.xfail(strict=True, reason="the model-name pattern's '$' accepts a trailing newline: 'evil\\n' is "
-                                       "deployed into a directory whose name ends in a newline")
 def test_deploy_refuses_a_name_with_a_trailing_newline(admin_server):
     """DeployModel with the name 'evil\\n' is refused with INVALID_ARGUMENT and creates no repository entry
     whose name contains a newline."""

@@ -159,10 +159,17 @@ def stats(
     """Show the shared per-dataset score statistics (count, mean, std, min, max per timestep bucket)."""
     from noiserater.core.v1 import rater_service_pb2 as pb
 
+    buckets, timestep_buckets, token = [], 0, ""
     with rater_channel(server) as channel:
-        response = channel.call("GetStats", pb.GetStatsRequest(dataset=dataset, model=model, version=version))
+        while True:  # every page: the server answers at most a bounded number of buckets per call
+            response = channel.call("GetStats", pb.GetStatsRequest(dataset=dataset, model=model, version=version,
+                                                                   page_token=token))
+            buckets.extend(response.buckets)
+            timestep_buckets, token = response.timestep_buckets, response.next_page_token
+            if not token:
+                break
     rows = []
-    for b in response.buckets:
+    for b in buckets:
         variance = b.m2 / (b.count - 1) if b.count > 1 else 0.0
         rows.append({
             "dataset": b.dataset, "model": b.model, "version": b.version, "timestep_bucket": b.timestep_bucket,
@@ -170,7 +177,7 @@ def stats(
             "histogram": list(b.histogram), "hist_low": b.hist_low, "hist_high": b.hist_high,
         })
     if as_json:
-        emit_json({"timestep_buckets": response.timestep_buckets, "buckets": rows})
+        emit_json({"timestep_buckets": timestep_buckets, "buckets": rows})
         return
     table("score statistics", ["dataset", "model", "version", "t bucket", "count", "mean", "std", "min", "max"],
           [[r["dataset"], r["model"], r["version"], r["timestep_bucket"], r["count"], r["mean"], r["std"],

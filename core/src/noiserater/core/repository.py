@@ -11,8 +11,10 @@ import re
 import tempfile
 from pathlib import Path
 
+from noiserater.core.text import clip
+
 MODEL_FILE = "model.onnx"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # always fullmatch: `$` would let a final "\n" by
 
 
 class RepositoryError(ValueError):
@@ -21,9 +23,10 @@ class RepositoryError(ValueError):
 
 def check_model_name(name: str) -> str:
     """A name is 1-64 chars of letters, digits, '_', '-', '.', starting with a letter or digit, not '..'."""
-    if not _NAME.match(name or "") or ".." in name:
+    if not _NAME.fullmatch(name or "") or ".." in name:
         raise RepositoryError(
-            f"name: invalid model name {name!r} (1-64 letters, digits, '_', '-', '.'; starts with a letter or digit)"
+            f"name: invalid model name {clip(name)} (1-64 letters, digits, '_', '-', '.'; starts with a letter or "
+            "digit)"
         )
     return name
 
@@ -49,7 +52,7 @@ def scan(repository: Path) -> dict[str, list[int]]:
     if not root.is_dir():
         return found
     for child in sorted(root.iterdir()):
-        if child.is_dir() and _NAME.match(child.name):
+        if child.is_dir() and _NAME.fullmatch(child.name):
             versions = versions_on_disk(root, child.name)
             if versions:
                 found[child.name] = versions

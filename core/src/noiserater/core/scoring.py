@@ -71,13 +71,19 @@ def validate_triples(info: RaterInfo, x0: np.ndarray, t: np.ndarray, eps: np.nda
     if eps.shape != x0.shape:
         raise ScoringError(f"eps: shape {list(eps.shape)} differs from x0's {list(x0.shape)}")
     validate_common(info, x0, t)
+    check_float("eps", eps)
     check_finite("eps", eps)
+
+
+def check_float(name: str, array: np.ndarray) -> None:
+    """Data tensors (x0, eps, candidates) are float32 or float16: an integer one is a client mistake."""
+    if array.dtype.kind != "f":
+        raise ScoringError(f"{name}: dtype {array.dtype} is not a float type (float32 or float16)")
 
 
 def validate_common(info: RaterInfo, x0: np.ndarray, t: np.ndarray) -> None:
     """dtype, finiteness and timestep range of x0 and t, shared by scoring and selection."""
-    if x0.dtype.kind != "f":
-        raise ScoringError(f"x0: dtype {x0.dtype} is not a float type")
+    check_float("x0", x0)
     if t.ndim != 1 or t.shape[0] != x0.shape[0]:
         raise ScoringError(f"t: shape {list(t.shape)} does not match [B={x0.shape[0]}]")
     if t.dtype.kind not in "iu":

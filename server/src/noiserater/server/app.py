@@ -17,6 +17,7 @@ from noiserater.core.inference import grpc_service_pb2_grpc as kserve_grpc
 from noiserater.core.v1 import rater_service_pb2 as v1_pb
 from noiserater.core.v1 import rater_service_pb2_grpc as v1_grpc
 from noiserater.server.auth import TokenAuthInterceptor, read_token
+from noiserater.server.client_errors import MalformedRequestInterceptor
 from noiserater.server.config import ServerConfig
 from noiserater.server.metrics import ServerMetrics
 from noiserater.server.models import ModelRegistry
@@ -60,11 +61,12 @@ class RaterServer:
         """Load and warm up every model, then bind and serve. Returns the bound port."""
         config = self.config
         store = RedisStatsStore(config.redis_url, config.stats_ttl_s) if config.redis_url else MemoryStatsStore()
-        self.recorder = StatsRecorder(store, self.metrics, config.stats_flush_s)
+        self.recorder = StatsRecorder(store, self.metrics, config.stats_flush_s, max_datasets=config.max_datasets)
         self.load_problems = await self.registry.load_repository()
-        interceptors = []
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         if config.auth_token_file:
             interceptors.append(TokenAuthInterceptor(read_token(config.auth_token_file), config.auth_all))
+        interceptors.append(MalformedRequestInterceptor())  # after auth: an unauthenticated call is refused unread
         self.server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config.max_message_mb))
         v1_grpc.add_RaterServiceServicer_to_server(
             RaterServicer(self.registry, self.recorder, self.runtime), self.server)

@@ -52,6 +52,19 @@ class ServerConfig:
                                       "(default %(default)s)", valid=at_least(0))
     max_queue: int = option(1024, "requests queued per model version before RESOURCE_EXHAUSTED "
                                   "(default %(default)s)", valid=at_least(1))
+    # Limits of one request's and one queue's work, in (x0, t, eps) triples (the expanded rows, what memory and
+    # onnxruntime time grow with).
+    max_request_triples: int = option(65536, "max triples one request may score (Score: N; SelectNoise: B*K, "
+                                             "or B*B for rule assign); beyond: RESOURCE_EXHAUSTED "
+                                             "(default %(default)s)", valid=at_least(1))
+    max_assign_batch: int = option(256, "max samples B of one rule-assign selection, which scores B*B triples; "
+                                        "beyond: RESOURCE_EXHAUSTED (default %(default)s)", valid=at_least(1))
+    max_queued_triples: int = option(1 << 20, "triples queued (or running) per model version before "
+                                              "RESOURCE_EXHAUSTED; at least --max-request-triples "
+                                              "(default %(default)s)", valid=at_least(1))
+    max_datasets: int = option(1024, "distinct dataset ids whose statistics this process keeps; a request for "
+                                     "a new one beyond it gets RESOURCE_EXHAUSTED (default %(default)s)",
+                               valid=at_least(1))
     instances: int = option(1, "batches run at once per model version, like Triton's instance count "
                                "(default %(default)s)", valid=at_least(1))
     inline_max_triples: int = option(0, "runs of at most this many triples execute on the event loop, skipping "
@@ -139,4 +152,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         valid = field.metadata.get("valid")
         if valid is not None and not valid(values[field.name]):
             raise ConfigError(f"{_flag(field.name)}: value {values[field.name]} is out of range")
+    if args.max_queued_triples < args.max_request_triples:
+        raise ConfigError("--max-queued-triples must be at least --max-request-triples (a queue that cannot take "
+                          "one request of the largest size)")
     return ServerConfig(**{**values, "repository": Path(args.repository)})

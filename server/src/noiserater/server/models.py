@@ -20,6 +20,7 @@ import grpc
 
 from noiserater.core import repository
 from noiserater.core.scoring import RaterSession, ScoringError
+from noiserater.core.text import clip
 from noiserater.server.batcher import DynamicBatcher
 from noiserater.server.config import ServerConfig
 from noiserater.server.metrics import ServerMetrics
@@ -140,7 +141,7 @@ class ModelRegistry:
         """The model, which must be loaded, as must `version` unless it is 0."""
         model = self._models.get(name)
         if model is None or not model.versions:
-            raise ModelNotFoundError(f"model: no model named {name!r} is loaded")
+            raise ModelNotFoundError(f"model: no model named {clip(name)} is loaded")
         if version and version not in model.versions:
             raise ModelNotFoundError(f"model.version: {name} has no loaded version {version}")
         return model
@@ -156,7 +157,7 @@ class ModelRegistry:
         labels = (name, str(version))
         batcher = DynamicBatcher(session.score, self.executor, self.metrics, labels, batching.max_batch,
                                  batching.max_delay_ms / 1000.0, self.config.max_queue, batching.instances,
-                                 self.config.inline_max_triples, batching.preferred)
+                                 self.config.inline_max_triples, batching.preferred, self.config.max_queued_triples)
         loaded = ModelVersion(name, version, session, batcher, batching)
         if loaded.cpu_fallback and self.config.device in ("auto", "cuda"):
             log.warning("%s version %d runs on CPU (device=%s requested, CUDA unavailable)", name, version,

@@ -21,12 +21,16 @@ from noiserater.core.codec import CodecError
 from noiserater.core.repository import RepositoryError
 from noiserater.core.scoring import ScoringError
 from noiserater.core.selection import SelectionError
+from noiserater.server.client_errors import RateLimitedLog
 
 if TYPE_CHECKING:
     from noiserater.server.metrics import ServerMetrics
 
 log = logging.getLogger("rater-server.rpc")
+ERROR_LOG = RateLimitedLog(log)  # one line per method and status (or exception type) per interval
+MAX_MESSAGE_CHARS = 1024  # an error message longer than this is cut: it must fit gRPC's metadata
 
+UNKNOWN_MODEL = "unknown"  # metric label of calls that name no loaded model
 DRAINING_MESSAGE = "server is shutting down; retry on another replica"
 
 
@@ -61,6 +65,14 @@ def status_of(exc: BaseException) -> grpc.StatusCode | None:
     return None
 
 
+def bounded(message: str) -> str:
+    """An error message on one line and at most MAX_MESSAGE_CHARS long."""
+    line = message.replace("\r", " ").replace("\n", " ")
+    if len(line) <= MAX_MESSAGE_CHARS:
+        return line
+    return f"{line[:MAX_MESSAGE_CHARS]}... ({len(line)} chars)"
+
+
 @dataclass
 class RequestCounters:
     """Inference requests received and answered; printed at shutdown to show that none was lost."""
@@ -78,13 +90,19 @@ class RequestCounters:
 @dataclass
 class CallContext:
     """One call as the server accounts for it, handed to its handler. The handler fills in `model` and
-    `version` as it learns them: they label the call's metric."""
+    `version` as it learns them: they label the call's metric. Only a loaded model's name and version may
+    label it (`served`); a call that names anything else is labelled UNKNOWN_MODEL, so that clients
+    cannot add label values."""
 
     runtime: RpcRuntime  # the server's metrics, request counters and drain state
     method: str
     inference: bool
     model: str = ""
     version: str = ""
+
+    def served(self, name: str, version: int) -> None:
+        """The call reached a loaded model version: it labels the call's metric."""
+        self.model, self.version = name, str(version)
 
 
 class Outcome(NamedTuple):
@@ -133,10 +151,13 @@ class RpcRuntime:
         except Exception as exc:
             known = status_of(exc)
             if known is None:
-                log.exception("%s failed", method)
+                ERROR_LOG.log(logging.ERROR, f"{method}:{type(exc).__name__}", f"{method} failed", exc_info=exc)
                 code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
             else:
                 code, message = known, str(exc)
+            message = bounded(message)
+            if known is not None:
+                ERROR_LOG.log(logging.INFO, f"{method}:{code.name}", f"{method}: {code.name}: {message}")
         finally:
             self.metrics.requests.labels(method, call.model, call.version, code.name).inc()
             if inference and code != grpc.StatusCode.CANCELLED:
