@@ -16,6 +16,7 @@ import grpc
 import pytest
 import torch
 from support import export_random_rater, free_port
+from support.hostile import inf_on_real_input_rater_bytes, write_repository
 from support.server import ServerThread, make_repository
 
 from noiserater.client.breaker import CircuitBreaker
@@ -137,6 +138,21 @@ def test_a_model_unloaded_mid_run_raises(repo, transport):
             selector.select(*batch())
         assert selector.counters["fallback_gaussian"] == 0
         selector.close()
+    finally:
+        running.stop()
+
+
+def test_a_model_that_scores_inf_raises_instead_of_falling_back(tmp_path):
+    """A broken model is no outage: the server answers FAILED_PRECONDITION and the selection raises."""
+    repo = write_repository(tmp_path / "repo", {"infinite": inf_on_real_input_rater_bytes()})
+    running = serve(repo, 0)
+    try:
+        for transport in ("stream", "unary"):
+            with NoiseSelector.remote(running.target, model="infinite", transport=transport) as selector:
+                with pytest.raises(SelectorError, match=r"model: the rater server at .* cannot use model 'infinite' "
+                                                        r"\(FAILED_PRECONDITION"):
+                    selector.select(*batch())
+                assert selector.counters["fallback_gaussian"] == 0 and selector.counters["outages"] == 0
     finally:
         running.stop()
 
