@@ -77,14 +77,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
     if args.server:
+        # Raises SelectorError here if the server has no such model, refuses the token, or its model does not
+        # take this loop's 1x8x8 images and 1000 timesteps; a server that is down is no error: selections use
+        # the fallback (--rater, else plain Gaussian noise) until it serves.
         selector = NoiseSelector.remote(args.server, model=args.model, dataset="digits-image",
-                                        num_candidates=args.num_candidates, rule=args.rule, fallback_onnx=args.rater)
+                                        num_candidates=args.num_candidates, rule=args.rule, fallback_onnx=args.rater,
+                                        data_shape=(1, 8, 8), num_timesteps=1000)
     elif args.rater:
         selector = NoiseSelector.local(args.rater, num_candidates=args.num_candidates, rule=args.rule)
     else:
         parser.error("give --rater MODEL.onnx or --server HOST:PORT")
     with selector:
         train(selector, steps=args.steps)
+        print("selector counters:", selector.counters)  # fallbacks, and for a server its breaker
 
 
 if __name__ == "__main__":
