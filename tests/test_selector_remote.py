@@ -81,3 +81,10 @@ def test_remote_equals_local_for_the_same_generator_state(server, rater_onnx, ru
                                                      temperature=0.7).select(x0, t), rtol=0, atol=0)
     remote.close()
     default_remote.close()
+
+
+def test_info_says_what_the_rater_takes(server, rater_onnx):
+    with NoiseSelector.remote(server.target, model="digits") as remote:
+        assert remote.info.data_shape == (64,) and remote.info.schedule == "linear"
+        assert remote.info == NoiseSelector.local(rater_onnx).info
+    assert NoiseSelector.peer("uniform").info is None

@@ -297,6 +297,19 @@ class NoiseSelector:
         """The in-process onnxruntime session (None for a remote selector)."""
         return getattr(self.backend, "session", None)
 
+    @property
+    def info(self) -> scoring.RaterInfo | None:
+        """What the rater says about itself (`data_shape`, `num_timesteps`, `dataset`, `schedule`): the local
+        rater's; for a remote selector the server model's once checked, else the fallback rater's, else None;
+        None for a peer."""
+        session = self.session
+        if session is not None:
+            return session.info
+        info = getattr(self.backend, "info", None)
+        if info is None and self.fallback is not None:
+            info = self.fallback.session.info
+        return info
+
     # -- selection ------------------------------------------------------------------------------------
     @property
     def seed_used(self) -> int | None:
