@@ -23,12 +23,14 @@ import grpc
 
 from noiserater.core import repository, scoring
 from noiserater.core.scoring import RaterSession, ScoringError
+from noiserater.core.stats_layout import LEGACY_HIST_RANGE
 from noiserater.core.text import clip
 from noiserater.server.batcher import DynamicBatcher
 from noiserater.server.config import ServerConfig
 from noiserater.server.metrics import ServerMetrics
 from noiserater.server.model_config import Batching, ModelConfigError, read_batching
 from noiserater.server.rpc import RpcError
+from noiserater.server.stats import probe_range
 from noiserater.server.validate import Limits, Validator, open_session, read_repository_model
 
 log = logging.getLogger("rater-server.models")
@@ -83,6 +85,11 @@ class ModelVersion:
     @property
     def cpu_fallback(self) -> bool:
         return self.session.provider == "CPUExecutionProvider"
+
+    @property
+    def hist_range(self) -> tuple[float, float]:
+        """The range of this version's score histograms, probed when it was loaded (see stats.probe_range)."""
+        return getattr(self.session, "hist_range", LEGACY_HIST_RANGE)
 
 
 @dataclass(frozen=True)
@@ -165,7 +172,9 @@ class ModelRegistry:
     # -- loading ------------------------------------------------------------------------------
     def _open(self, data: bytes) -> RaterSession:
         config = self.config
-        return open_session(data, config.device, config.intra_op_threads, config.graph_optimization)
+        session = open_session(data, config.device, config.intra_op_threads, config.graph_optimization)
+        session.hist_range = probe_range(session.score, session.info.data_shape, session.info.num_timesteps)
+        return session
 
     def _activate(self, name: str, version: int, session: RaterSession, batching: Batching,
                   sha256: str) -> ModelVersion:
