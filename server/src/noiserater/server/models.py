@@ -184,10 +184,11 @@ class ModelRegistry:
                                  batching.max_delay_ms / 1000.0, self.config.max_queue, batching.instances,
                                  self.config.inline_max_triples, batching.preferred, self.config.max_queued_triples)
         loaded = ModelVersion(name, version, session, batcher, batching, sha256)
-        if loaded.cpu_fallback and self.config.device in ("auto", "cuda"):
+        fallback = loaded.cpu_fallback and self.config.device in ("auto", "cuda")
+        self.metrics.cpu_fallback.labels(*labels).set(1 if fallback else 0)
+        if fallback:
             log.warning("%s version %d runs on CPU (device=%s requested, CUDA unavailable)", name, version,
                         self.config.device)
-            self.metrics.cpu_fallbacks.labels(*labels).inc()
         self._models.setdefault(name, _Model(name)).versions[version] = loaded  # the atomic swap
         self.metrics.models_loaded.set(self.loaded_count())
         return loaded
@@ -275,6 +276,8 @@ class ModelRegistry:
         model = self._loaded(name, version)
         targets = [version] if version else sorted(model.versions)
         removed = [model.versions.pop(v) for v in targets]
+        for v in targets:
+            self.metrics.cpu_fallback.remove(name, str(v))
         if not model.versions:
             del self._models[name]
         self.metrics.models_loaded.set(self.loaded_count())
