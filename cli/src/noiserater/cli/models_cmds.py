@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from noiserater.cli.output import emit_json, fail, table
+from noiserater.cli.output import console, emit_json, fail, table
 
 SERVER_ENV = "NOISERATER_SERVER"
 TOKEN_ENV = "NOISERATER_TOKEN"
@@ -187,34 +187,43 @@ def stats(
     model: str = typer.Option("", "--model", help="Only this model."),
     version: int = typer.Option(0, "--version", help="Only this version (0 = all)."),
     server: str | None = ServerOpt,
+    redis_url: str | None = typer.Option(None, "--redis-url", help="Read the statistics straight from the Redis "
+                                         "the servers flush into (redis://HOST:PORT/DB); no server needed. "
+                                         "Without it, a running server (--server) is asked."),
+    plot: Path | None = typer.Option(None, "--plot", help="Also draw the score distribution of each timestep "
+                                     "range, per model version, into this PNG file.", dir_okay=False),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Show the shared per-dataset score statistics (count, mean, std, min, max per timestep bucket)."""
-    from noiserater.core.v1 import rater_service_pb2 as pb
+    """Show the shared per-dataset score statistics (count, mean, std, min, max per timestep range)."""
+    from noiserater.cli import stats_view
+    from noiserater.core.stats_layout import TIMESTEP_BUCKETS
 
-    buckets, timestep_buckets, token = [], 0, ""
-    with rater_channel(server) as channel:
-        while True:  # every page: the server answers at most a bounded number of buckets per call
-            response = channel.call("GetStats", pb.GetStatsRequest(dataset=dataset, model=model, version=version,
-                                                                   page_token=token))
-            buckets.extend(response.buckets)
-            timestep_buckets, token = response.timestep_buckets, response.next_page_token
-            if not token:
-                break
-    rows = []
-    for b in buckets:
-        variance = b.m2 / (b.count - 1) if b.count > 1 else 0.0
-        rows.append({
-            "dataset": b.dataset, "model": b.model, "version": b.version, "timestep_bucket": b.timestep_bucket,
-            "count": b.count, "mean": b.mean, "std": variance ** 0.5, "min": b.min, "max": b.max,
-            "histogram": list(b.histogram), "hist_low": b.hist_low, "hist_high": b.hist_high,
-        })
+    if redis_url:
+        try:
+            rows = stats_view.rows_from_redis(redis_url, dataset, model, version)
+        except Exception as exc:  # redis raises its own connection and URL errors
+            fail(f"--redis-url {redis_url}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    else:
+        from noiserater.core.v1 import rater_service_pb2 as pb
+
+        buckets, token = [], ""
+        with rater_channel(server) as channel:
+            while True:  # every page: the server answers at most a bounded number of buckets per call
+                response = channel.call("GetStats", pb.GetStatsRequest(dataset=dataset, model=model,
+                                                                       version=version, page_token=token))
+                buckets.extend(response.buckets)
+                token = response.next_page_token
+                if not token:
+                    break
+        rows = stats_view.rows_from_response(buckets)
+    if plot is not None:
+        stats_view.plot(rows, plot)
     if as_json:
-        emit_json({"timestep_buckets": timestep_buckets, "buckets": rows})
+        emit_json({"timestep_buckets": TIMESTEP_BUCKETS, "buckets": rows})
         return
-    table("score statistics", ["dataset", "model", "version", "t bucket", "count", "mean", "std", "min", "max"],
-          [[r["dataset"], r["model"], r["version"], r["timestep_bucket"], r["count"], r["mean"], r["std"],
-            r["min"], r["max"]] for r in rows])
+    table("score statistics", stats_view.TABLE_COLUMNS, stats_view.table_rows(rows))
+    if plot is not None:
+        console.print(f"plot: {plot}")
 
 
 def register(app: typer.Typer) -> None:

@@ -23,12 +23,14 @@ import grpc
 
 from noiserater.core import repository, scoring
 from noiserater.core.scoring import RaterSession, ScoringError
+from noiserater.core.stats_layout import LEGACY_HIST_RANGE
 from noiserater.core.text import clip
 from noiserater.server.batcher import DynamicBatcher
 from noiserater.server.config import ServerConfig
 from noiserater.server.metrics import ServerMetrics
 from noiserater.server.model_config import Batching, ModelConfigError, read_batching
 from noiserater.server.rpc import RpcError
+from noiserater.server.stats import probe_range
 from noiserater.server.validate import Limits, Validator, open_session, read_repository_model
 
 log = logging.getLogger("rater-server.models")
@@ -83,6 +85,11 @@ class ModelVersion:
     @property
     def cpu_fallback(self) -> bool:
         return self.session.provider == "CPUExecutionProvider"
+
+    @property
+    def hist_range(self) -> tuple[float, float]:
+        """The range of this version's score histograms, probed when it was loaded (see stats.probe_range)."""
+        return getattr(self.session, "hist_range", LEGACY_HIST_RANGE)
 
 
 @dataclass(frozen=True)
@@ -165,7 +172,9 @@ class ModelRegistry:
     # -- loading ------------------------------------------------------------------------------
     def _open(self, data: bytes) -> RaterSession:
         config = self.config
-        return open_session(data, config.device, config.intra_op_threads, config.graph_optimization)
+        session = open_session(data, config.device, config.intra_op_threads, config.graph_optimization)
+        session.hist_range = probe_range(session.score, session.info.data_shape, session.info.num_timesteps)
+        return session
 
     def _activate(self, name: str, version: int, session: RaterSession, batching: Batching,
                   sha256: str) -> ModelVersion:
@@ -175,10 +184,11 @@ class ModelRegistry:
                                  batching.max_delay_ms / 1000.0, self.config.max_queue, batching.instances,
                                  self.config.inline_max_triples, batching.preferred, self.config.max_queued_triples)
         loaded = ModelVersion(name, version, session, batcher, batching, sha256)
-        if loaded.cpu_fallback and self.config.device in ("auto", "cuda"):
+        fallback = loaded.cpu_fallback and self.config.device in ("auto", "cuda")
+        self.metrics.cpu_fallback.labels(*labels).set(1 if fallback else 0)
+        if fallback:
             log.warning("%s version %d runs on CPU (device=%s requested, CUDA unavailable)", name, version,
                         self.config.device)
-            self.metrics.cpu_fallbacks.labels(*labels).inc()
         self._models.setdefault(name, _Model(name)).versions[version] = loaded  # the atomic swap
         self.metrics.models_loaded.set(self.loaded_count())
         return loaded
@@ -266,6 +276,8 @@ class ModelRegistry:
         model = self._loaded(name, version)
         targets = [version] if version else sorted(model.versions)
         removed = [model.versions.pop(v) for v in targets]
+        for v in targets:
+            self.metrics.cpu_fallback.remove(name, str(v))
         if not model.versions:
             del self._models[name]
         self.metrics.models_loaded.set(self.loaded_count())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -144,11 +145,13 @@ class RpcRuntime:
                      context: grpc.aio.ServicerContext | None = None) -> Outcome:
         """Run one request's handler with the server's accounting: refuse inference while draining, map
         exceptions to status codes, count the answer."""
+        started = time.perf_counter()
         call = CallContext(self, method, inference, grpc_context=context)
         counters = self.counters
         if inference and self.draining:
             code = grpc.StatusCode.UNAVAILABLE
             self.metrics.requests.labels(method, "", "", code.name).inc()
+            self.metrics.request_seconds.labels(method, code.name).observe(time.perf_counter() - started)
             return Outcome(None, code, DRAINING_MESSAGE)
         if inference:
             counters.received += 1
@@ -172,6 +175,7 @@ class RpcRuntime:
                 ERROR_LOG.log(logging.INFO, f"{method}:{code.name}", f"{method}: {code.name}: {message}")
         finally:
             self.metrics.requests.labels(method, call.model, call.version, code.name).inc()
+            self.metrics.request_seconds.labels(method, code.name).observe(time.perf_counter() - started)
             if inference and code != grpc.StatusCode.CANCELLED:
                 counters.answered += 1
         return Outcome(response, code, message)
