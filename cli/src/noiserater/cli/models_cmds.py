@@ -1,4 +1,5 @@
-"""nrctl export / deploy / models / stats: from a trained rater to a served, inspected model."""
+"""nrctl export / deploy / unload / set-default / models / stats: from a trained rater to a served, inspected
+model, and through its lifecycle on a server (a rollback is a set-default to the previous version)."""
 
 from __future__ import annotations
 
@@ -132,6 +133,47 @@ def deploy(
         typer.echo(f"deployed {result['name']} version {result['version']} ({where})")
 
 
+def unload(
+    name: str = typer.Argument(..., help="Model name on the server."),
+    version: int = typer.Option(0, "--version", help="Only this version; 0 = every version of the model."),
+    server: str = ServerOpt,
+    token_file: Path | None = TokenFileOpt,
+    token: str | None = TokenOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Stop serving a model version, or all its versions, on a server; its files stay in the repository."""
+    from noiserater.core.v1 import rater_service_pb2 as pb
+
+    with rater_channel(server, read_token(token_file, token)) as channel:
+        channel.call("UnloadModel", pb.UnloadModelRequest(model=pb.ModelRef(name=name, version=version)))
+    result = {"name": name, "version": version or "all", "server": server_target(server)}
+    if as_json:
+        emit_json(result)
+    else:
+        which = f"version {version}" if version else "every version"
+        typer.echo(f"unloaded {name} {which} ({result['server']})")
+
+
+def set_default(
+    name: str = typer.Argument(..., help="Model name on the server."),
+    version: int = typer.Argument(..., help="The loaded version that requests naming no version get."),
+    server: str = ServerOpt,
+    token_file: Path | None = TokenFileOpt,
+    token: str | None = TokenOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Make a loaded version the model's default on a server (a rollback: the previous version)."""
+    from noiserater.core.v1 import rater_service_pb2 as pb
+
+    with rater_channel(server, read_token(token_file, token)) as channel:
+        channel.call("SetDefaultVersion", pb.SetDefaultVersionRequest(model=pb.ModelRef(name=name, version=version)))
+    result = {"name": name, "default_version": version, "server": server_target(server)}
+    if as_json:
+        emit_json(result)
+    else:
+        typer.echo(f"{name}: default version is now {version} ({result['server']})")
+
+
 def models(
     server: str = ServerOpt,
     repository: Path | None = typer.Option(None, "--repository", help="List a repository folder instead (each "
@@ -218,5 +260,6 @@ def stats(
 
 
 def register(app: typer.Typer) -> None:
-    for command in (export, deploy, models, stats):
-        app.command()(command)
+    for name, command in (("export", export), ("deploy", deploy), ("unload", unload), ("set-default", set_default),
+                          ("models", models), ("stats", stats)):
+        app.command(name)(command)
