@@ -22,7 +22,7 @@ from noiserater.server.model_config import VersionPolicy
 TOKEN = "admin-token"
 
 
-def start(tmp_path, versions: list, policy: str = "", token: bool = False) -> ServerThread:
+def serve(tmp_path, versions: list, policy: str = "", token: bool = False) -> ServerThread:
     repo = make_repository(tmp_path / "repo", {"digits": versions})
     if policy:
         (repo / "digits" / "config.pbtxt").write_text(policy)
@@ -31,7 +31,7 @@ def start(tmp_path, versions: list, policy: str = "", token: bool = False) -> Se
         (tmp_path / "token").write_text(TOKEN + "\n")
         token_file = str(tmp_path / "token")
     return ServerThread(ServerConfig(repository=repo, host="127.0.0.1", port=0, device="cpu",
-                                     auth_token_file=token_file)).start()
+                                     auth_token_file=token_file))
 
 
 def loaded(server: ServerThread) -> list[int]:
@@ -45,8 +45,7 @@ def test_policy_selects_versions():
 
 
 def test_nrctl_unload_and_set_default_roll_back(tmp_path, rater_onnx, rater_onnx_v2):
-    server = start(tmp_path, [rater_onnx, rater_onnx_v2, rater_onnx], token=True)
-    try:
+    with serve(tmp_path, [rater_onnx, rater_onnx_v2, rater_onnx], token=True) as server:
         refused = nrctl("set-default", "digits", "1", "--server", server.target, check=False)
         assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1
@@ -64,14 +63,11 @@ def test_nrctl_unload_and_set_default_roll_back(tmp_path, rater_onnx, rater_onnx
         everything = json.loads(nrctl("unload", "digits", "--server", server.target, "--token", TOKEN,
                                       "--json").stdout)
         assert everything["version"] == "all" and server.server.registry.list() == ()
-    finally:
-        server.stop()
 
 
 def test_latest_two_loads_two_and_a_deploy_keeps_two(tmp_path, rater_onnx, rater_onnx_v2):
-    server = start(tmp_path, [rater_onnx, rater_onnx_v2, rater_onnx],
-                   policy="version_policy { latest { num_versions: 2 } }")
-    try:
+    with serve(tmp_path, [rater_onnx, rater_onnx_v2, rater_onnx],
+               policy="version_policy { latest { num_versions: 2 } }") as server:
         assert loaded(server) == [2, 3]
         registry = server.server.registry
         deployed = server.call(registry.deploy("digits", rater_onnx_v2.read_bytes()))
@@ -83,14 +79,11 @@ def test_latest_two_loads_two_and_a_deploy_keeps_two(tmp_path, rater_onnx, rater
         index = {(name, version): (state, reason) for name, version, state, reason in server.call(registry.index())}
         assert index[("digits", 4)] == ("READY", "")
         assert index[("digits", 1)] == ("UNAVAILABLE", "not selected by its version policy (latest 2)")
-    finally:
-        server.stop()
 
 
 def test_specific_versions(tmp_path, rater_onnx, rater_onnx_v2):
-    server = start(tmp_path, [rater_onnx, rater_onnx_v2, rater_onnx],
-                   policy="version_policy { specific { versions: [ 1, 3 ] } }")
-    try:
+    with serve(tmp_path, [rater_onnx, rater_onnx_v2, rater_onnx],
+               policy="version_policy { specific { versions: [ 1, 3 ] } }") as server:
         assert loaded(server) == [1, 3]
         with pytest.raises(Exception, match="would not be served"):
             server.call(server.server.registry.deploy("digits", rater_onnx.read_bytes()))
@@ -100,8 +93,6 @@ def test_specific_versions(tmp_path, rater_onnx, rater_onnx_v2):
                 kserve_pb.ModelConfigRequest(name="digits")).config
         assert config.version_policy == config_pb.ModelVersionPolicy(
             specific=config_pb.ModelVersionPolicy.Specific(versions=[1, 3]))
-    finally:
-        server.stop()
 
 
 REPOSITORY_CLIENT = r"""
@@ -138,15 +129,12 @@ print(json.dumps(out))
 
 
 def test_tritonclient_repository_index_unload_load(tmp_path, rater_onnx, rater_onnx_v2):
-    server = start(tmp_path, [rater_onnx, rater_onnx_v2, rater_onnx],
-                   policy="version_policy { latest { num_versions: 2 } }", token=True)
-    try:
+    with serve(tmp_path, [rater_onnx, rater_onnx_v2, rater_onnx],
+               policy="version_policy { latest { num_versions: 2 } }", token=True) as server:
         result = subprocess.run([sys.executable, "-c", REPOSITORY_CLIENT, server.target, TOKEN],
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr[-2000:]
         out = json.loads(result.stdout.strip().splitlines()[-1])
-    finally:
-        server.stop()
     assert out["refused"] == "StatusCode.UNAUTHENTICATED"
     assert out["policy"] == {"latest": {"num_versions": 2}}
     policy = "not selected by its version policy (latest 2)"

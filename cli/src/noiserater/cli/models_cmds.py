@@ -144,14 +144,10 @@ def unload(
     """Stop serving a model version, or all its versions, on a server; its files stay in the repository."""
     from noiserater.core.v1 import rater_service_pb2 as pb
 
-    with rater_channel(server, read_token(token_file, token)) as channel:
-        channel.call("UnloadModel", pb.UnloadModelRequest(model=pb.ModelRef(name=name, version=version)))
-    result = {"name": name, "version": version or "all", "server": server_target(server)}
-    if as_json:
-        emit_json(result)
-    else:
-        which = f"version {version}" if version else "every version"
-        typer.echo(f"unloaded {name} {which} ({result['server']})")
+    which = f"version {version}" if version else "every version"
+    admin_call(server, read_token(token_file, token), "UnloadModel",
+               pb.UnloadModelRequest(model=pb.ModelRef(name=name, version=version)),
+               {"name": name, "version": version or "all"}, f"unloaded {name} {which}", as_json)
 
 
 def set_default(
@@ -165,13 +161,21 @@ def set_default(
     """Make a loaded version the model's default on a server (a rollback: the previous version)."""
     from noiserater.core.v1 import rater_service_pb2 as pb
 
-    with rater_channel(server, read_token(token_file, token)) as channel:
-        channel.call("SetDefaultVersion", pb.SetDefaultVersionRequest(model=pb.ModelRef(name=name, version=version)))
-    result = {"name": name, "default_version": version, "server": server_target(server)}
+    admin_call(server, read_token(token_file, token), "SetDefaultVersion",
+               pb.SetDefaultVersionRequest(model=pb.ModelRef(name=name, version=version)),
+               {"name": name, "default_version": version}, f"{name}: default version is now {version}", as_json)
+
+
+def admin_call(server: str | None, token: str | None, method: str, request, result: dict, done: str,
+               as_json: bool) -> None:
+    """One admin RPC whose answer is empty, then what it did: `result` (with the server) as JSON, or the
+    `done` line."""
+    with rater_channel(server, token) as channel:
+        channel.call(method, request)
     if as_json:
-        emit_json(result)
+        emit_json({**result, "server": server_target(server)})
     else:
-        typer.echo(f"{name}: default version is now {version} ({result['server']})")
+        typer.echo(f"{done} ({server_target(server)})")
 
 
 def models(
