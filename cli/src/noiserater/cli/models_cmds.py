@@ -1,4 +1,5 @@
-"""nrctl export / deploy / models / stats: from a trained rater to a served, inspected model."""
+"""nrctl export / deploy / unload / set-default / models / stats: from a trained rater to a served, inspected
+model, and through its lifecycle on a server (a rollback is a set-default to the previous version)."""
 
 from __future__ import annotations
 
@@ -132,6 +133,51 @@ def deploy(
         typer.echo(f"deployed {result['name']} version {result['version']} ({where})")
 
 
+def unload(
+    name: str = typer.Argument(..., help="Model name on the server."),
+    version: int = typer.Option(0, "--version", help="Only this version; 0 = every version of the model."),
+    server: str = ServerOpt,
+    token_file: Path | None = TokenFileOpt,
+    token: str | None = TokenOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Stop serving a model version, or all its versions, on a server; its files stay in the repository."""
+    from noiserater.core.v1 import rater_service_pb2 as pb
+
+    which = f"version {version}" if version else "every version"
+    admin_call(server, read_token(token_file, token), "UnloadModel",
+               pb.UnloadModelRequest(model=pb.ModelRef(name=name, version=version)),
+               {"name": name, "version": version or "all"}, f"unloaded {name} {which}", as_json)
+
+
+def set_default(
+    name: str = typer.Argument(..., help="Model name on the server."),
+    version: int = typer.Argument(..., help="The loaded version that requests naming no version get."),
+    server: str = ServerOpt,
+    token_file: Path | None = TokenFileOpt,
+    token: str | None = TokenOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Make a loaded version the model's default on a server (a rollback: the previous version)."""
+    from noiserater.core.v1 import rater_service_pb2 as pb
+
+    admin_call(server, read_token(token_file, token), "SetDefaultVersion",
+               pb.SetDefaultVersionRequest(model=pb.ModelRef(name=name, version=version)),
+               {"name": name, "default_version": version}, f"{name}: default version is now {version}", as_json)
+
+
+def admin_call(server: str | None, token: str | None, method: str, request, result: dict, done: str,
+               as_json: bool) -> None:
+    """One admin RPC whose answer is empty, then what it did: `result` (with the server) as JSON, or the
+    `done` line."""
+    with rater_channel(server, token) as channel:
+        channel.call(method, request)
+    if as_json:
+        emit_json({**result, "server": server_target(server)})
+    else:
+        typer.echo(f"{done} ({server_target(server)})")
+
+
 def models(
     server: str = ServerOpt,
     repository: Path | None = typer.Option(None, "--repository", help="List a repository folder instead (each "
@@ -227,5 +273,6 @@ def stats(
 
 
 def register(app: typer.Typer) -> None:
-    for command in (export, deploy, models, stats):
-        app.command()(command)
+    for name, command in (("export", export), ("deploy", deploy), ("unload", unload), ("set-default", set_default),
+                          ("models", models), ("stats", stats)):
+        app.command(name)(command)

@@ -1,6 +1,7 @@
 """Bearer-token authentication as a grpc.aio server interceptor.
 
-With a token configured, the admin RPCs (deploy, unload, set default) always need
+With a token configured, the admin RPCs (deploy, unload, set default; the KServe repository extension's
+index, load and unload) always need
 `authorization: Bearer <token>`; with --auth-all every RPC does, except grpc.health.v1 so that load
 balancers and container health checks keep working without the secret.
 """
@@ -16,6 +17,9 @@ ADMIN_METHODS = frozenset({
     "/noiserater.v1.RaterService/DeployModel",
     "/noiserater.v1.RaterService/UnloadModel",
     "/noiserater.v1.RaterService/SetDefaultVersion",
+    "/inference.GRPCInferenceService/RepositoryIndex",
+    "/inference.GRPCInferenceService/RepositoryModelLoad",
+    "/inference.GRPCInferenceService/RepositoryModelUnload",
 })
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 STREAMING_PREFIXES = ("/grpc.reflection.",)

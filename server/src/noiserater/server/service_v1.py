@@ -70,6 +70,11 @@ async def audited(action: str, what: str, call: CallContext, work: Awaitable[Any
     return result
 
 
+def removed_versions(removed: list[ModelVersion]) -> str:
+    """An unload's audit outcome: the versions it removed."""
+    return " -> removed " + ", ".join(f"version {v.version} (sha256={v.sha256})" for v in removed)
+
+
 class RaterServicer(pb_grpc.RaterServiceServicer):
     def __init__(self, registry: ModelRegistry, recorder: StatsRecorder, runtime: RpcRuntime):
         self.registry = registry
@@ -146,8 +151,7 @@ class RaterServicer(pb_grpc.RaterServiceServicer):
         call.model = UNKNOWN_MODEL
         what = f"model={request.model.name[:64]!r} version={request.model.version or 'all'}"
         await audited("unload", what, call, self.registry.unload(request.model.name, request.model.version),
-                      lambda removed: " -> removed " + ", ".join(f"version {v.version} (sha256={v.sha256})"
-                                                                 for v in removed))
+                      removed_versions)
         call.served(request.model.name, request.model.version)
         return pb.UnloadModelResponse()
 
