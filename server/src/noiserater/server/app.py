@@ -100,10 +100,11 @@ class RaterServer:
         grace = self.config.grace_s if grace is None else grace
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        self.runtime.draining = True
+        self.runtime.start_draining()
         await self.health.enter_graceful_shutdown()
-        # New inference calls now get UNAVAILABLE (which clients retry elsewhere) while the accepted ones
-        # finish; only then does gRPC shut down, which would answer late arrivals with CANCELLED.
+        # New inference calls now get UNAVAILABLE (which clients retry elsewhere) and idle streams end with it,
+        # while the accepted requests finish; gRPC shuts down only once calls stopped arriving, since its stop
+        # cancels (rather than refuses) a call that reached it but not yet the runtime.
         await self.runtime.drained(deadline)
         if self.server is not None:
             await self.server.stop(max(0.0, deadline - loop.time()))

@@ -63,16 +63,18 @@ def status_of(exc: BaseException) -> grpc.StatusCode | None:
 
 @dataclass
 class RequestCounters:
-    """Inference requests received and answered; printed at shutdown to show that none was lost."""
+    """Inference requests received, answered and dropped; printed at shutdown to show that none was lost. An
+    accepted request is answered once its response is handed to gRPC (on a stream: written to it), and
+    dropped when it is cancelled first (its client went away, or the drain's grace period ran out) or its
+    response cannot be written. Requests refused while draining are neither: they were never accepted."""
 
     received: int = 0
     answered: int = 0
     dropped: int = 0
-    unwritten: int = 0  # stream responses answered but not yet written back to their stream
 
     @property
     def in_flight(self) -> int:
-        return self.received - self.answered - self.dropped + self.unwritten
+        return self.received - self.answered - self.dropped
 
 
 @dataclass
@@ -94,32 +96,65 @@ class Outcome(NamedTuple):
 
 
 Handler = Callable[[Any, CallContext], Awaitable[Any]]  # (request, call) -> response
+Deliver = Callable[[Outcome], Awaitable[None]]  # writes an outcome back (a stream's message)
+
+# The drain stops gRPC only once no call has arrived for this long: a call that reached gRPC but not yet this
+# runtime (the event loop had not picked it up) would otherwise be cancelled by the stop instead of refused
+# with UNAVAILABLE. Calls that keep arriving (clients retrying a draining server) delay the stop by at most
+# QUIET_MAX_S once nothing is in flight.
+QUIET_S = 0.2
+QUIET_MAX_S = 2.0
 
 
 class RpcRuntime:
     """What every call of one server shares: its metrics, its request counters and whether it is draining
-    (then new inference calls are refused with UNAVAILABLE and the server waits for the accepted ones)."""
+    (then new inference calls are refused with UNAVAILABLE, idle streams are ended with UNAVAILABLE, and the
+    server waits for the accepted requests)."""
 
-    def __init__(self, metrics: ServerMetrics):
+    def __init__(self, metrics: ServerMetrics, max_stream_in_flight: int = 256):
         self.metrics = metrics
         self.counters = RequestCounters()
         self.draining = False
+        self.max_stream_in_flight = max_stream_in_flight
+        self._streams: set[asyncio.Event] = set()  # each open stream's wake-up, set when the drain starts
+        self._last_arrival = 0.0
+
+    def start_draining(self) -> None:
+        """Refuse new inference requests from now on and end every stream as soon as it is idle."""
+        self.draining = True
+        for wake in self._streams:
+            wake.set()
 
     async def drained(self, deadline: float) -> None:
-        """Wait until no accepted inference request is in flight, or the loop's clock passes `deadline`."""
+        """Wait until no accepted inference request is in flight, every stream has ended and no call has
+        arrived for QUIET_S, or the loop's clock passes `deadline`."""
         loop = asyncio.get_running_loop()
-        while self.counters.in_flight > 0 and loop.time() < deadline:
+        started, idle_since = loop.time(), None
+        while loop.time() < deadline:
+            now = loop.time()
+            if self.counters.in_flight > 0 or self._streams:
+                idle_since = None
+            else:
+                idle_since = now if idle_since is None else idle_since
+                if now - max(self._last_arrival, started) >= QUIET_S or now - idle_since >= QUIET_MAX_S:
+                    return
             await asyncio.sleep(0.005)
 
-    async def answer(self, method: str, inference: bool, handler: Handler, request: Any) -> Outcome:
+    async def answer(self, method: str, inference: bool, handler: Handler, request: Any,
+                     deliver: Deliver | None = None) -> Outcome:
         """Run one request's handler with the server's accounting: refuse inference while draining, map
-        exceptions to status codes, count the answer."""
+        exceptions to status codes, count the answer. With `deliver`, the outcome is delivered through it
+        (a stream's write) before the request counts as answered, so a draining server waits for it."""
+        self._last_arrival = asyncio.get_running_loop().time()
         call = CallContext(self, method, inference)
         counters = self.counters
         if inference and self.draining:
             code = grpc.StatusCode.UNAVAILABLE
             self.metrics.requests.labels(method, "", "", code.name).inc()
-            return Outcome(None, code, DRAINING_MESSAGE)
+            outcome = Outcome(None, code, DRAINING_MESSAGE)
+            if deliver is not None:
+                await deliver(outcome)
+            return outcome
         if inference:
             counters.received += 1
         code, message, response = grpc.StatusCode.OK, "", None
@@ -139,9 +174,17 @@ class RpcRuntime:
                 code, message = known, str(exc)
         finally:
             self.metrics.requests.labels(method, call.model, call.version, code.name).inc()
-            if inference and code != grpc.StatusCode.CANCELLED:
-                counters.answered += 1
-        return Outcome(response, code, message)
+        outcome = Outcome(response, code, message)
+        if deliver is not None:
+            try:
+                await deliver(outcome)
+            except BaseException:
+                if inference:
+                    counters.dropped += 1
+                raise
+        if inference:
+            counters.answered += 1
+        return outcome
 
     async def serve_stream(self, method: str, request_iterator: AsyncIterator[Any],
                            context: grpc.aio.ServicerContext, handler: Handler,
@@ -149,29 +192,58 @@ class RpcRuntime:
         """A bidirectional stream of independent inference requests. Each goes through `answer` (the same
         accounting as a unary call), concurrently with the others so that one stream's requests batch like
         separate calls; `respond(request, outcome)` makes its stream message, written as soon as it is
-        ready. A failed request gets its own message; the stream goes on. A response counts as in flight
-        until it is written, so a draining server waits for it."""
-        counters = self.counters
+        ready. A failed request gets its own message; the stream goes on.
+
+        At most `max_stream_in_flight` requests of a stream are unanswered or unwritten at once: past that
+        the stream is not read until some are written, so gRPC's flow control holds the client back. While
+        draining, a stream with nothing in flight is ended with UNAVAILABLE (clients reopen it elsewhere)."""
+        loop = asyncio.get_running_loop()
         write_lock = asyncio.Lock()
         tasks: set[asyncio.Task] = set()
+        failures: list[BaseException] = []
+        changed = asyncio.Event()  # a request finished, the reader ended, or the drain started
+        room = asyncio.Event()  # a request finished: the reader may go on
+
+        def finished(task: asyncio.Task) -> None:
+            tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                failures.append(task.exception())
+            room.set()
+            changed.set()
 
         async def one(request: Any) -> None:
-            reply = respond(request, await self.answer(method, True, handler, request))
-            counters.unwritten += 1  # no await since `answer` counted it answered: the drain never sees a gap
-            try:
+            async def deliver(outcome: Outcome) -> None:
                 async with write_lock:
-                    await context.write(reply)
-            finally:
-                counters.unwritten -= 1
+                    await context.write(respond(request, outcome))
 
-        try:
+            await self.answer(method, True, handler, request, deliver)
+
+        async def read() -> None:
             async for request in request_iterator:
-                task = asyncio.get_running_loop().create_task(one(request))
+                task = loop.create_task(one(request))
                 tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            while tasks:  # the client is done sending; finish what it sent
-                await asyncio.gather(*tasks)
+                task.add_done_callback(finished)
+                while len(tasks) >= self.max_stream_in_flight:
+                    room.clear()
+                    await room.wait()
+
+        reader = loop.create_task(read())
+        reader.add_done_callback(lambda _: changed.set())
+        self._streams.add(changed)
+        try:
+            while not failures and not (reader.done() and not tasks):
+                if self.draining and not tasks:
+                    self._streams.discard(changed)
+                    reader.cancel()
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
+                changed.clear()
+                await changed.wait()
+            if failures:
+                raise failures[0]
+            reader.result()  # the stream broke while reading: end with its error
         finally:
+            self._streams.discard(changed)
+            reader.cancel()
             for task in tasks:
                 task.cancel()
 
