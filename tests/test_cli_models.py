@@ -96,3 +96,17 @@ def test_deploy_models_stats_on_a_server(tmp_path, rater_onnx):
     unreachable = nrctl("models", "--server", f"127.0.0.1:{free_port()}", check=False)
     assert unreachable.returncode == 1 and "UNAVAILABLE" in unreachable.stderr
     assert len(unreachable.stderr.strip().splitlines()) == 1
+
+
+def test_deploy_to_a_server_without_admin_is_one_line(tmp_path, rater_onnx):
+    """A server started without --auth-token-file or --insecure-admin refuses deploys: nrctl says so in one line."""
+    from support.server import ServerThread, make_repository
+
+    from noiserater.server.config import ServerConfig
+
+    repo = make_repository(tmp_path / "repo", {"digits": [rater_onnx]})
+    with ServerThread(ServerConfig(repository=repo, host="127.0.0.1", port=0)) as server:
+        refused = nrctl("deploy", rater_onnx, "--name", "digits", "--server", server.target, check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert "PERMISSION_DENIED" in line and "--auth-token-file" in line and "--insecure-admin" in line
