@@ -49,8 +49,8 @@ if all("median_seconds_per_step" in result.get(f"stage1_{d}", {}) for d in ("cud
 import onnxruntime as ort
 result["onnxruntime"] = {"version": ort.__version__, "providers": ort.get_available_providers()}
 from noiserater.core import scoring
-from noiserater.trainer.export import export_rater
-from noiserater.trainer.rater import load_rater
+from noiserater.trainer.stage1.export import export_rater
+from noiserater.trainer.stage1.rater import load_rater
 rater, _ = load_rater("/tmp/run-cpu/rater.pt")
 export_rater(rater, "/tmp/gpu_check.onnx")
 for device in ("cuda", "cpu"):

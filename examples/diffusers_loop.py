@@ -39,7 +39,7 @@ def train(selector, steps: int = 200, batch_size: int = 64, lr: float = 2e-4, se
     """Train a small UNet2DModel on 8x8 digits with noise chosen by `selector`; returns the losses."""
     from diffusers import DDPMScheduler
 
-    from noiserater.trainer.data import load_dataset
+    from noiserater.trainer.substrate.data import load_dataset
 
     torch.manual_seed(seed)
     data = load_dataset("digits-image").train  # [N, 1, 8, 8] in [-1, 1]
@@ -77,14 +77,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
     if args.server:
+        # Raises SelectorError here if the server has no such model, refuses the token, or its model does not
+        # take this loop's 1x8x8 images and 1000 timesteps; a server that is down is no error: selections use
+        # the fallback (--rater, else plain Gaussian noise) until it serves.
         selector = NoiseSelector.remote(args.server, model=args.model, dataset="digits-image",
-                                        num_candidates=args.num_candidates, rule=args.rule, fallback_onnx=args.rater)
+                                        num_candidates=args.num_candidates, rule=args.rule, fallback_onnx=args.rater,
+                                        data_shape=(1, 8, 8), num_timesteps=1000)
     elif args.rater:
         selector = NoiseSelector.local(args.rater, num_candidates=args.num_candidates, rule=args.rule)
     else:
         parser.error("give --rater MODEL.onnx or --server HOST:PORT")
     with selector:
         train(selector, steps=args.steps)
+        print("selector counters:", selector.counters)  # fallbacks, and for a server its breaker
 
 
 if __name__ == "__main__":

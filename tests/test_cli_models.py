@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from noiserater.core import repository, scoring
-from noiserater.trainer.rater import RATER_FILE, build_rater, save_rater
+from noiserater.trainer.stage1.rater import RATER_FILE, build_rater, save_rater
 
 
 def nrctl(*args, check=True):
@@ -51,7 +51,7 @@ def test_export_deploy_models(run_dir, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["export", "/nonexistent", "--out", "x.onnx"], "no rater checkpoint"),
+        (["export", "/nonexistent", "--out", "x.onnx"], "/nonexistent: no such file or folder"),
         (["deploy", "{bad}", "--name", "../escape", "--repository", "{tmp}"], "invalid model name"),
         (["deploy", "{bad}", "--name", "ok", "--repository", "{tmp}"], "model: onnxruntime cannot load it"),
         (["deploy", "{bad}", "--name", "ok"], "exactly one of --repository"),
@@ -98,6 +98,59 @@ def test_deploy_models_stats_on_a_server(tmp_path, rater_onnx):
     assert len(unreachable.stderr.strip().splitlines()) == 1
 
 
+def invoke(*args):
+    """nrctl in this process (the subprocess of `nrctl` above costs seconds of imports per call)."""
+    from typer.testing import CliRunner
+
+    from noiserater.cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_export_mistakes_are_one_line(run_dir, tmp_path):
+    """An ONNX file (or any non-rater file) where a run is expected, and a folder as --out: one line, exit 1."""
+    onnx = tmp_path / "digits.onnx"
+    invoke("export", run_dir, "--out", onnx)
+    (tmp_path / "some_dir").mkdir()
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    for args, message in [
+        ((onnx, "--out", tmp_path / "x.onnx"), "an exported ONNX model, not a trained rater"),
+        ((tmp_path / "junk.pt", "--out", tmp_path / "x.onnx"), "not a rater checkpoint"),
+        ((run_dir, "--out", tmp_path / "some_dir"), "is a folder; give the ONNX file to write"),
+        ((run_dir, "--out", onnx / "x.onnx"), "cannot write"),
+    ]:
+        proc = invoke("export", *args)
+        assert proc.exit_code == 1 and message in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_export_reads_a_pretrained_folder(tmp_path):
+    from noiserater.trainer.stage1.rater import save_pretrained
+
+    torch.manual_seed(0)
+    folder = save_pretrained(tmp_path / "rater", build_rater("mlp", (64,), 100, hidden=16), "mlp",
+                             dataset="digits", rater_kwargs={"hidden": 16}, provenance={"steps": 5})
+    report = json.loads(invoke("export", folder, "--out", tmp_path / "m.onnx", "--json").stdout)
+    assert report["max_abs_diff"] <= report["parity_tolerance"]
+    assert json.loads(report["metadata"][scoring.META_PROVENANCE])["steps"] == 5
+
+
+def test_models_repository_mistakes(tmp_path, rater_onnx):
+    """A missing folder is an error, not an empty list; a version that does not load is INVALID, with the
+    reason, and not the default."""
+    for path, message in [(tmp_path / "no-such-dir", "no such folder"), (rater_onnx, "not a folder")]:
+        proc = invoke("models", "--repository", path)
+        assert proc.exit_code == 1 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    repo = tmp_path / "repo"
+    repository.write_version(repo, "digits", rater_onnx.read_bytes())
+    repository.write_version(repo, "digits", b"corrupt")
+    listed = json.loads(invoke("models", "--repository", repo, "--json").stdout)["models"]
+    assert listed[0]["default_version"] == 1
+    assert [(v["version"], v["state"]) for v in listed[0]["versions"]] == [(1, "ON_DISK"), (2, "INVALID")]
+    assert "onnxruntime cannot load it" in listed[0]["versions"][1]["reason"]
+    assert "2 (INVALID" in invoke("models", "--repository", repo).stdout
+
+
 def test_deploy_to_a_server_without_admin_is_one_line(tmp_path, rater_onnx):
     """A server started without --auth-token-file or --insecure-admin refuses deploys: nrctl says so in one line."""
     from support.server import ServerThread, make_repository
@@ -106,7 +159,7 @@ def test_deploy_to_a_server_without_admin_is_one_line(tmp_path, rater_onnx):
 
     repo = make_repository(tmp_path / "repo", {"digits": [rater_onnx]})
     with ServerThread(ServerConfig(repository=repo, host="127.0.0.1", port=0)) as server:
-        refused = nrctl("deploy", rater_onnx, "--name", "digits", "--server", server.target, check=False)
-    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        refused = invoke("deploy", rater_onnx, "--name", "digits", "--server", server.target)
+    assert refused.exit_code == 1 and "Traceback" not in refused.stderr
     (line,) = refused.stderr.strip().splitlines()
     assert "PERMISSION_DENIED" in line and "--auth-token-file" in line and "--insecure-admin" in line

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from noiserater.trainer.train_rater import CHECKPOINT_FILE
+from noiserater.trainer.stage1.train import CHECKPOINT_FILE
 
 
 def test_two_process_run_leaves_identical_raters(tmp_path):

@@ -4,9 +4,9 @@ import math
 
 import torch
 
-from noiserater.trainer.data import load_dataset
-from noiserater.trainer.meta import soft_weights
-from noiserater.trainer.train_rater import MetaTrainer, TrainConfig
+from noiserater.trainer.stage1.meta import soft_weights
+from noiserater.trainer.stage1.train import MetaTrainer, TrainConfig
+from noiserater.trainer.substrate.data import load_dataset
 
 
 def test_grouped_weights_have_mean_one_within_every_group():

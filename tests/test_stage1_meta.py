@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from noiserater.trainer.denoisers import build_denoiser
-from noiserater.trainer.diffusion import NoiseSchedule
-from noiserater.trainer.meta import entropy_gap, meta_gradient, soft_weights, weight_stats
-from noiserater.trainer.rater import build_rater
+from noiserater.trainer.stage1.meta import entropy_gap, meta_gradient, soft_weights, weight_stats
+from noiserater.trainer.stage1.rater import build_rater
+from noiserater.trainer.substrate.denoisers import build_denoiser
+from noiserater.trainer.substrate.diffusion import NoiseSchedule
 
 
 def _rater_grad(route, model, schedule, params, precond, rater, batches, val_batch, **kw) -> torch.Tensor:

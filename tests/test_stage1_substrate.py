@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from noiserater.trainer.data import load_dataset
-from noiserater.trainer.denoisers import build_denoiser
-from noiserater.trainer.diffusion import NoiseSchedule, ddpm_sample, per_sample_loss
+from noiserater.trainer.substrate.data import load_dataset
+from noiserater.trainer.substrate.denoisers import build_denoiser
+from noiserater.trainer.substrate.diffusion import NoiseSchedule, ddpm_sample, per_sample_loss
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])

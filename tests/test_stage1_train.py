@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from noiserater.trainer.rater import RATER_FILE, load_rater
-from noiserater.trainer.train_rater import (
+from noiserater.trainer.stage1.rater import RATER_FILE, load_rater
+from noiserater.trainer.stage1.train import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
     METRICS_FILE,
@@ -116,7 +116,6 @@ def test_cli_corrupt_checkpoint_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("args", [
     ["--dataset", "no-such-dataset"],
-    ["--dataset", "digits", "--meta-grad", "second-order"],
     ["--dataset", "digits", "--steps", "0"],
 ])
 def test_cli_errors_are_one_line(tmp_path, args):
@@ -128,3 +127,110 @@ def test_cli_errors_are_one_line(tmp_path, args):
     assert result.exit_code == 1
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in result.output
+
+
+def test_cli_choice_outside_the_enum_is_a_usage_error(tmp_path):
+    """--meta-grad (like --device) is a choice: Typer refuses other values before anything runs, naming them."""
+    from typer.testing import CliRunner
+
+    from noiserater.cli.main import app
+
+    result = CliRunner().invoke(app, ["train-rater", "--out", str(tmp_path / "bad"), "--meta-grad", "second-order"])
+    assert result.exit_code == 2 and "'second-order'" in result.output and "'exact', 'fast'" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "bad").exists()
+
+
+def test_resume_refuses_changed_settings_unless_told(tmp_path):
+    from noiserater.trainer.stage1.train import ConfigMismatchError
+
+    out = tmp_path / "run"
+    train_rater(TrainConfig(dataset="moons", steps=2, **TINY), out)
+    changed = {**TINY, "population": 1}
+    with pytest.raises(ConfigMismatchError, match=r"holds a run with other settings: population=1 \(run: 2\), "
+                                                  r"tau=0.5 \(run: 1.0\); pass --resume"):
+        train_rater(TrainConfig(dataset="moons", steps=3, tau=0.5, **changed), out)
+    kept = train_rater(TrainConfig(dataset="moons", steps=3, tau=0.5, **TINY), out, existing="resume")
+    assert kept["resumed_from"] == 2 and kept["steps"] == 3
+    assert json.loads((out / CONFIG_FILE).read_text())["tau"] == 1.0
+    fresh = train_rater(TrainConfig(dataset="moons", steps=2, tau=0.5, **TINY), out, existing="overwrite")
+    assert fresh["resumed_from"] == 0 and json.loads((out / CONFIG_FILE).read_text())["tau"] == 0.5
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    # steps and device may change without a flag: the run is extended
+    assert train_rater(TrainConfig(dataset="moons", steps=3, tau=0.5, device="cpu", **TINY), out)["steps"] == 3
+
+
+def test_cli_resume_refuses_changed_flags_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from noiserater.cli.main import app
+
+    runner = CliRunner()
+    out = str(tmp_path / "run")
+    base = ["train-rater", "--dataset", "moons", "--out", out, "--population", "1", "--device", "cpu", "--json"]
+    first = runner.invoke(app, [*base, "--steps", "2"])
+    assert first.exit_code == 0, first.output
+    assert "meta steps" in first.stderr and json.loads(first.stdout)["steps"] == 2  # progress on stderr under --json
+    refused = runner.invoke(app, ["train-rater", "--out", out, "--tau", "0.5", "--steps", "3"])
+    assert refused.exit_code == 1 and refused.stdout == ""
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "tau=0.5 (run: 1.0)" in lines[0] and "--resume" in lines[0]
+    resumed = runner.invoke(app, ["train-rater", "--out", out, "--tau", "0.5", "--steps", "3", "--resume", "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["resumed_from"] == 2 and "not applied: tau=0.5" in resumed.stderr
+    again = runner.invoke(app, ["train-rater", "--out", out, "--steps", "4", "--json"])  # flags left out: the run's
+    assert again.exit_code == 0 and json.loads(again.stdout)["resumed_from"] == 3, again.output
+    both = runner.invoke(app, ["train-rater", "--out", out, "--resume", "--overwrite"])
+    assert both.exit_code == 1 and "at most one of --resume and --overwrite" in both.stderr
+    over = runner.invoke(app, ["train-rater", "--out", out, "--dataset", "gaussians", "--population", "1",
+                               "--steps", "1", "--overwrite", "--json"])
+    assert over.exit_code == 0 and json.loads(over.stdout)["resumed_from"] == 0, over.output
+    assert json.loads((tmp_path / "run" / CONFIG_FILE).read_text())["dataset"] == "gaussians"
+
+
+def test_cli_user_data_lines_and_key(tmp_path):
+    """A uint8 channel-last image array in an .npz beside another array: --key picks it, and the scaling, the
+    transpose and the tiny-data warning are one line each on stderr."""
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from noiserater.cli.main import app
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", imgs=rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8), other=np.zeros((12, 2)))
+    runner = CliRunner()
+    args = ["train-rater", "--dataset", str(tmp_path / "data.npz"), "--out", str(tmp_path / "run"), "--steps", "1",
+            "--population", "1", "--device", "cpu", "--json"]
+    ambiguous = runner.invoke(app, args)
+    assert ambiguous.exit_code == 1 and len(ambiguous.stderr.strip().splitlines()) == 1
+    assert "holds arrays imgs, other; choose the data with --key NAME" in ambiguous.stderr
+    result = runner.invoke(app, [*args, "--key", "imgs"])
+    assert result.exit_code == 0, result.output
+    assert "info: data.npz: uint8 values scaled from [0, 255] to [-1, 1]" in result.stderr
+    assert "info: data.npz: channel-last (N, H, W, C) [12, 8, 8, 3] transposed to (N, C, H, W) [12, 3, 8, 8]" \
+        in result.stderr
+    assert "warning: dataset data: 8 training items (of 12), fewer than a batch of 128" in result.stderr
+    _, info = load_rater(tmp_path / "run")
+    assert info["data_shape"] == [3, 8, 8]
+
+
+def test_tensorboard_and_safetensors_next_to_metrics(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from noiserater.trainer.stage1.rater import PRETRAINED_DIR, WEIGHTS_FILE
+    from noiserater.trainer.stage1.train import TENSORBOARD_DIR
+
+    out = tmp_path / "run"
+    train_rater(TrainConfig(dataset="moons", steps=3, **TINY), out, log_with="tensorboard")
+    events = EventAccumulator(str(out / TENSORBOARD_DIR))
+    events.Reload()
+    scalars = events.Scalars("stage1/outer_loss_learned")
+    assert [e.step for e in scalars] == [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    assert scalars[-1].value == pytest.approx(read_metrics(out)[-1]["outer_loss_learned"], rel=1e-5)
+    assert (out / PRETRAINED_DIR / WEIGHTS_FILE).is_file()
+    from_folder, _ = load_rater(out / PRETRAINED_DIR)
+    from_pickle, _ = load_rater(out / RATER_FILE)
+    for key, value in from_pickle.state_dict().items():
+        assert torch.equal(from_folder.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="--log-with: wandb is not one of tensorboard"):
+        train_rater(TrainConfig(dataset="moons", steps=4, **TINY), out, log_with="wandb")

@@ -8,10 +8,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from noiserater.trainer.bench_train import run_bench
-from noiserater.trainer.data import load_dataset
-from noiserater.trainer.stage2 import METHODS, Stage2Config, Stage2Error, train_stage2
+from noiserater.trainer.bench.train import run_bench
+from noiserater.trainer.bench.train_report import write_report
+from noiserater.trainer.stage2.sources import Stage2Error
+from noiserater.trainer.stage2.training import Stage2Config, train_stage2
+from noiserater.trainer.substrate.data import load_dataset
 
+METHODS = ("uniform", "rater-argmax", "rater-sample", "rater-assign", "rater-kanneal", "immiscible",
+           "immiscible-knn", "min-snr")
 TINY = dict(batch_size=16, num_timesteps=100, eval_every=2, eval_repeats=1, sample_steps=4,
             denoiser_kwargs={"hidden": 32, "depth": 1, "time_dim": 16})
 
@@ -34,8 +38,9 @@ def check_report(report: dict, methods: list[str], seeds: int) -> None:
 
 def test_bench_all_methods_tiny(digits, rater_onnx, tmp_path):
     cfg = Stage2Config(**TINY)
-    result = run_bench(digits, list(METHODS), [0, 1], 4, tmp_path, rater_onnx=rater_onnx, config=cfg,
-                       command="test")
+    runs = run_bench(digits, list(METHODS), [0, 1], 4, rater_onnx=rater_onnx, config=cfg)
+    assert runs.methods == list(METHODS) and [r.seed for r in runs.runs["rater-kanneal"]] == [0, 1]
+    result = write_report(runs, tmp_path, command="test")
     report = json.loads((tmp_path / "report.json").read_text())
     check_report(report, list(METHODS), 2)
     assert (tmp_path / "curves.png").stat().st_size > 0
@@ -59,16 +64,16 @@ def test_methods_share_init_batches_and_timesteps(digits):
     assert a.curve_val_loss[-1] != c.curve_val_loss[-1]
 
 
-def test_rater_methods_need_a_rater(digits, tmp_path):
+def test_rater_methods_need_a_rater(digits):
     with pytest.raises(Stage2Error, match="rater"):
-        run_bench(digits, ["uniform", "rater-argmax"], [0], 2, tmp_path, config=Stage2Config(**TINY))
+        run_bench(digits, ["uniform", "rater-argmax"], [0], 2, config=Stage2Config(**TINY))
     with pytest.raises(Stage2Error, match="unknown"):
-        run_bench(digits, ["uniform", "best-noise"], [0], 2, tmp_path, config=Stage2Config(**TINY))
+        run_bench(digits, ["uniform", "best-noise"], [0], 2, config=Stage2Config(**TINY))
 
 
 def test_cli_bench_train_from_a_run_folder(tmp_path):
     from noiserater.cli.main import app
-    from noiserater.trainer.rater import build_rater, save_rater
+    from noiserater.trainer.stage1.rater import build_rater, save_rater
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -81,7 +86,8 @@ def test_cli_bench_train_from_a_run_folder(tmp_path):
                                       "--steps", "3", "--rater", str(run_dir), "--out", str(out), "--k", "4",
                                       "--batch-size", "8", "--sample-steps", "3", "--json"])
     assert result.exit_code == 0, result.output
-    payload = json.loads(result.output)
+    assert "bench train" in result.stderr  # the progress bar, on stderr also under --json
+    payload = json.loads(result.stdout)
     assert set(payload["report"]) == {"uniform", "rater-argmax", "rater-assign", "immiscible-knn"}
     assert (out / "rater.onnx").is_file() and (out / "report.md").is_file()
     check_report(json.loads((out / "report.json").read_text()),
@@ -98,3 +104,24 @@ def test_cli_bench_train_errors_are_one_line(tmp_path):
     result = CliRunner().invoke(app, ["bench", "train", "--methods", "nope", "--steps", "2",
                                       "--out", str(tmp_path / "y")])
     assert result.exit_code == 1 and "unknown" in result.output
+
+
+def test_cli_one_seed_without_quality_reads_honestly(tmp_path, rater_onnx):
+    """With one seed there are no error bars (no '± 0', no '± nan'), and with --no-quality the goal, which needs
+    frechet, is 'not measured' rather than 'not met'."""
+    from noiserater.cli.main import app
+    from noiserater.cli.options import Denoiser
+
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, ["bench", "train", "--methods", "uniform,rater-argmax,immiscible-knn", "--seeds",
+                                      "1", "--steps", "2", "--rater", str(rater_onnx), "--out", str(out), "--k", "2",
+                                      "--batch-size", "8", "--no-quality", "--denoiser", Denoiser.mlp.value])
+    assert result.exit_code == 0, result.output
+    assert "one seed" in result.stdout and "(Δ " in result.stdout
+    assert "nan" not in result.stdout and "± 0 " not in result.stdout
+    md = (out / "report.md").read_text()
+    assert "- rater-argmax: not measured (missing: a standard error (needs at least 2 seeds); frechet (sampling " \
+           "was skipped: --no-quality))" in md
+    assert "± —" not in md and "## Values (one seed: no error bars)" in md
+    details = json.loads((out / "details.json").read_text())
+    assert details["goal_met"] == {"rater-argmax": None}

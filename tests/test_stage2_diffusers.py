@@ -17,8 +17,8 @@ def test_diffusers_loop_trains_on_selected_noise(tmp_path):
     import torch
 
     from noiserater.client.selector import NoiseSelector
-    from noiserater.trainer.export import export_rater
-    from noiserater.trainer.rater import build_rater
+    from noiserater.trainer.stage1.export import export_rater
+    from noiserater.trainer.stage1.rater import build_rater
 
     torch.manual_seed(0)
     onnx = tmp_path / "digits-image.onnx"

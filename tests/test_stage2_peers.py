@@ -7,7 +7,7 @@ import itertools
 import torch
 
 from noiserater.client import peers
-from noiserater.trainer.diffusion import NoiseSchedule
+from noiserater.trainer.substrate.diffusion import NoiseSchedule
 
 
 def test_immiscible_is_the_distance_minimising_permutation():

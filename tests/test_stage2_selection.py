@@ -14,7 +14,7 @@ from support import select_in_process
 from torch import nn
 
 from noiserater.core import scoring, selection
-from noiserater.trainer.stage2 import kanneal_schedule
+from noiserater.trainer.stage2.sources import kanneal_schedule
 
 D, T = 4, 50
 
@@ -31,7 +31,7 @@ class DotRater(nn.Module):
 
 @pytest.fixture(scope="module")
 def dot_onnx(tmp_path_factory):
-    from noiserater.trainer.export import export_rater
+    from noiserater.trainer.stage1.export import export_rater
 
     path = tmp_path_factory.mktemp("dot") / "dot.onnx"
     export_rater(DotRater(), path, dataset="test", schedule="linear")
@@ -119,18 +119,25 @@ def test_k_anneal_schedule_goes_from_k_to_one():
     assert all(a >= b for a, b in itertools.pairwise(ks))
 
 
-def test_noise_source_selects_only_above_t_min_and_symmetrise_only_flips_signs(dot_onnx):
+def test_t_threshold_selects_only_above_t_min_and_symmetrise_only_flips_signs(dot_onnx):
     from noiserater.client import peers
     from noiserater.client.selector import NoiseSelector
-    from noiserater.trainer.stage2 import NoiseSource, Stage2Config
+    from noiserater.client.sources import make_source
+    from noiserater.trainer.stage2.variants import symmetrised, t_threshold
 
-    cpu = torch.device("cpu")
+    def argmax(seed: int, *wrappers):
+        options = dict(generator=torch.Generator().manual_seed(seed * 1000 + 2), rater=dot_onnx, num_candidates=4,
+                       seed=seed, steps=10)
+        source = make_source("rater-argmax", **options)
+        for wrap in wrappers:
+            source = wrap(source, options)
+        return source
+
     gen = torch.Generator().manual_seed(1)
     x0 = torch.randn(6, D, generator=gen)
     t = torch.tensor([0, 10, 30, 40, 24, 49])
     high = t >= 25
-    cfg = Stage2Config(steps=10, k=4, num_timesteps=T, select_t_min=25)
-    eps = NoiseSource("rater-argmax", cfg, seed=0, device=cpu, rater=dot_onnx)(x0, t, 0)
+    eps = argmax(0, t_threshold(25)).sample(x0, t, 0)
     gaussian = peers.gaussian(x0, torch.Generator().manual_seed(0 * 1000 + 2))
     torch.testing.assert_close(eps[~high], gaussian[~high])
     twin = NoiseSelector.local(dot_onnx, num_candidates=4, seed=0, intra_op_threads=1)
@@ -138,30 +145,35 @@ def test_noise_source_selects_only_above_t_min_and_symmetrise_only_flips_signs(d
     best = (x0[high][:, None, :] * candidates).sum(-1).argmax(1)
     torch.testing.assert_close(eps[high], candidates[torch.arange(int(high.sum())), best])
 
-    plain = NoiseSource("rater-argmax", Stage2Config(steps=10, k=4, num_timesteps=T), 3, cpu, rater=dot_onnx)
-    flipped = NoiseSource("rater-argmax", Stage2Config(steps=10, k=4, num_timesteps=T, symmetrise=True), 3, cpu,
-                          rater=dot_onnx)
-    a, b = plain(x0, t, 0), flipped(x0, t, 0)
+    a, b = argmax(3).sample(x0, t, 0), argmax(3, symmetrised()).sample(x0, t, 0)
     ratio = (b / a)[:, 0]
     assert set(ratio.round().tolist()) <= {-1.0, 1.0}
     torch.testing.assert_close(b, a * ratio[:, None])
 
 
 def test_importance_weights_are_one_over_k_p(dot_onnx):
-    from noiserater.trainer.stage2 import NoiseSource, Stage2Config, Stage2Error
+    from noiserater.client.sources import make_source
+    from noiserater.trainer.stage2.sources import Stage2Error
+    from noiserater.trainer.stage2.variants import importance_weighted
 
-    cfg = Stage2Config(steps=10, k=4, num_timesteps=T, importance_weights=True, temperature=1.0)
-    source = NoiseSource("rater-sample", cfg, seed=0, device=torch.device("cpu"), rater=dot_onnx)
+    k, temperature = 4, 1.0
+
+    def source(method: str):
+        options = dict(generator=torch.Generator().manual_seed(0 * 1000 + 2), rater=dot_onnx, num_candidates=k,
+                       temperature=temperature, seed=0, steps=10)
+        return importance_weighted()(make_source(method, **options), options)
+
+    weighted = source("rater-sample")
     t = torch.zeros(5, dtype=torch.long)
-    source(torch.zeros(5, D), t, 0)  # x0 = 0: every candidate scores 0, p = 1/K, weight exactly 1
-    torch.testing.assert_close(source.weights(None, t), torch.ones(5))
-    fresh = NoiseSource("rater-sample", cfg, seed=0, device=torch.device("cpu"), rater=dot_onnx)
+    weighted.sample(torch.zeros(5, D), t, 0)  # x0 = 0: every candidate scores 0, p = 1/K, weight exactly 1
+    torch.testing.assert_close(weighted.loss_weights(t), torch.ones(5))
+    fresh = source("rater-sample")
     x0 = torch.randn(5, D, generator=torch.Generator().manual_seed(0))
-    eps = fresh(x0, t, 0)
+    eps = fresh.sample(x0, t, 0)
     candidates = torch.randn((5, 4, D), generator=torch.Generator().manual_seed(0 * 1000 + 2))  # the same stream
     chosen = [int(((candidates[i] - eps[i]).abs().sum(-1) < 1e-6).nonzero()[0]) for i in range(5)]
-    p = ((x0[:, None, :] * candidates).sum(-1).double() / cfg.temperature).softmax(1)
+    p = ((x0[:, None, :] * candidates).sum(-1).double() / temperature).softmax(1)
     expected = 1.0 / (4 * p[torch.arange(5), torch.tensor(chosen)])
-    torch.testing.assert_close(fresh.weights(None, t), expected.float(), rtol=1e-4, atol=1e-5)
-    with pytest.raises(Stage2Error, match="importance_weights"):
-        NoiseSource("rater-argmax", cfg, seed=0, device=torch.device("cpu"), rater=dot_onnx)
+    torch.testing.assert_close(fresh.loss_weights(t), expected.float(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(Stage2Error, match="importance weighting needs a rater-sample source"):
+        source("rater-argmax")

@@ -17,8 +17,8 @@ def export_random_rater(path: Path, seed: int = 0, data_shape=DIGITS_SHAPE, num_
                         dataset: str = "digits") -> Path:
     import torch
 
-    from noiserater.trainer.export import export_rater
-    from noiserater.trainer.rater import build_rater
+    from noiserater.trainer.stage1.export import export_rater
+    from noiserater.trainer.stage1.rater import build_rater
 
     torch.manual_seed(seed)
     rater = build_rater("mlp", data_shape, num_timesteps, hidden=32)

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 from noiserater.core import scoring, selection
-from noiserater.trainer.data import load_dataset
+from noiserater.trainer.substrate.data import load_dataset
 
 K, BATCHES, B = 8, 8, 128
 
@@ -70,8 +70,8 @@ def random_rater(path: str) -> str:
     with scores that carry no meta-learned information at all."""
     import torch
 
-    from noiserater.trainer.export import export_rater
-    from noiserater.trainer.rater import build_rater
+    from noiserater.trainer.stage1.export import export_rater
+    from noiserater.trainer.stage1.rater import build_rater
 
     torch.manual_seed(0)
     export_rater(build_rater("mlp", (64,), 1000), path, dataset="digits", schedule="linear")

@@ -17,54 +17,61 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from noiserater.trainer.data import load_dataset
-from noiserater.trainer.stage2 import EvalContext, Stage2Config, train_stage2
+from noiserater.trainer.stage2 import variants
+from noiserater.trainer.stage2.training import EvalContext, Stage2Config, train_stage2
+from noiserater.trainer.substrate.data import load_dataset
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results.jsonl"
 T_BUCKETS = 5
 
-# name -> (method, config overrides, rater key or None, what it tests)
-VARIANTS: dict[str, tuple[str, dict, str | None, str]] = {
-    "uniform": ("uniform", {}, None, "baseline"),
-    "argmax-k8": ("rater-argmax", {"k": 8}, "default", "the first attempt: top-1 of K=8"),
-    "argmax-k2": ("rater-argmax", {"k": 2}, "default", "milder selection: top-1 of K=2"),
-    "sample-k8-t1": ("rater-sample", {"k": 8, "temperature": 1.0}, "default",
+# name -> (method, config overrides, wrappers: [(builder in noiserater.trainer.stage2.variants, its arguments)],
+#          rater key or None, what it tests)
+VARIANTS: dict[str, tuple[str, dict, list[tuple[str, dict]], str | None, str]] = {
+    "uniform": ("uniform", {}, [], None, "baseline"),
+    "argmax-k8": ("rater-argmax", {"k": 8}, [], "default", "the first attempt: top-1 of K=8"),
+    "argmax-k2": ("rater-argmax", {"k": 2}, [], "default", "milder selection: top-1 of K=2"),
+    "sample-k8-t1": ("rater-sample", {"k": 8, "temperature": 1.0}, [], "default",
                      "softmax(s/1) over K=8: resampling at the stage-1 temperature (tau=1)"),
-    "sample-k8-t4": ("rater-sample", {"k": 8, "temperature": 4.0}, "default", "softmax(s/4): milder still"),
-    "assign": ("rater-assign", {}, "default", "batch assignment: noise multiset exactly Gaussian"),
-    "kanneal-0.5": ("rater-kanneal", {"k": 8, "kanneal_end": 0.5}, "default", "K 8->1 over the first half"),
-    "kanneal-0.2": ("rater-kanneal", {"k": 8, "kanneal_end": 0.2}, "default", "K 8->1 over the first fifth"),
-    "argmax-early20": ("rater-argmax", {"k": 8, "select_until": 0.2}, "default",
+    "sample-k8-t4": ("rater-sample", {"k": 8, "temperature": 4.0}, [], "default", "softmax(s/4): milder still"),
+    "assign": ("rater-assign", {}, [], "default", "batch assignment: noise multiset exactly Gaussian"),
+    "kanneal-0.5": ("rater-kanneal", {"k": 8, "kanneal_end": 0.5}, [], "default", "K 8->1 over the first half"),
+    "kanneal-0.2": ("rater-kanneal", {"k": 8, "kanneal_end": 0.2}, [], "default", "K 8->1 over the first fifth"),
+    "argmax-early20": ("rater-argmax", {"k": 8}, [("windowed", {"stop": 0.2})], "default",
                        "top-1 of 8 only in the first 20% of steps, Gaussian after"),
-    "argmax-late20": ("rater-argmax", {"k": 8, "select_from": 0.8}, "default",
+    "argmax-late20": ("rater-argmax", {"k": 8}, [("windowed", {"start": 0.8})], "default",
                       "top-1 of 8 only in the last 20% of steps"),
-    "immiscible-knn-k8": ("immiscible-knn", {"k": 8}, None, "peer: nearest of K=8"),
-    "immiscible": ("immiscible", {}, None, "peer: batch assignment on L2"),
-    "min-snr": ("min-snr", {}, None, "peer: Min-SNR-5 loss weighting"),
-    "argmax-k8-symm": ("rater-argmax", {"k": 8, "symmetrise": True}, "default",
+    "immiscible-knn-k8": ("immiscible-knn", {"k": 8}, [], None, "peer: nearest of K=8"),
+    "immiscible": ("immiscible", {}, [], None, "peer: batch assignment on L2"),
+    "min-snr": ("min-snr", {}, [], None, "peer: Min-SNR-5 loss weighting"),
+    "argmax-k8-symm": ("rater-argmax", {"k": 8}, [("symmetrised", {})], "default",
                        "top-1 of 8, then a random sign per sample (removes the selection's mean shift)"),
-    "sample-k8-t1-symm": ("rater-sample", {"k": 8, "temperature": 1.0, "symmetrise": True}, "default",
+    "sample-k8-t1-symm": ("rater-sample", {"k": 8, "temperature": 1.0}, [("symmetrised", {})], "default",
                           "softmax(s/1) over K=8, random sign"),
-    "argmax-k8-tmin200": ("rater-argmax", {"k": 8, "select_t_min": 200}, "default",
+    "argmax-k8-tmin200": ("rater-argmax", {"k": 8}, [("t_threshold", {"t_min": 200})], "default",
                           "top-1 of 8 only where t >= 200 (Gaussian at low t, where argmax hurt most)"),
-    "sample-k8-t1-tmin200": ("rater-sample", {"k": 8, "temperature": 1.0, "select_t_min": 200}, "default",
-                             "softmax(s/1) over 8 only where t >= 200"),
-    "sample-k8-t1-is": ("rater-sample", {"k": 8, "temperature": 1.0, "importance_weights": True}, "default",
+    "sample-k8-t1-tmin200": ("rater-sample", {"k": 8, "temperature": 1.0}, [("t_threshold", {"t_min": 200})],
+                             "default", "softmax(s/1) over 8 only where t >= 200"),
+    "sample-k8-t1-is": ("rater-sample", {"k": 8, "temperature": 1.0}, [("importance_weighted", {})], "default",
                         "softmax(s/1) over 8 with loss weight 1/(K p): unbiased (importance sampling)"),
-    "kanneal-0.5-symm": ("rater-kanneal", {"k": 8, "kanneal_end": 0.5, "symmetrise": True}, "default",
+    "kanneal-0.5-symm": ("rater-kanneal", {"k": 8, "kanneal_end": 0.5}, [("symmetrised", {})], "default",
                          "K 8->1 over the first half, random sign"),
-    "argmax-k8-u3": ("rater-argmax", {"k": 8}, "u3", "rater meta-learned with U=3 unrolled steps"),
-    "sample-k8-t1-u3": ("rater-sample", {"k": 8, "temperature": 1.0}, "u3", "U=3 rater, softmax tau=1"),
-    "assign-u3": ("rater-assign", {}, "u3", "U=3 rater, batch assignment"),
-    "argmax-k8-random": ("rater-argmax", {"k": 8}, "random",
+    "argmax-k8-u3": ("rater-argmax", {"k": 8}, [], "u3", "rater meta-learned with U=3 unrolled steps"),
+    "sample-k8-t1-u3": ("rater-sample", {"k": 8, "temperature": 1.0}, [], "u3", "U=3 rater, softmax tau=1"),
+    "assign-u3": ("rater-assign", {}, [], "u3", "U=3 rater, batch assignment"),
+    "argmax-k8-random": ("rater-argmax", {"k": 8}, [], "random",
                          "control: an untrained rater of the same architecture (torch.manual_seed(0))"),
-    "sample-k8-t1-random": ("rater-sample", {"k": 8, "temperature": 1.0}, "random", "control: untrained rater, tau=1"),
-    "argmax-k8-g8": ("rater-argmax", {"k": 8}, "g8",
+    "sample-k8-t1-random": ("rater-sample", {"k": 8, "temperature": 1.0}, [], "random",
+                            "control: untrained rater, tau=1"),
+    "argmax-k8-g8": ("rater-argmax", {"k": 8}, [], "g8",
                      "rater meta-learned with weights softmaxed within groups of 8 noises per (x0, t)"),
-    "sample-k8-t1-g8": ("rater-sample", {"k": 8, "temperature": 1.0}, "g8", "grouped rater, softmax tau=1"),
-    "kanneal-0.5-g8": ("rater-kanneal", {"k": 8, "kanneal_end": 0.5}, "g8", "grouped rater, K 8->1 over half"),
+    "sample-k8-t1-g8": ("rater-sample", {"k": 8, "temperature": 1.0}, [], "g8", "grouped rater, softmax tau=1"),
+    "kanneal-0.5-g8": ("rater-kanneal", {"k": 8, "kanneal_end": 0.5}, [], "g8", "grouped rater, K 8->1 over half"),
 }
+
+
+def build_wrappers(specs: list[tuple[str, dict]]) -> list[variants.Wrap]:
+    return [getattr(variants, builder)(**arguments) for builder, arguments in specs]
 
 
 def per_bucket(ctx: EvalContext, model) -> list[float]:
@@ -82,28 +89,29 @@ def run(args: argparse.Namespace) -> None:
     ctx = EvalContext.build(data, base)
     names = args.only.split(",") if args.only else list(VARIANTS)
     done = set()
-    if RESULTS.exists():
-        for line in RESULTS.read_text().splitlines():
+    if args.results.exists():
+        for line in args.results.read_text().splitlines():
             r = json.loads(line)
             done.add((r["variant"], r["steps"], r["seed"]))
     for name in names:  # variant-major: each variant finishes its seeds before the next starts
         for seed in range(args.seeds):
             if (name, args.steps, seed) in done:
                 continue
-            method, overrides, rater_key, _ = VARIANTS[name]
+            method, overrides, wrapper_specs, rater_key, _ = VARIANTS[name]
             if rater_key is not None and rater_key not in raters:
                 print(f"skip {name}: no rater {rater_key!r}")
                 continue
             cfg = Stage2Config(**{**base.__dict__, **overrides})
             started = time.time()
             result = train_stage2(data, method, args.steps, seed, rater=raters.get(rater_key) if rater_key else None,
-                                  config=cfg, context=ctx, keep_model=True)
-            row = {"variant": name, "method": method, "overrides": overrides, "rater": raters.get(rater_key),
+                                  config=cfg, context=ctx, wrappers=build_wrappers(wrapper_specs), keep_model=True)
+            row = {"variant": name, "method": method, "overrides": overrides, "wrappers": wrapper_specs,
+                   "rater": raters.get(rater_key),
                    "steps": args.steps, "seed": seed, "metrics": result.metrics,
                    "val_by_t_bucket": per_bucket(ctx, result.denoiser),
                    "curve_steps": result.curve_steps, "curve_val_loss": result.curve_val_loss,
                    "wall_s": time.time() - started}
-            with RESULTS.open("a") as f:
+            with args.results.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"{name} seed {seed}: val {result.metrics['val_loss']:.4f} frechet "
                   f"{result.metrics.get('frechet', float('nan')):.2f} ({row['wall_s']:.0f}s)", flush=True)
@@ -159,7 +167,7 @@ def summarise(args: argparse.Namespace) -> None:
         else:
             bucket_text = "—"
         source = " (bench)" if all(seeds[s].get("source") == "bench" for s in common) else ""
-        lines.append(f"| {name}{source} | {steps} | {len(common)} | {VARIANTS[name][3]} | " + " | ".join(cells)
+        lines.append(f"| {name}{source} | {steps} | {len(common)} | {VARIANTS[name][-1]} | " + " | ".join(cells)
                      + f" | {norm:.3f} | {cos:+.3f} | {bucket_text} |")
     uni = {(r["steps"], r["seed"]): r for r in rows if r["variant"] == "uniform"}
     lines.append("")
@@ -181,6 +189,7 @@ def main() -> None:
     p.add_argument("--sample-steps", type=int, default=100)
     p.add_argument("--rater", action="append", default=[], help="key=path.onnx (keys: default, u3, g8, random)")
     p.add_argument("--only", default="")
+    p.add_argument("--results", type=Path, default=RESULTS, help="JSON-lines file the rows are appended to")
     sub.add_parser("summarise")
     args = parser.parse_args()
     run(args) if args.cmd == "run" else summarise(args)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import typer
 
+from noiserater.cli.options import Device, Transport, value
 from noiserater.cli.output import emit_json, fail, table
-from noiserater.client.transports import TRANSPORTS
 from noiserater.trainer.bench.serve_report import build_report, report_table, summary_lines
 from noiserater.trainer.bench.serve_run import ServeSettings, run_serve
 from noiserater.trainer.bench.serve_windows import Windows
@@ -31,6 +31,11 @@ def parse_levels(text: str) -> tuple[int, ...]:
     return tuple(values)
 
 
+def progress(text: str) -> None:
+    """The bench's progress lines: on stderr, also under --json."""
+    typer.echo(text, err=True)
+
+
 def bench_serve(
     target: str | None = typer.Option(None, help="HOST:PORT of the rater-server to measure (batching on). "
                                       "Default: the bench starts one from --onnx."),
@@ -41,12 +46,12 @@ def bench_serve(
     batch: int = typer.Option(64, min=1, help="Samples B per request in the sweep."),
     k: int = typer.Option(8, min=1, help="Candidates K per sample."),
     small_batch: int = typer.Option(1, min=1, help="Samples per request for batched_vs_unbatched_at_16."),
-    transport: str = typer.Option("stream", help="stream (one SelectNoiseStream per client) or unary "
-                                  "(one SelectNoise call per request)."),
+    transport: Transport = typer.Option(Transport.stream, help="stream (one SelectNoiseStream per client) or "
+                                        "unary (one SelectNoise call per request)."),
     unbatched_target: str | None = typer.Option(None, help="HOST:PORT of a server run with --max-batch 0; "
                                                 "default: the bench starts one."),
     server_args: str = typer.Option("--device auto", help="Extra flags for the servers the bench starts."),
-    device: str = typer.Option("auto", help="Device of the in-process ceiling (auto|cpu|cuda)."),
+    device: Device = typer.Option(Device.auto, help="onnxruntime device of the in-process ceiling."),
     threads: int = typer.Option(0, help="onnxruntime intra-op threads of the ceiling (0: default)."),
     ceiling_callers: int = typer.Option(0, min=0, help="Parallel in-process callers of the ceiling's "
                                         "second measurement (0: one per CPU core)."),
@@ -60,23 +65,21 @@ def bench_serve(
                                             "Triton's perf_analyzer (KServe ModelInfer of the same B x K "
                                             "triples, unary and --streaming) against both servers."),
     out: Path | None = typer.Option(None, help="Write the report JSON here."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (progress stays on stderr)."),
 ) -> None:
     """Throughput and latency per concurrency level, against in-process onnxruntime and batching off."""
     try:
         levels = parse_levels(concurrency)
         if not onnx.is_file():
             raise ValueError(f"--onnx: no such file {onnx}")
-        if transport not in TRANSPORTS:
-            raise ValueError(f"--transport: {transport!r} is not one of {', '.join(TRANSPORTS)}")
         settings = ServeSettings(
-            onnx=onnx, model=model, levels=levels, batch=batch, k=k, small_batch=small_batch, transport=transport,
-            server_args=tuple(shlex.split(server_args)), device=device, threads=threads,
+            onnx=onnx, model=model, levels=levels, batch=batch, k=k, small_batch=small_batch,
+            transport=value(transport), server_args=tuple(shlex.split(server_args)), device=value(device),
+            threads=threads,
             ceiling_callers=ceiling_callers or os.cpu_count() or 1,
             windows=Windows(warmup_s, window_s, max_windows, stability), rounds=rounds, target=target,
             unbatched_target=unbatched_target, token_file=token_file, perf_analyzer=with_perf_analyzer)
-        say = (lambda text: None) if as_json else (lambda text: typer.echo(text, err=True))
-        report = build_report(settings, run_serve(settings, say))
+        report = build_report(settings, run_serve(settings, progress))
     except (ValueError, RuntimeError, OSError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     report["command"] = "nrctl bench serve " + " ".join(shlex.quote(a) for a in sys.argv[3:] if a)

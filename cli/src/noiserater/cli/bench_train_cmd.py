@@ -7,39 +7,91 @@ import sys
 from pathlib import Path
 
 import typer
+from typer.core import TyperCommand
 
-from noiserater.cli.output import emit_json, fail, table
+from noiserater.cli.options import Denoiser, Layout, value
+from noiserater.cli.output import emit_json, fail, progress_bar, table
 
 DEFAULT_METHODS = "uniform,rater-argmax,rater-assign,immiscible,immiscible-knn,min-snr"
+METHODS_HELP = ("Comma-separated names of registered noise sources{names}. uniform, the paired baseline, "
+                "always runs.")
+PLUGIN_HELP = ("Import a module (a dotted name or a .py file) that registers noise sources, so --methods can "
+               "name them: in it, @register(\"my-noise\") from noiserater.client.sources on a factory "
+               "f(generator, ...) whose result has sample(x0, t, step) -> eps and loss_weights(t) -> None or "
+               "weights. Repeatable.")
+
+
+class BenchTrainCommand(TyperCommand):
+    """Fills the registry's names into --methods' help when help is shown: the registry imports torch, which
+    the rest of nrctl should not wait for at start."""
+
+    def format_help(self, ctx, formatter) -> None:
+        import noiserater.trainer.stage2.sources  # noqa: F401  (registers the rater rules)
+        from noiserater.client.sources import names
+
+        for param in self.params:
+            if param.name == "methods":
+                param.help = METHODS_HELP.format(names=": " + ", ".join(names()))
+        super().format_help(ctx, formatter)
+
+
+def load_plugins(plugins: list[str]) -> list[str]:
+    """--plugin's callback (eager, so the plugins' sources are registered before --help or --methods)."""
+    if plugins:
+        from noiserater.trainer.stage2.sources import Stage2Error, load_plugin
+
+        for spec in plugins:
+            try:
+                load_plugin(spec)
+            except Stage2Error as exc:
+                raise typer.BadParameter(str(exc)) from None
+    return plugins
 
 
 def resolve_rater(rater: Path, out_dir: Path, dataset: str) -> Path:
-    """An ONNX file as is; a run folder (rater.pt) or a rater.pt exported to OUT/rater.onnx, so the bench
-    scores through the same onnxruntime path as serving."""
+    """An ONNX file as is; a trained rater (a run folder, its rater.pt or a model.safetensors folder) exported to
+    OUT/rater.onnx, so the bench scores through the same onnxruntime path as serving."""
     if rater.suffix == ".onnx":
         if not rater.is_file():
             raise ValueError(f"rater file not found: {rater}")
         return rater
-    checkpoint = rater / "rater.pt" if rater.is_dir() else rater
-    if not checkpoint.is_file():
-        raise ValueError(f"--rater {rater}: neither an .onnx file nor a run folder with rater.pt")
-    from noiserater.trainer.export import export_rater
-    from noiserater.trainer.rater import load_rater
+    from noiserater.trainer.stage1.export import export_rater
+    from noiserater.trainer.stage1.rater import RaterLoadError, load_rater, rater_source
 
     try:
-        model, info = load_rater(checkpoint)
-    except Exception as exc:  # torch.load / state-dict errors of many kinds
-        raise ValueError(f"--rater {checkpoint}: cannot load the rater ({str(exc).splitlines()[0]})") from None
+        source = rater_source(rater)
+        model, info = load_rater(source)
+    except RaterLoadError as exc:
+        raise ValueError(f"--rater: {exc}") from None
     onnx_path = out_dir / "rater.onnx"
     export_rater(model, onnx_path, dataset=info.get("dataset") or dataset, schedule=info.get("schedule", ""),
-                 provenance={"checkpoint": str(checkpoint), **(info.get("provenance") or {})})
+                 provenance={"checkpoint": str(source), **(info.get("provenance") or {})})
     return onnx_path
+
+
+def cell(summary: dict, paired: dict | None, seeds: int) -> str:
+    """mean ± std over seeds and the paired difference against uniform ± its standard error; with one seed
+    there is no spread to show, so only the values."""
+    text = f"{summary['mean']:.4g}" + (f" ± {summary['std']:.2g}" if seeds > 1 else "")
+    if paired is not None:
+        if seeds > 1:
+            mark = " better" if paired["lower_beyond_2se"] else (" worse" if paired["higher_beyond_2se"] else "")
+            text += f" (Δ {paired['mean']:+.3g} ± {paired['se']:.2g}{mark})"
+        else:
+            text += f" (Δ {paired['mean']:+.3g})"
+    return text
 
 
 def bench_train(
     dataset: str = typer.Option("digits", help="Built-in dataset name or a .npy/.npz file / image folder."),
-    methods: str = typer.Option(DEFAULT_METHODS, help="Comma-separated: uniform, rater-argmax, rater-sample, "
-                                "rater-assign, rater-kanneal, immiscible, immiscible-knn, min-snr."),
+    key: str = typer.Option(None, "--key", help="The array of an .npz file that holds several."),
+    data_range: str = typer.Option("auto", "--data-range", help="How a user array is scaled to [-1, 1]: auto "
+                                   "(uint8 from 0..255; floats as they are; other integers refused), LOW:HIGH "
+                                   "(e.g. 0:255) or none."),
+    layout: Layout = typer.Option(Layout.auto, "--layout", help="Layout of a user image array: auto reads "
+                                  "(N, H, W, C) with C <= 4 as channel-last and transposes it."),
+    methods: str = typer.Option(DEFAULT_METHODS, help=METHODS_HELP.format(names="")),
+    plugin: list[str] = typer.Option([], "--plugin", help=PLUGIN_HELP, is_eager=True, callback=load_plugins),
     seeds: int = typer.Option(3, min=1, help="Number of seeds (0..N-1), paired across methods."),
     steps: int = typer.Option(3000, min=1, help="Training steps per run (the same for every method)."),
     rater: Path | None = typer.Option(None, help="Rater run folder (rater.pt) or exported MODEL.onnx."),
@@ -49,20 +101,22 @@ def bench_train(
     kanneal_end: float = typer.Option(0.5, help="rater-kanneal: fraction of the run at which K reaches 1."),
     batch_size: int = typer.Option(128, min=1),
     lr: float = typer.Option(1e-3),
-    denoiser: str = typer.Option("auto", help="auto | mlp | unet"),
+    denoiser: Denoiser = typer.Option(Denoiser.auto, help="The denoiser trained per method and seed (auto: "
+                                      "unet for images, mlp otherwise)."),
     sample_steps: int | None = typer.Option(None, help="DDPM steps when sampling for frechet/swd (default all T)."),
     no_quality: bool = typer.Option(False, "--no-quality", help="Skip sampling (no frechet / swd)."),
     threads: int = typer.Option(0, help="torch threads per training (0: torch's default)."),
     jobs: int = typer.Option(1, min=1, help="Trainings run at once in worker processes (results are identical)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (progress stays on stderr)."),
 ) -> None:
     """Train a fresh denoiser per method and seed on the same budget; write an honest report."""
     import torch
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from noiserater.trainer.bench_train import BASELINE, parse_methods, rater_schedule, run_bench
-    from noiserater.trainer.data import load_dataset
-    from noiserater.trainer.stage2 import Stage2Config, Stage2Error
+    from noiserater.trainer.bench.train import BASELINE, parse_methods, rater_schedule, require_rater, run_bench
+    from noiserater.trainer.bench.train_report import write_report
+    from noiserater.trainer.stage2.sources import Stage2Error, needs_rater
+    from noiserater.trainer.stage2.training import Stage2Config
+    from noiserater.trainer.substrate.data import load_dataset
 
     if threads:
         torch.set_num_threads(threads)
@@ -70,32 +124,27 @@ def bench_train(
         method_list = parse_methods(methods)
         if BASELINE not in method_list:
             method_list = [BASELINE, *method_list]
-        data = load_dataset(dataset)
+        require_rater(method_list, rater)
+        data = load_dataset(dataset, key=key, value_range=data_range, layout=value(layout))
         out.mkdir(parents=True, exist_ok=True)
-        needs_rater = any(m.startswith("rater-") for m in method_list)
-        if needs_rater and rater is None:
-            raise ValueError("a rater-* method needs --rater RUN_DIR|MODEL.onnx")
-        onnx_path = resolve_rater(rater, out, dataset) if (needs_rater and rater is not None) else None
+        onnx_path = resolve_rater(rater, out, dataset) if any(needs_rater(m) for m in method_list) else None
         cfg = Stage2Config(steps=steps, batch_size=batch_size, lr=lr, k=k, temperature=temperature,
-                           kanneal_end=kanneal_end, denoiser=denoiser, sample_steps=sample_steps,
+                           kanneal_end=kanneal_end, denoiser=value(denoiser), sample_steps=sample_steps,
                            quality=not no_quality)
         if onnx_path is not None:  # train on the diffusion process the rater was meta-learned on
             cfg.num_timesteps, schedule = rater_schedule(onnx_path)
             cfg.schedule = schedule or cfg.schedule
         command = "nrctl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         total = len(method_list) * seeds * steps
-        with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                      TextColumn("{task.completed}/{task.total} steps"), TimeRemainingColumn(),
-                      transient=as_json, disable=as_json) as bar:
-            task = bar.add_task("bench train", total=total)
+        with progress_bar() as bar:
+            task = bar.add_task("bench train", total=total, status="")
 
             def on_run(result) -> None:
-                bar.update(task, description=f"{result.method} seed {result.seed}: "
-                                             f"val {result.metrics['val_loss']:.4f}")
+                bar.update(task, status=f"{result.method} seed {result.seed}: val {result.metrics['val_loss']:.4f}")
 
-            result = run_bench(data, method_list, range(seeds), steps, out, rater_onnx=onnx_path, config=cfg,
-                               command=command, progress=lambda n: bar.advance(task, n), on_run=on_run,
-                               jobs=jobs)
+            runs = run_bench(data, method_list, range(seeds), steps, rater_onnx=onnx_path, config=cfg,
+                             progress=lambda n: bar.advance(task, n), on_run=on_run, jobs=jobs, plugins=plugin)
+        result = write_report(runs, out, command=command)
     except (Stage2Error, ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     report, details = result["report"], result["details"]
@@ -104,22 +153,13 @@ def bench_train(
                    "goal_met": details["goal_met"], "references": details["references"]})
         return
     metrics = [m for m in ("val_loss", "frechet", "swd", "ms_per_step") if m in report[BASELINE]]
-    rows = []
-    for m in method_list:
-        row: list[str] = [m]
-        for name in metrics:
-            s = report[m][name]
-            cell = f"{s['mean']:.4g} ± {s['std']:.2g}"
-            p = details["paired_vs_uniform"].get(m, {}).get(name)
-            if p is not None:
-                mark = " better" if p["lower_beyond_2se"] else (" worse" if p["higher_beyond_2se"] else "")
-                cell += f" (Δ {p['mean']:+.3g} ± {p['se']:.2g}{mark})"
-            row.append(cell)
-        rows.append(row)
-    table(f"bench train: {data.name}, {steps} steps x {seeds} seeds (Δ: paired vs uniform ± SE)",
+    rows = [[m, *(cell(report[m][name], details["paired_vs_uniform"].get(m, {}).get(name), seeds)
+                  for name in metrics)] for m in method_list]
+    spread = "mean ± std; Δ: paired vs uniform ± SE" if seeds > 1 else "one seed: no error bars; Δ: vs uniform"
+    table(f"bench train: {data.name}, {steps} steps x {seeds} seed{'s' if seeds > 1 else ''} ({spread})",
           ["method", *metrics], rows)
     typer.echo(f"report: {out / 'report.md'}")
 
 
 def register(bench_app: typer.Typer) -> None:
-    bench_app.command("train")(bench_train)
+    bench_app.command("train", cls=BenchTrainCommand)(bench_train)

@@ -3,7 +3,8 @@
 Each command lives in its own module; this file only wires them into one Typer app. Starting nrctl imports
 no torch, scikit-learn or matplotlib: the command modules imported here keep those imports inside the
 command bodies, and the `bench` commands are imported only when one of them (or `nrctl bench --help`) runs.
-Errors are reported as one line on stderr with a non-zero exit (see `noiserater.cli.output.fail`).
+Errors are reported as one line on stderr with a non-zero exit (see `noiserater.cli.output.fail`); the
+packages' info and warning log lines, and progress bars, go to stderr too.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import typer
 from typer.core import TyperGroup
 
 from noiserater.cli import models_cmds, quickstart, train_cmd
+from noiserater.cli.output import setup_logging
+
+DISTRIBUTION = "noiserater-cli"
 
 # bench subcommand -> the module whose register(typer_app) adds it, in the order `nrctl bench --help` lists them
 BENCH_COMMANDS = {"train": "noiserater.cli.bench_train_cmd", "serve": "noiserater.cli.bench_serve"}
@@ -39,9 +43,30 @@ app = typer.Typer(
     name="nrctl",
     help="NoiseRater: meta-learn a noise rater, export it, serve it, and measure whether it pays off.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
+
+
+def show_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"nrctl {version(DISTRIBUTION)}")
+        except PackageNotFoundError:  # run from a source tree that is not installed
+            typer.echo("nrctl (version unknown: noiserater-cli is not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    _version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True,
+                                  help="Show nrctl's version and exit."),
+) -> None:
+    """NoiseRater: meta-learn a noise rater, export it, serve it, and measure whether it pays off."""
+    setup_logging()
+
 bench_app = typer.Typer(help="Benchmarks that write reports (efficacy of training; serving throughput).",
                         no_args_is_help=True, cls=LazyBenchGroup)
 app.add_typer(bench_app, name="bench")

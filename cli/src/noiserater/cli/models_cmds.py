@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import typer
@@ -11,23 +10,27 @@ import typer
 from noiserater.cli.output import emit_json, fail, table
 
 SERVER_ENV = "NOISERATER_SERVER"
+TOKEN_ENV = "NOISERATER_TOKEN"
 DEFAULT_SERVER = "localhost:50051"
 TIMEOUT_S = 30.0
 
-ServerOpt = typer.Option(None, "--server", help=f"Rater server HOST:PORT (env {SERVER_ENV}).")
+ServerOpt = typer.Option(DEFAULT_SERVER, "--server", envvar=SERVER_ENV, help="Rater server HOST:PORT.")
 JsonOpt = typer.Option(False, "--json", help="Print JSON for machines instead of a table.")
-TokenFileOpt = typer.Option(None, "--token-file", help="File holding the admin bearer token (env NOISERATER_TOKEN).",
+TokenFileOpt = typer.Option(None, "--token-file", help="File holding the admin bearer token.",
                             exists=True, dir_okay=False)
+TokenOpt = typer.Option(None, "--token", envvar=TOKEN_ENV, help="The admin bearer token itself, when no "
+                        "--token-file is given (better set in the environment than on a command line).")
 
 
 def server_target(server: str | None) -> str:
-    return server or os.environ.get(SERVER_ENV) or DEFAULT_SERVER
+    return server or DEFAULT_SERVER
 
 
-def read_token(token_file: Path | None) -> str | None:
+def read_token(token_file: Path | None, token: str | None = None) -> str | None:
+    """The admin token: from --token-file, else --token (or its environment variable)."""
     if token_file is not None:
         return token_file.read_text().strip()
-    return os.environ.get("NOISERATER_TOKEN") or None
+    return token or None
 
 
 @contextlib.contextmanager
@@ -51,25 +54,32 @@ def rater_channel(server: str | None, token: str | None = None):
 
 
 def export(
-    run: Path = typer.Argument(..., help="A train-rater RUN_DIR (or its rater.pt)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Where to write the ONNX file."),
+    run: Path = typer.Argument(..., help="A trained rater: a train-rater RUN_DIR, its rater.pt, or a folder with "
+                               "model.safetensors + config.json."),
+    out: Path = typer.Option(..., "--out", "-o", help="The ONNX file to write."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Export a trained rater to ONNX with metadata; parity with torch is checked."""
-    from noiserater.trainer.export import ParityError, export_rater
-    from noiserater.trainer.rater import RATER_FILE, load_rater
+    from noiserater.trainer.stage1.export import ParityError, export_rater
+    from noiserater.trainer.stage1.rater import RaterLoadError, load_rater, rater_source
 
-    checkpoint = run / RATER_FILE if run.is_dir() else run
-    if not checkpoint.is_file():
-        fail(f"no rater checkpoint at {checkpoint} (expected a train-rater RUN_DIR or a {RATER_FILE})")
+    if out.is_dir():
+        fail(f"--out {out} is a folder; give the ONNX file to write, e.g. {out / 'rater.onnx'}")
     try:
+        checkpoint = rater_source(run)
         rater, info = load_rater(checkpoint)
+    except RaterLoadError as exc:
+        fail(f"cannot export: {exc}")
+    try:
         report = export_rater(rater, out, dataset=info.get("dataset", ""), schedule=info.get("schedule", ""),
                               provenance={"checkpoint": str(checkpoint.resolve()), **info.get("provenance", {})})
     except ParityError as exc:
         fail(f"export failed the parity check: {exc}")
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(out) else ""
+        fail(f"cannot write {out}: {exc.strerror or exc}{where}")
     except (KeyError, RuntimeError, ValueError) as exc:
-        fail(f"cannot export {checkpoint}: {exc}")
+        fail(f"cannot export {checkpoint}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
     if as_json:
         emit_json(report.to_dict())
         return
@@ -86,16 +96,18 @@ def deploy(
     model: Path = typer.Argument(..., help="The ONNX file to deploy.", exists=True, dir_okay=False),
     name: str = typer.Option(..., "--name", help="Model name in the repository."),
     repository: Path | None = typer.Option(None, "--repository", help="Write into this model repository folder."),
-    server: str | None = typer.Option(None, "--server", help=f"Upload to this rater server (env {SERVER_ENV})."),
+    server: str | None = typer.Option(None, "--server", envvar=SERVER_ENV, help="Upload to this rater server "
+                                      "HOST:PORT."),
     version: int = typer.Option(0, "--version", help="Version number; 0 = newest + 1."),
     token_file: Path | None = TokenFileOpt,
+    token: str | None = TokenOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Deploy an ONNX rater as a new version: into a repository folder, or hot-loaded on a server."""
     from noiserater.core import repository as repo
     from noiserater.core import scoring
 
-    if (repository is None) == (server is None and not os.environ.get(SERVER_ENV)):
+    if (repository is None) == (server is None):
         fail("give exactly one of --repository DIR or --server HOST:PORT")
     data = model.read_bytes()
     if repository is not None:
@@ -110,7 +122,7 @@ def deploy(
     else:
         from noiserater.core.v1 import rater_service_pb2 as pb
 
-        with rater_channel(server, read_token(token_file)) as channel:
+        with rater_channel(server, read_token(token_file, token)) as channel:
             response = channel.call("DeployModel", pb.DeployModelRequest(name=name, version=version, onnx=data))
         result = {"name": response.model.name, "version": response.model.version, "server": server_target(server)}
     if as_json:
@@ -121,17 +133,14 @@ def deploy(
 
 
 def models(
-    server: str | None = ServerOpt,
-    repository: Path | None = typer.Option(None, "--repository", help="List a repository folder instead."),
+    server: str = ServerOpt,
+    repository: Path | None = typer.Option(None, "--repository", help="List a repository folder instead (each "
+                                           "version is loaded to check it: ON_DISK, or INVALID with the reason)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """List models and versions on a server (or in a repository folder)."""
     if repository is not None:
-        from noiserater.core import repository as repo
-
-        found = repo.scan(repository)
-        rows = [{"name": n, "versions": [{"version": v, "state": "ON_DISK"} for v in vs], "default_version": vs[-1]}
-                for n, vs in found.items()]
+        rows = repository_rows(repository)
     else:
         from noiserater.core.v1 import rater_service_pb2 as pb
 
@@ -144,9 +153,33 @@ def models(
         emit_json({"models": rows})
         return
     table("models", ["name", "versions", "default"], [
-        [m["name"], ", ".join(f"{v['version']} ({v['state']})" for v in m["versions"]), m["default_version"]]
+        [m["name"], ", ".join(f"{v['version']} ({v['state']}{': ' + v['reason'] if v.get('reason') else ''})"
+                              for v in m["versions"]), m["default_version"] or "-"]
         for m in rows
     ])
+
+
+def repository_rows(repository: Path) -> list[dict]:
+    """The models of a repository folder as `models` lists them: each version loaded with onnxruntime (as the
+    server would load it), ON_DISK when it loads, INVALID with the reason when not; the default is the newest
+    valid version (0: none)."""
+    from noiserater.core import repository as repo
+    from noiserater.core.scoring import RaterSession, ScoringError
+
+    if not repository.is_dir():
+        fail(f"--repository {repository}: {'not a folder' if repository.exists() else 'no such folder'}")
+    rows = []
+    for name, versions in repo.scan(repository).items():
+        listed = []
+        for version in versions:
+            try:
+                RaterSession(repo.version_dir(repository, name, version) / repo.MODEL_FILE, device="cpu")
+                listed.append({"version": version, "state": "ON_DISK"})
+            except (ScoringError, OSError) as exc:
+                listed.append({"version": version, "state": "INVALID", "reason": str(exc).splitlines()[0]})
+        valid = [v["version"] for v in listed if v["state"] == "ON_DISK"]
+        rows.append({"name": name, "versions": listed, "default_version": valid[-1] if valid else 0})
+    return rows
 
 
 def stats(
@@ -159,10 +192,17 @@ def stats(
     """Show the shared per-dataset score statistics (count, mean, std, min, max per timestep bucket)."""
     from noiserater.core.v1 import rater_service_pb2 as pb
 
+    buckets, timestep_buckets, token = [], 0, ""
     with rater_channel(server) as channel:
-        response = channel.call("GetStats", pb.GetStatsRequest(dataset=dataset, model=model, version=version))
+        while True:  # every page: the server answers at most a bounded number of buckets per call
+            response = channel.call("GetStats", pb.GetStatsRequest(dataset=dataset, model=model, version=version,
+                                                                   page_token=token))
+            buckets.extend(response.buckets)
+            timestep_buckets, token = response.timestep_buckets, response.next_page_token
+            if not token:
+                break
     rows = []
-    for b in response.buckets:
+    for b in buckets:
         variance = b.m2 / (b.count - 1) if b.count > 1 else 0.0
         rows.append({
             "dataset": b.dataset, "model": b.model, "version": b.version, "timestep_bucket": b.timestep_bucket,
@@ -170,7 +210,7 @@ def stats(
             "histogram": list(b.histogram), "hist_low": b.hist_low, "hist_high": b.hist_high,
         })
     if as_json:
-        emit_json({"timestep_buckets": response.timestep_buckets, "buckets": rows})
+        emit_json({"timestep_buckets": timestep_buckets, "buckets": rows})
         return
     table("score statistics", ["dataset", "model", "version", "t bucket", "count", "mean", "std", "min", "max"],
           [[r["dataset"], r["model"], r["version"], r["timestep_bucket"], r["count"], r["mean"], r["std"],

@@ -8,7 +8,6 @@ console script, started as a user would start it.
 
 from __future__ import annotations
 
-import json
 import secrets
 import tempfile
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import typer
 
-from noiserater.cli.output import console, emit_json, fail, set_torch_threads, table
+from noiserater.cli.output import console, emit_json, fail, progress_bar, set_torch_threads, table
 from noiserater.trainer.bench.local_server import start_rater_server
 
 
@@ -30,16 +29,14 @@ def quickstart(
     as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
 ) -> None:
     """Run the whole pipeline on digits: train-rater, export, serve, deploy, select remotely, compare."""
-    from tqdm import tqdm
-
     from noiserater.client.channel import RaterChannel
     from noiserater.client.selector import NoiseSelector
     from noiserater.core.v1 import rater_service_pb2 as pb
-    from noiserater.trainer.data import load_dataset
-    from noiserater.trainer.export import export_rater
-    from noiserater.trainer.rater import load_rater
-    from noiserater.trainer.stage2 import EvalContext, Stage2Config, train_stage2
-    from noiserater.trainer.train_rater import TrainConfig, train_rater
+    from noiserater.trainer.stage1.export import export_rater
+    from noiserater.trainer.stage1.rater import load_rater
+    from noiserater.trainer.stage1.train import TrainConfig, train_rater
+    from noiserater.trainer.stage2.training import EvalContext, Stage2Config, train_stage2
+    from noiserater.trainer.substrate.data import load_dataset
 
     set_torch_threads()
     work = workdir or Path(tempfile.mkdtemp(prefix="nrctl-quickstart-"))
@@ -48,9 +45,13 @@ def quickstart(
     started = time.perf_counter()
 
     say(f"[bold]1/5 train-rater[/] digits, {rater_steps} meta steps -> {work / 'run'}")
-    with tqdm(total=rater_steps, desc="meta steps", unit="step", disable=as_json, dynamic_ncols=True) as bar:
-        summary = train_rater(TrainConfig(dataset="digits", steps=rater_steps, seed=seed), work / "run",
-                              progress=lambda step, total, row: bar.update(step - bar.n))
+    with progress_bar() as bar:
+        task = bar.add_task("meta steps", total=rater_steps, status="")
+        try:
+            summary = train_rater(TrainConfig(dataset="digits", steps=rater_steps, seed=seed), work / "run",
+                                  progress=lambda step, total, row: bar.update(task, completed=step))
+        except ValueError as exc:  # e.g. --workdir holds a run with another seed
+            fail(f"quickstart: {str(exc).splitlines()[0]}")
     learned = summary.get("last_quarter_learned", float("nan"))
     uniform = summary.get("last_quarter_uniform", float("nan"))
     say(f"    last quarter: held-out loss after a virtual step, learned weights {learned:.5f} vs uniform {uniform:.5f}")
@@ -90,9 +91,10 @@ def quickstart(
             results = {}
             selector = NoiseSelector.remote(target, model="digits", dataset="digits", num_candidates=k, seed=seed)
             for method, sel in (("uniform", None), ("rater-argmax", selector)):
-                with tqdm(total=train_steps, desc=method, unit="step", disable=as_json, dynamic_ncols=True) as bar:
+                with progress_bar() as bar:
+                    task = bar.add_task(method, total=train_steps, status="")
                     results[method] = train_stage2(data, method, train_steps, seed, selector=sel, config=cfg,
-                                                   context=context, progress=bar.update)
+                                                   context=context, progress=lambda n, t=task: bar.advance(t, n))
             fallbacks = selector.counters["fallback_local"] + selector.counters["fallback_gaussian"]
             selector.close()
 
@@ -113,12 +115,17 @@ def quickstart(
         return
     table("stage 2 on digits, one seed (lower is better for val_loss, frechet, swd)", ["metric", *rows],
           [[name, *(rows[m].get(name) if rows[m].get(name) is not None else "-" for m in rows)] for name in metrics])
-    say(f"verdict (one seed, not a benchmark; see `nrctl bench train` for seeds and error bars): "
-        f"{json.dumps(verdict)}")
+    say(verdict_line(verdict))
     say(f"server scored {scored} candidates for dataset digits; selector fallbacks: {fallbacks}; "
         f"total {payload['seconds']} s; files in {work}")
     if fallbacks:
         fail(f"the remote selector fell back {fallbacks} times; see {work / 'rater-server.log'}")
+
+
+def verdict_line(verdict: dict[str, str]) -> str:
+    """The comparison in words, e.g. `val_loss: rater worse, frechet: rater better`."""
+    words = ", ".join(f"{name}: {word}" for name, word in verdict.items()) or "no metric to compare"
+    return f"verdict (one seed, not a benchmark; see `nrctl bench train` for seeds and error bars): {words}"
 
 
 def register(app: typer.Typer) -> None:

@@ -8,9 +8,17 @@ builds its channel here, so the pieces that must agree are written once:
   round_robin; `round_robin=True` also balances the addresses one DNS name resolves to;
 - the message size limit (both directions), TLS (a PEM root certificate) and the bearer token, sent as
   `authorization: Bearer <token>` metadata on every call;
-- retries: with `max_attempts` >= 2, gRPC retries UNAVAILABLE on the RaterService with exponential
-  backoff (0.05 s doubling up to 1 s); `max_attempts=1` turns retries off;
-- the default deadline `timeout_s` of `call`.
+- retries: with `max_attempts` >= 2, gRPC retries UNAVAILABLE on the RaterService's unary calls with
+  exponential backoff (0.05 s doubling up to 1 s); `max_attempts=1` turns retries off. SelectNoiseStream
+  is not retried by gRPC: the stream transport retries it itself;
+- the default deadline `timeout_s` of `call`;
+- reconnection: after a failed connection attempt gRPC waits 0.1 s, growing to at most 0.5 s (its own
+  default grows to 120 s), so a client is back within about half a second of a server's return however
+  long the outage lasted.
+
+`health` reads the server's grpc health status (`SERVING` once every model is loaded, `NOT_SERVING` while
+draining) without the grpcio-health-checking package; `tls_handshake` tells a client that could not
+connect whether the server speaks TLS and whether its certificate is trusted.
 
 The synchronous channel opens on first use. `aio_channel` builds a grpc.aio channel with the same target,
 options and credentials (the bench's load generator runs its clients on one event loop).
@@ -20,7 +28,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import socket
+import ssl
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +41,9 @@ SERVICE = "noiserater.v1.RaterService"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_ATTEMPTS = 4
+RECONNECT_BACKOFF_MS = (100, 500)  # gRPC's wait after a failed connection attempt: initial, maximum
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+SERVING = 1  # grpc.health.v1.HealthCheckResponse.ServingStatus
 
 
 class ChannelError(ValueError):
@@ -95,6 +108,10 @@ def service_config(max_attempts: int, round_robin: bool) -> dict[str, Any]:
                 "backoffMultiplier": 2,
                 "retryableStatusCodes": ["UNAVAILABLE"],
             },
+        }, {
+            # The stream transport retries a failed stream itself; gRPC's retries under it would multiply
+            # each of its attempts by max_attempts.
+            "name": [{"service": SERVICE, "method": "SelectNoiseStream"}],
         }]
     if round_robin:
         config["loadBalancingConfig"] = [{"round_robin": {}}]
@@ -113,10 +130,13 @@ class RaterChannel:
         self.grpc_target = grpc_target(addresses)
         self.timeout_s = timeout_s
         self.metadata: tuple[tuple[str, str], ...] | None = (("authorization", f"Bearer {token}"),) if token else None
+        self.tls_root_cert = tls_root_cert
         self.credentials = grpc.ssl_channel_credentials(tls_root_cert) if tls_root_cert is not None else None
         self.options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+            ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
         ]
         config = service_config(max_attempts, round_robin or len(addresses) > 1)
         if max_attempts >= 2:
@@ -153,6 +173,13 @@ class RaterChannel:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         return getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata)
 
+    def health(self, timeout_s: float, wait_for_ready: bool = False) -> int:
+        """The server's overall grpc health status (`SERVING` = 1, `NOT_SERVING` = 2; 0 = unknown);
+        grpc.RpcError when the call fails. `wait_for_ready` waits (up to `timeout_s`) for the channel to
+        connect instead of failing at once while it cannot."""
+        check = self.channel.unary_unary(HEALTH_CHECK)  # bytes in, bytes out: HealthCheckRequest{service=""}
+        return _health_status(check(b"", timeout=timeout_s, metadata=self.metadata, wait_for_ready=wait_for_ready))
+
     def aio_channel(self, *extra_options: tuple[str, Any]) -> grpc.aio.Channel:
         """A new grpc.aio channel with this target, options (plus `extra_options`, such as
         ("grpc.channel_id", i) to keep several apart) and credentials; pass `metadata` on its calls."""
@@ -167,8 +194,51 @@ class RaterChannel:
         if channel is not None:
             channel.close()
 
+    def tls_handshake(self, timeout_s: float = 1.0) -> tuple[str, str]:
+        """What one TLS handshake with the channel's address says, checking the server's certificate against
+        `tls_root_cert` when the channel has one: ("tls", "") when it completes, ("plaintext", why) when the
+        server answers with something that is not TLS, ("untrusted", why) when the certificate fails the
+        check, ("unreachable", why) without a connection or a single HOST:PORT address, ("failed", why)
+        otherwise. How a client tells a TLS mismatch, which gRPC reports as UNAVAILABLE, from an outage."""
+        address = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:/\[\]]+):(\d+)", self.grpc_target)
+        if address is None:
+            return "unreachable", f"{self.grpc_target} is not one HOST:PORT address"
+        host, port = (address[1], address[2]) if address[1] else (address[3], address[4])
+        if self.tls_root_cert is None:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        else:
+            context = ssl.create_default_context(cadata=self.tls_root_cert.decode("ascii", "replace"))
+        try:
+            sock = socket.create_connection((host, int(port)), timeout=timeout_s)
+        except (OSError, ValueError) as exc:
+            return "unreachable", str(exc)
+        try:
+            with sock, context.wrap_socket(sock, server_hostname=host):
+                return "tls", ""
+        except ssl.SSLCertVerificationError as exc:
+            return "untrusted", exc.verify_message or str(exc)
+        except ssl.SSLError as exc:
+            return ("plaintext" if exc.reason == "WRONG_VERSION_NUMBER" else "failed"), str(exc)
+        except OSError as exc:
+            return "failed", str(exc)
+
     def __enter__(self) -> RaterChannel:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _health_status(message: bytes) -> int:
+    """The `status` (field 1, a varint) of a serialized grpc.health.v1.HealthCheckResponse."""
+    if not message or message[0] != 0x08:
+        return 0
+    value, shift = 0, 0
+    for byte in message[1:]:
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value
+        shift += 7
+    return 0

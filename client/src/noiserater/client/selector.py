@@ -17,11 +17,22 @@ against it keeps working; `k=` warns (DeprecationWarning) and is the same as `nu
 A selector is a noise source (`noiserater.client.sources.NoiseSource`): `sample(x0, t, step)` is
 `select(x0, t)` and `loss_weights(t)` is None for a rater (a peer's own weights for a peer).
 
-The remote selector never stalls training: every call has a deadline, UNAVAILABLE is retried with
-exponential backoff (by the stream transport, or by the gRPC channel for unary calls), and when the
-server still cannot answer the selector falls back to a local ONNX rater (if given) or else to plain
-Gaussian noise. Each fallback is counted in `selector.counters` and logged. Only INVALID_ARGUMENT (a bug
-in the caller) raises.
+The remote selector fails closed on mistakes and falls back on outages (`noiserater.client.backends`):
+- a mistake raises SelectorError, at construction where it can be found there: `remote` asks the server
+  for the model's metadata, so a typo in the model name, a wrong or missing token, a TLS mismatch, or a
+  model whose data shape or timestep count differs from `data_shape=` / `num_timesteps=` (or from the
+  fallback rater's) raises before training starts; a selection whose x0 does not have the model's shape
+  raises even while the server is down;
+- an outage (the server down, unreachable, draining, overloaded, too slow for the deadline) never
+  stalls training: each selection has a deadline, UNAVAILABLE is retried with backoff, and then the
+  selection falls back to the local ONNX rater (`fallback_onnx`) or to plain Gaussian noise. After
+  `breaker_failures` outage failures in a row a circuit breaker (`noiserater.client.breaker`) opens:
+  selections fall back at once, with no RPC, while a background probe watches the server's health and
+  closes the breaker when it serves again. A server that cannot be reached at construction is no
+  error: the selector starts with the breaker open and checks the model when the server comes.
+`selector.counters` counts selections, each kind of fallback and (remote) the server's side: requests
+sent, served, outage failures, `breaker_open` (1 while open), `breaker_trips` and `probes`;
+`selector.health()` says where selections come from now. Fallbacks are logged at most every 10 s.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,13 +50,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from noiserater.client.backends import LocalBackend, RemoteBackend, SelectorError
+from noiserater.client.backends import Expectation, LocalBackend, RemoteBackend, SelectorError, ServerOutage
 from noiserater.core import scoring
 from noiserater.core.selection import Rule, SelectionPlan
 
 __all__ = ["NoiseSelector", "SelectorError", "selection_stats"]
 
 log = logging.getLogger("noiserater.selector")
+LOG_EVERY_S = 10.0  # at most one fallback report per this period
 
 
 def selection_stats(eps: torch.Tensor, x0: torch.Tensor) -> dict[str, float]:
@@ -99,7 +112,9 @@ class NoiseSelector:
         self.seed = seed
         self.fallback = fallback
         self.calls = 0
-        self.counters = {"selections": 0, "fallback_local": 0, "fallback_gaussian": 0}
+        self._counts = {"selections": 0, "fallback_local": 0, "fallback_gaussian": 0}
+        self._unreported = 0
+        self._reported_at = -LOG_EVERY_S
         self.last_stats: dict[str, float] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._pool: ThreadPoolExecutor | None = None
@@ -121,26 +136,45 @@ class NoiseSelector:
                rule: str = "argmax", temperature: float = 1.0, seed: int = 0, version: int = 0,
                timeout_s: float = 5.0, max_attempts: int = 4, fallback_onnx: str | Path | None = None,
                token: str | None = None, tls_root_cert: bytes | None = None, round_robin: bool = False,
-               transport: str = "stream") -> NoiseSelector:
+               transport: str = "stream", data_shape: int | Sequence[int] | None = None,
+               num_timesteps: int | None = None, connect_timeout_s: float = 2.0,
+               breaker_failures: int = 2) -> NoiseSelector:
         """Ask the rater server at `target` (one channel, kept open; several addresses, as a list or
         comma-separated, are balanced with gRPC's round_robin, see `noiserater.client.channel`). `version` 0
         = the server's default. `transport` "stream" sends every selection over one SelectNoiseStream
         (cheaper per request for both sides, see `noiserater.client.transports`; with several servers the
         stream goes to one of them, a retry's new stream perhaps to another); "unary" makes one SelectNoise
-        call per selection, each balanced."""
+        call per selection, each balanced.
+
+        Construction asks the server for the model within `connect_timeout_s` and raises SelectorError on
+        a mistake (see the module doc); `data_shape` (x0's shape without the batch axis) and
+        `num_timesteps`, when given, must be the model's. `breaker_failures` outage failures in a row open
+        the circuit breaker."""
         from noiserater.client.channel import ChannelError, RaterChannel
         from noiserater.client.transports import TRANSPORTS
 
         if transport not in TRANSPORTS:
             raise SelectorError(f"transport: {transport!r} is not one of {', '.join(TRANSPORTS)}")
+        if breaker_failures < 1:
+            raise SelectorError(f"breaker_failures: must be >= 1, got {breaker_failures}")
+        if isinstance(data_shape, int):
+            data_shape = (data_shape,)
+        job = Expectation("the job", None if data_shape is None else tuple(int(d) for d in data_shape),
+                          num_timesteps)
+        fallback = LocalBackend(fallback_onnx) if fallback_onnx is not None else None
+        expect = [job]
+        if fallback is not None:
+            job.check(fallback.session.info, f"the fallback_onnx rater {fallback_onnx}")
+            info = fallback.session.info
+            expect.append(Expectation("the fallback_onnx rater", info.data_shape, info.num_timesteps))
         try:
             # The unary transport retries UNAVAILABLE at least once (gRPC's retry policy needs two attempts).
             channel = RaterChannel(target, token=token, tls_root_cert=tls_root_cert, timeout_s=timeout_s,
                                    max_attempts=max(2, max_attempts), round_robin=round_robin)
         except ChannelError as exc:
             raise SelectorError(str(exc)) from None
-        backend = RemoteBackend(channel, model, dataset, version, max_attempts, transport)
-        fallback = LocalBackend(fallback_onnx) if fallback_onnx is not None else None
+        backend = RemoteBackend(channel, model, dataset, version, max_attempts, transport, expect=expect,
+                                connect_timeout_s=connect_timeout_s, breaker_failures=breaker_failures)
         return cls(backend, num_candidates, rule, temperature, seed, fallback)
 
     @classmethod
@@ -161,6 +195,26 @@ class NoiseSelector:
         except sources.SourceError as exc:
             raise SelectorError(str(exc)) from None
         return PeerSelector(source, num_candidates, seed)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Selections made, `fallback_local` / `fallback_gaussian` (selections the fallback made) and, for a
+        remote selector, `requests`, `served`, `outages`, `breaker_open`, `breaker_trips`, `probes` (see
+        `RemoteBackend.counts`). A snapshot."""
+        counts = getattr(self.backend, "counts", None)
+        with self._lock:
+            mine = dict(self._counts)
+        return {**mine, **counts()} if counts is not None else mine
+
+    def health(self) -> dict[str, Any]:
+        """Where selections come from now: for a remote selector its target and model, `checked` (the
+        model's metadata was checked), `serving` (selections go to the server), `breaker_open` with its
+        `reason` and `open_for_s`, and a `problem` the next selection will raise; `fallback` ("local",
+        "gaussian"); and the counters."""
+        remote = getattr(self.backend, "health", None)
+        state = remote() if remote is not None else {"serving": True}
+        fallback = "local" if self.fallback is not None else "gaussian"
+        return {**state, "fallback": fallback, "counters": self.counters}
 
     @property
     def session(self) -> scoring.RaterSession | None:
@@ -186,6 +240,15 @@ class NoiseSelector:
         _check_batch(x0, t)
         num = 1 if self.rule is Rule.ASSIGN else (self.num_candidates if num_candidates is None else num_candidates)
         _check_num_candidates(num)
+        admit = getattr(self.backend, "admit", None)
+        if admit is not None and not admit(x0.shape) and self.fallback is None:
+            # The breaker is open and there is no local rater: the step costs what torch.randn does. (The
+            # generator then moves on by B noises instead of B x K candidates.)
+            noise = torch.randn(x0.shape, generator=self._generator(x0.device), device=x0.device,
+                                dtype=torch.float32)
+            self.calls += 1
+            self._fell_back("fallback_gaussian", self.backend.outage)
+            return lambda: (noise.unsqueeze(1), None)
         candidates = self.draw_candidates(x0, num)
         seed = (self.seed * 1_000_003 + self.calls) % (2**63)
         self.calls += 1
@@ -201,20 +264,26 @@ class NoiseSelector:
             return self.backend.choose(plan, x0_np, t_np, cand_np, seed)
         except scoring.ScoringError as exc:
             raise SelectorError(str(exc)) from None
-        except Exception as exc:  # grpc.RpcError and transport failures
-            code = exc.code() if hasattr(exc, "code") else None
-            if code is not None and code.name == "INVALID_ARGUMENT":
-                raise SelectorError(f"rater server rejected the request: {exc.details()}") from None
-            reason = code.name if code is not None else type(exc).__name__
+        except ServerOutage as outage:
+            reason = str(outage)
         if self.fallback is not None:
-            self.counters["fallback_local"] += 1
-            log.warning("rater server unavailable (%s): selecting with the local rater (fallback %d)",
-                        reason, self.counters["fallback_local"])
+            self._fell_back("fallback_local", reason)
             return self.fallback.choose(plan, x0_np, t_np, cand_np, seed)
-        self.counters["fallback_gaussian"] += 1
-        log.warning("rater server unavailable (%s): using plain Gaussian noise (fallback %d)",
-                    reason, self.counters["fallback_gaussian"])
+        self._fell_back("fallback_gaussian", reason)
         return None
+
+    def _fell_back(self, kind: str, reason: str) -> None:
+        """Count a fallback; report them at most every LOG_EVERY_S."""
+        now = time.monotonic()
+        with self._lock:
+            self._counts[kind] += 1
+            self._unreported += 1
+            if now - self._reported_at < LOG_EVERY_S:
+                return
+            count, self._unreported, self._reported_at = self._unreported, 0, now
+        using = "the local rater" if kind == "fallback_local" else "plain Gaussian noise"
+        log.warning("rater server unavailable (%s): %d selection(s) used %s since the last report (%d in all)",
+                    reason, count, using, self._counts[kind])
 
     def _finish(self, x0: torch.Tensor, result: tuple[torch.Tensor, np.ndarray | None]) -> torch.Tensor:
         candidates, indices = result
@@ -229,7 +298,8 @@ class NoiseSelector:
         return self._count(eps.to(dtype=x0.dtype), x0)
 
     def _count(self, eps: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        self.counters["selections"] += 1
+        with self._lock:
+            self._counts["selections"] += 1
         self.last_stats = selection_stats(eps, x0)
         return eps
 

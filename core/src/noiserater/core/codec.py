@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from noiserater.core.text import clip_shape
 from noiserater.core.v1 import tensor_pb2
 
 Dtype = tensor_pb2.Dtype
@@ -24,6 +25,8 @@ NUMPY_DTYPES: dict[int, np.dtype] = {
 }
 # Keyed by (kind, itemsize) so that native, little- and big-endian arrays all map to one wire dtype.
 _WIRE_DTYPES: dict[tuple[str, int], int] = {(v.kind, v.itemsize): k for k, v in NUMPY_DTYPES.items()}
+MAX_DIMS = 32  # no tensor of the wire has more than a handful; numpy itself stops at 64
+MAX_BYTES = 1 << 62  # a shape whose (non-zero) dimensions multiply beyond this cannot be an array
 
 
 class CodecError(ValueError):
@@ -57,20 +60,31 @@ def encode(array: Any) -> tensor_pb2.Tensor:
     return tensor_pb2.Tensor(dtype=wire, shape=list(arr.shape), data=np.ascontiguousarray(little).tobytes())
 
 
+def check_shape(field: str, dims: Any, itemsize: int) -> tuple[int, ...]:
+    """A wire shape as a tuple, once it is one numpy can make an array of: at most MAX_DIMS dimensions, none
+    negative, and (zeros aside) not multiplying beyond MAX_BYTES. CodecError names `field` otherwise."""
+    if len(dims) > MAX_DIMS:
+        raise CodecError(field, f"shape has {len(dims)} dimensions (at most {MAX_DIMS})")
+    shape = tuple(int(d) for d in dims)
+    if any(d < 0 for d in shape):
+        raise CodecError(field, f"negative dimension in shape {clip_shape(shape)}")
+    if math.prod(max(d, 1) for d in shape) * itemsize > MAX_BYTES:
+        raise CodecError(field, f"shape {clip_shape(shape)} is too large")
+    return shape
+
+
 def decode(tensor: tensor_pb2.Tensor, field: str = "tensor") -> np.ndarray:
     """Zero-copy, read-only numpy view of a Tensor; CodecError names `field` when it is malformed."""
     dtype = NUMPY_DTYPES.get(tensor.dtype)
     if dtype is None:
         raise CodecError(field, f"unsupported dtype {dtype_name(tensor.dtype)}")
-    shape = tuple(int(d) for d in tensor.shape)
-    if any(d < 0 for d in shape):
-        raise CodecError(field, f"negative dimension in shape {list(shape)}")
+    shape = check_shape(field, tensor.shape, dtype.itemsize)
     expected = math.prod(shape) * dtype.itemsize
     data = tensor.data  # each read of a bytes field copies it: read once
     if len(data) != expected:
         raise CodecError(
             field,
-            f"byte count {len(data)} does not match shape {list(shape)} x "
+            f"byte count {len(data)} does not match shape {clip_shape(shape)} x "
             f"{dtype_name(tensor.dtype)} ({expected} bytes expected)",
         )
     return np.frombuffer(data, dtype=dtype).reshape(shape)

@@ -4,7 +4,9 @@ become choices is `noiserater.core.selection.SelectionPlan`."""
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,13 +73,19 @@ def validate_triples(info: RaterInfo, x0: np.ndarray, t: np.ndarray, eps: np.nda
     if eps.shape != x0.shape:
         raise ScoringError(f"eps: shape {list(eps.shape)} differs from x0's {list(x0.shape)}")
     validate_common(info, x0, t)
+    check_float("eps", eps)
     check_finite("eps", eps)
+
+
+def check_float(name: str, array: np.ndarray) -> None:
+    """Data tensors (x0, eps, candidates) are float32 or float16: an integer one is a client mistake."""
+    if array.dtype.kind != "f":
+        raise ScoringError(f"{name}: dtype {array.dtype} is not a float type (float32 or float16)")
 
 
 def validate_common(info: RaterInfo, x0: np.ndarray, t: np.ndarray) -> None:
     """dtype, finiteness and timestep range of x0 and t, shared by scoring and selection."""
-    if x0.dtype.kind != "f":
-        raise ScoringError(f"x0: dtype {x0.dtype} is not a float type")
+    check_float("x0", x0)
     if t.ndim != 1 or t.shape[0] != x0.shape[0]:
         raise ScoringError(f"t: shape {list(t.shape)} does not match [B={x0.shape[0]}]")
     if t.dtype.kind not in "iu":
@@ -87,22 +95,101 @@ def validate_common(info: RaterInfo, x0: np.ndarray, t: np.ndarray) -> None:
     check_finite("x0", x0)
 
 
-def default_providers(device: str = "auto") -> list[str]:
-    """onnxruntime execution providers for `device` (auto: CUDA when this onnxruntime has it)."""
+CPU_PROVIDER, CUDA_PROVIDER = "CPUExecutionProvider", "CUDAExecutionProvider"
+ORT_DEFAULT_LOG_SEVERITY = 2  # onnxruntime's own default (warning); it has no getter to read it back
+
+log = logging.getLogger("noiserater.core.scoring")
+
+
+class DeviceUnavailableError(ScoringError):
+    """device='cuda' was asked for and onnxruntime cannot run on a GPU in this process."""
+
+
+def _pb_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _pb_field(number: int, value: int | str | bytes) -> bytes:
+    """One protobuf field: an int as a varint, a str or bytes as a length-delimited field."""
+    if isinstance(value, int):
+        return _pb_varint(number << 3) + _pb_varint(value)
+    data = value.encode() if isinstance(value, str) else value
+    return _pb_varint(number << 3 | 2) + _pb_varint(len(data)) + data
+
+
+def _identity_model() -> bytes:
+    """The smallest ONNX model, y = Identity(x) on a float [1], encoded by hand (core does not need `onnx`)."""
+    def value_info(name: str) -> bytes:  # ValueInfoProto{name, type: TypeProto{tensor_type{FLOAT, shape [1]}}}
+        shape = _pb_field(1, _pb_field(1, 1))
+        return _pb_field(1, name) + _pb_field(2, _pb_field(1, _pb_field(1, 1) + _pb_field(2, shape)))
+
+    node = _pb_field(1, "x") + _pb_field(2, "y") + _pb_field(4, "Identity")
+    graph = _pb_field(1, node) + _pb_field(2, "cuda-probe") + _pb_field(11, value_info("x")) + \
+        _pb_field(12, value_info("y"))
+    return _pb_field(1, 8) + _pb_field(7, graph) + _pb_field(8, _pb_field(1, "") + _pb_field(2, 13))
+
+
+@functools.cache
+def cuda_unavailable_reason() -> str | None:
+    """None when onnxruntime can run on a GPU in this process, else why not (one line).
+
+    Asked once per process: a one-op session with the CUDA provider is created and run with onnxruntime's
+    logging silenced, because a build that lists CUDAExecutionProvider but cannot load its libraries (no GPU,
+    no CUDA/cuDNN of the right version) prints a red error block for every session that asks for it.
+    """
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
+    if CUDA_PROVIDER not in ort.get_available_providers():
+        return "this onnxruntime build has no CUDAExecutionProvider"
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    ort.set_default_logger_severity(4)
+    try:
+        session = ort.InferenceSession(_identity_model(), sess_options=options,
+                                       providers=[CUDA_PROVIDER, CPU_PROVIDER])
+        if session.get_providers()[0] != CUDA_PROVIDER:
+            return "onnxruntime could not load its CUDA provider (no GPU, or CUDA/cuDNN libraries missing)"
+        session.run(None, {"x": np.ones(1, np.float32)})
+    except Exception as exc:  # onnxruntime raises its own exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"onnxruntime's CUDA provider failed a test run ({first})"
+    finally:
+        ort.set_default_logger_severity(ORT_DEFAULT_LOG_SEVERITY)
+    return None
+
+
+@functools.cache
+def _log_auto_on_cpu(reason: str) -> None:
+    log.info("device auto: onnxruntime runs on CPU: %s", reason)
+
+
+def default_providers(device: str = "auto") -> list[str]:
+    """onnxruntime execution providers for `device`: cpu; cuda (DeviceUnavailableError when onnxruntime cannot
+    use a GPU here); auto (CUDA when it can, else CPU, said once per process in an info log line)."""
     if device == "cpu":
-        return ["CPUExecutionProvider"]
+        return [CPU_PROVIDER]
+    if device not in ("auto", "cuda"):
+        raise ScoringError(f"device: {device!r} is not one of auto, cpu, cuda")
+    reason = cuda_unavailable_reason()
+    if reason is None:
+        return [CUDA_PROVIDER, CPU_PROVIDER]
     if device == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise RuntimeError("device 'cuda' requested but onnxruntime has no CUDAExecutionProvider")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        raise DeviceUnavailableError(f"device: 'cuda' was asked for, but {reason}; use device 'cpu' or 'auto'")
+    _log_auto_on_cpu(reason)
+    return [CPU_PROVIDER]
 
 
 class RaterSession:
-    """An onnxruntime session over an exported rater: validated signature, metadata, `score()`."""
+    """An onnxruntime session over an exported rater: validated signature, metadata, `score()`.
+
+    `device`: "cpu", "cuda" (DeviceUnavailableError when no GPU can be used) or "auto" (see
+    `default_providers`); `provider` is the execution provider the session runs on.
+    """
 
     def __init__(self, model: bytes | str | Path, device: str = "auto", intra_op_threads: int = 0,
                  graph_optimization: str = "all"):
@@ -118,8 +205,9 @@ class RaterSession:
         }[graph_optimization]
         options.log_severity_level = 3
         source = str(model) if isinstance(model, Path) else model
+        providers = default_providers(device)
         try:
-            self.session = ort.InferenceSession(source, sess_options=options, providers=default_providers(device))
+            self.session = ort.InferenceSession(source, sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ScoringError(f"model: onnxruntime cannot load it: {str(exc).splitlines()[0]}") from None
         names = [i.name for i in self.session.get_inputs()]
@@ -131,6 +219,9 @@ class RaterSession:
             )
         self.info = RaterInfo.from_metadata(dict(self.session.get_modelmeta().custom_metadata_map))
         self.provider = self.session.get_providers()[0]
+        if device == "cuda" and self.provider != CUDA_PROVIDER:
+            raise DeviceUnavailableError(f"device: 'cuda' was asked for, but onnxruntime runs this model on "
+                                         f"{self.provider}")
 
     def score(self, x0: np.ndarray, t: np.ndarray, eps: np.ndarray) -> np.ndarray:
         """float32 scores [N] of N triples."""

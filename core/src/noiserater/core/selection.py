@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from noiserater.core.scoring import RaterInfo, ScoringError, check_finite, validate_common
+from noiserater.core.scoring import RaterInfo, ScoringError, check_finite, check_float, validate_common
+from noiserater.core.text import clip
 
 
 class SelectionError(ScoringError):
@@ -46,8 +47,8 @@ class Rule(enum.Enum):
         try:
             return cls(name)
         except ValueError:
-            raise SelectionError(f"rule: unknown rule {value!r} (one of argmax, {', '.join(r.value for r in cls)})") \
-                from None
+            raise SelectionError(f"rule: unknown rule {clip(value)} (one of argmax, "
+                                 f"{', '.join(r.value for r in cls)})") from None
 
     @classmethod
     def from_proto(cls, number: int) -> Rule:
@@ -159,6 +160,7 @@ class SelectionPlan:
             raise ScoringError(f"candidates: shape {list(candidates.shape)} does not match "
                                f"[B={batch}, K={self.num_candidates}, *{list(info.data_shape)}]")
         validate_common(info, x0, t)
+        check_float("candidates", candidates)
         check_finite("candidates", candidates)
 
     def triples(self, x0: np.ndarray, t: np.ndarray, candidates: np.ndarray):

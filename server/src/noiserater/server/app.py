@@ -20,6 +20,7 @@ from noiserater.core.inference import grpc_service_pb2_grpc as kserve_grpc
 from noiserater.core.v1 import rater_service_pb2 as v1_pb
 from noiserater.core.v1 import rater_service_pb2_grpc as v1_grpc
 from noiserater.server.auth import TokenAuthInterceptor, read_token
+from noiserater.server.client_errors import MalformedRequestInterceptor
 from noiserater.server.config import ConfigError, ServerConfig
 from noiserater.server.metrics import ServerMetrics
 from noiserater.server.models import ModelRegistry
@@ -115,11 +116,15 @@ class RaterServer:
         if not config.reuse_port:
             check_port_free(config.host, config.port)
         store = RedisStatsStore(config.redis_url, config.stats_ttl_s) if config.redis_url else MemoryStatsStore()
-        self.recorder = StatsRecorder(store, self.metrics, config.stats_flush_s)
+        self.recorder = StatsRecorder(store, self.metrics, config.stats_flush_s, max_datasets=config.max_datasets)
         self.load_problems = await self.registry.load_repository()
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         token = read_token(config.auth_token_file) if config.auth_token_file else None
-        interceptors = [] if token is None and config.insecure_admin else [
-            TokenAuthInterceptor(token, config.auth_all, config.insecure_admin)]
+        if token is not None or not config.insecure_admin:
+            interceptors.append(TokenAuthInterceptor(token, config.auth_all, config.insecure_admin))
+        if token is not None:
+            self.runtime.authenticate = interceptors[-1].authenticated
+        interceptors.append(MalformedRequestInterceptor())  # after auth: an unauthenticated call is refused unread
         self.server = grpc.aio.server(interceptors=interceptors,
                                       options=grpc_options(config.max_message_mb, config.reuse_port),
                                       maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)

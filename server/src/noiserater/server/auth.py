@@ -57,6 +57,10 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
                 return "authorization: invalid bearer token"
         return "authorization: missing bearer token (metadata 'authorization: Bearer <token>')"
 
+    def authenticated(self, metadata) -> bool:
+        """Whether call metadata carries the right token (never, when no token is configured)."""
+        return self._expected is not None and self._reason(metadata) is None
+
     def _refusal(self, method: str, metadata) -> tuple[grpc.StatusCode, str] | None:
         if method.startswith(OPEN_PREFIXES):
             return None

@@ -10,13 +10,21 @@ that the queued requests make up exactly at one of them goes at once, cut back t
 Up to `instances` batches run at once (Triton's instance count): while all are busy, requests queue, so
 batches grow with load; a lone client's request is never held back for the delay. With batching off
 (`max_batch == 0`) every request runs on its own, concurrently in the thread pool, still bounded by
-`max_queue` requests in flight.
+`max_queue` requests in flight. Besides requests, the work accepted and not yet answered is bounded in
+triples (`max_queued_triples`), which is what memory grows with; a request arriving at an idle batcher is
+always taken.
+
+Scores are checked after every run: a request whose rows came out NaN or Inf fails with
+FAILED_PRECONDITION (the model, not the request, is at fault; retrying cannot help) and its scores go
+nowhere else; the other requests of the same run get theirs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -26,10 +34,12 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
+from noiserater.server.client_errors import RateLimitedLog
 from noiserater.server.metrics import ServerMetrics
 from noiserater.server.rpc import RpcError
 
 log = logging.getLogger("rater-server.batcher")
+NON_FINITE_LOG = RateLimitedLog(log)
 
 ScoreFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
@@ -38,6 +48,13 @@ class QueueFullError(RpcError):
     """The batcher's queue is full."""
 
     grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class NonFiniteScoresError(RpcError):
+    """The model produced NaN or Inf scores for a request's rows: its fault, not the client's, and not a
+    passing condition that a retry would get past."""
+
+    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class BatcherClosedError(RpcError):
@@ -99,7 +116,7 @@ class RunStatistics:
 class DynamicBatcher:
     def __init__(self, score: ScoreFn, executor: Executor, metrics: ServerMetrics, labels: tuple[str, str],
                  max_batch: int, max_delay_s: float, max_queue: int, instances: int = 1,
-                 inline_max_triples: int = 0, preferred: tuple[int, ...] = ()):
+                 inline_max_triples: int = 0, preferred: tuple[int, ...] = (), max_queued_triples: int = 1 << 20):
         self._score = score
         self._executor = executor
         self._m_queue = metrics.queue_seconds.labels(*labels)
@@ -111,6 +128,8 @@ class DynamicBatcher:
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
+        self.max_queued_triples = max_queued_triples
+        self.labels = labels
         self.inline_max_triples = inline_max_triples
         self.preferred = frozenset(preferred)
         self._queue: collections.deque[_Job] = collections.deque()
@@ -120,6 +139,7 @@ class DynamicBatcher:
         self._runs: set[asyncio.Task] = set()
         self._waiter: asyncio.Future | None = None
         self._pending = 0  # queued or running, i.e. accepted and not yet answered
+        self._pending_triples = 0  # their triples
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
@@ -135,11 +155,16 @@ class DynamicBatcher:
             raise BatcherClosedError("model version is being unloaded")
         if self._pending >= self.max_queue:
             raise QueueFullError(f"queue of {self.max_queue} requests is full")
+        size = x0.shape[0]
+        if self._pending and self._pending_triples + size > self.max_queued_triples:
+            raise QueueFullError(f"queue of {self.max_queued_triples} triples is full ({self._pending_triples} "
+                                 f"queued, {size} more asked; --max-queued-triples)")
         loop = asyncio.get_running_loop()
         job = _Job(x0, t, eps, loop.create_future())
         self._pending += 1
+        self._pending_triples += size
         self._idle.clear()
-        job.future.add_done_callback(self._done)
+        job.future.add_done_callback(functools.partial(self._done, size))
         if self._task is None:
             loop.create_task(self._run([job]))
         else:
@@ -150,8 +175,9 @@ class DynamicBatcher:
                 self._wake()
         return job.future
 
-    def _done(self, _future: asyncio.Future) -> None:
+    def _done(self, size: int, _future: asyncio.Future) -> None:
         self._pending -= 1
+        self._pending_triples -= size
         if self._pending == 0:
             self._idle.set()
 
@@ -250,12 +276,23 @@ class DynamicBatcher:
                     job.future.set_exception(exc)
             return
         split_started = time.perf_counter()
+        finite = bool(np.isfinite(scores).all())
+        failed: list[_Job] = []
         offset = 0
         for job in live:
             part = scores[offset:offset + job.size]
             offset += job.size
-            if not job.future.done():
+            if not finite and not np.isfinite(part).all():
+                failed.append(job)
+                if not job.future.done():
+                    job.future.set_exception(self._non_finite(part))
+            elif not job.future.done():
                 job.future.set_result(part)
+        if failed:
+            self.statistics.count_failure([job.enqueued for job in failed])
+            live = [job for job in live if all(job is not bad for bad in failed)]
+            if not live:
+                return
         self.statistics.count_run([job.enqueued for job in live], started, elapsed, x0.shape[0], merge_s,
                                   time.perf_counter() - split_started)
         for job in live:
@@ -264,6 +301,14 @@ class DynamicBatcher:
         self._m_batch_requests.observe(len(live))
         self._m_batch_triples.observe(x0.shape[0])
         self._m_candidates.inc(x0.shape[0])
+
+    def _non_finite(self, part: np.ndarray) -> NonFiniteScoresError:
+        bad = int((~np.isfinite(part)).sum())
+        name, version = self.labels
+        message = (f"score: model {name} version {version} produced NaN or Inf scores for {bad} of {part.size} "
+                   "triples of this request; the model is at fault, not the request")
+        NON_FINITE_LOG.warn(f"{name}:{version}", message)
+        return NonFiniteScoresError(message)
 
     async def close(self, timeout: float | None = None) -> None:
         """Refuse new requests, let every accepted one finish (up to `timeout`), then stop."""
@@ -274,10 +319,8 @@ class DynamicBatcher:
             pass
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         for job in self._queue:
             if not job.future.done():
                 job.future.set_exception(BatcherClosedError("model version was unloaded"))

@@ -55,6 +55,19 @@ class ServerConfig:
                                       "(default %(default)s)", valid=at_least(0))
     max_queue: int = option(1024, "requests queued per model version before RESOURCE_EXHAUSTED "
                                   "(default %(default)s)", valid=at_least(1))
+    # Limits of one request's and one queue's work, in (x0, t, eps) triples (the expanded rows, what memory and
+    # onnxruntime time grow with).
+    max_request_triples: int = option(65536, "max triples one request may score (Score: N; SelectNoise: B*K, "
+                                             "or B*B for rule assign); beyond: RESOURCE_EXHAUSTED "
+                                             "(default %(default)s)", valid=at_least(1))
+    max_assign_batch: int = option(256, "max samples B of one rule-assign selection, which scores B*B triples; "
+                                        "beyond: RESOURCE_EXHAUSTED (default %(default)s)", valid=at_least(1))
+    max_queued_triples: int = option(1 << 20, "triples queued (or running) per model version before "
+                                              "RESOURCE_EXHAUSTED; at least --max-request-triples "
+                                              "(default %(default)s)", valid=at_least(1))
+    max_datasets: int = option(1024, "distinct dataset ids whose statistics this process keeps; a request for "
+                                     "a new one beyond it gets RESOURCE_EXHAUSTED (default %(default)s)",
+                               valid=at_least(1))
     instances: int = option(1, "batches run at once per model version, like Triton's instance count "
                                "(default %(default)s)", valid=at_least(1))
     inline_max_triples: int = option(0, "runs of at most this many triples execute on the event loop, skipping "
@@ -65,6 +78,10 @@ class ServerConfig:
                                    valid=at_least(0))
     graph_optimization: str = option("all", "onnxruntime graph optimisation level",
                                      choices=("disable", "basic", "extended", "all"))
+    validate_memory_mb: int = option(1024, "address-space limit of the process that validates and warms up a model "
+                                           "before it is served, in MiB (default %(default)s)", valid=at_least(256))
+    validate_timeout_s: float = option(30.0, "wall-clock (and CPU-time) limit of one model's validation and "
+                                             "warm-up, in seconds (default %(default)s)", valid=positive)
     auth_token_file: str = option("", "file holding the bearer token that admin RPCs (deploy, unload, set "
                                       "default) require")
     auth_all: bool = option(False, "require the token on every RPC (health checks excepted)")
@@ -162,6 +179,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         valid = field.metadata.get("valid")
         if valid is not None and not valid(values[field.name]):
             raise ConfigError(f"{_flag(field.name)}: value {values[field.name]} is out of range")
+    if args.max_queued_triples < args.max_request_triples:
+        raise ConfigError("--max-queued-triples must be at least --max-request-triples (a queue that cannot take "
+                          "one request of the largest size)")
     return ServerConfig(**{**values, "repository": Path(args.repository)})
 
 

@@ -91,14 +91,14 @@ def cmd_health(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from noiserater.server.config import ServerConfig
-    from noiserater.server.models import open_session, validate_onnx_bytes
+    from noiserater.server.validate import Limits, Validator, open_session
 
     path = Path(args.onnx)
     if not path.is_file():
         raise ConfigError(f"onnx: no such file {path}")
-    validate_onnx_bytes(path.read_bytes())
-    session = open_session(path, ServerConfig(repository=Path("."), device=args.device))
+    data = path.read_bytes()
+    asyncio.run(Validator(Limits()).check(data))  # in a separate, resource-limited process, as a deploy is
+    session = open_session(data, device=args.device)
     info = session.info
     print(f"ok: {path} data_shape={list(info.data_shape)} num_timesteps={info.num_timesteps} "
           f"dataset={info.dataset or '-'} provider={session.provider}")

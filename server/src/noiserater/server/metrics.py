@@ -31,4 +31,7 @@ class ServerMetrics:
                                      ["model", "version"], registry=r)
         self.redis_flush_errors = Counter("nr_redis_flush_errors", "Failed statistics flushes to Redis",
                                           registry=r)
+        self.datasets_rejected = Counter("nr_datasets_rejected",
+                                         "Requests refused because their dataset would exceed --max-datasets",
+                                         registry=r)
         self.models_loaded = Gauge("nr_model_versions_loaded", "Model versions loaded and ready", registry=r)

@@ -1,32 +1,41 @@
 """The loaded models: every version of every model, each with its onnxruntime session and batcher
 (configured by the model's config.pbtxt over the server's flags, see model_config.py).
 
-Versions are integers; a request that names none gets the model's default: the pinned version if one
-was set, else the newest loaded one. A deploy validates the upload (onnx.checker, the rater signature,
-a warm-up run) before it writes the file into the repository and only then makes it the default, in one
-step on the event loop, so no request ever sees a half-loaded version; requests already queued on the
-previous version finish there. Unloading removes a version from lookup first and then drains it.
+Versions are integers from 1 to repository.MAX_VERSION; a request that names none gets the model's
+default: the pinned version if one was set, else the newest loaded one. A deploy validates the upload in a
+separate, resource-limited process (validate.py), loads the very bytes that passed, writes them into the
+repository and makes them the default in one step that either completes or leaves no trace, so no
+request ever sees a half-loaded version; requests already queued on the previous version finish there.
+Unloading removes a version from lookup first and then drains it. Models found on disk at start-up go
+through the same validation. Loading and warm-up run on their own threads, never on the inference pool.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 
-from noiserater.core import repository
+from noiserater.core import repository, scoring
 from noiserater.core.scoring import RaterSession, ScoringError
+from noiserater.core.text import clip
 from noiserater.server.batcher import DynamicBatcher
 from noiserater.server.config import ServerConfig
 from noiserater.server.metrics import ServerMetrics
 from noiserater.server.model_config import Batching, ModelConfigError, read_batching
 from noiserater.server.rpc import RpcError
+from noiserater.server.validate import Limits, Validator, open_session, read_repository_model
 
 log = logging.getLogger("rater-server.models")
+
+# Metadata every caller sees; the rest (and the full provenance) only an authenticated one.
+PUBLIC_METADATA = (scoring.META_DATA_SHAPE, scoring.META_NUM_TIMESTEPS, scoring.META_SCHEDULE, scoring.META_DATASET,
+                   scoring.META_FORMAT, scoring.META_EXPORTED_AT)
 
 
 class ModelNotFoundError(RpcError, LookupError):
@@ -37,32 +46,29 @@ class ModelExistsError(RpcError, ValueError):
     grpc_status = grpc.StatusCode.ALREADY_EXISTS
 
 
-def validate_onnx_bytes(data: bytes) -> None:
-    """onnx.checker over an uploaded file; ScoringError('onnx: ...') when it is not a valid model."""
-    import onnx
-
-    if not data:
-        raise ScoringError("onnx: the upload is empty")
+def public_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """What a rater's metadata tells a caller that is not authenticated: the keys a client needs and a
+    provenance summary, its top-level plain values that are no filesystem paths (no nested training
+    config, no checkpoint path)."""
+    public = {key: metadata[key] for key in PUBLIC_METADATA if key in metadata}
     try:
-        model = onnx.load_model_from_string(data)
-        onnx.checker.check_model(model)
-    except Exception as exc:  # protobuf DecodeError, onnx ValidationError, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ScoringError(f"onnx: not a valid ONNX model ({first})") from None
+        provenance = json.loads(metadata.get(scoring.META_PROVENANCE, "{}"))
+    except ValueError:
+        provenance = None
+    if isinstance(provenance, dict):
+        summary = {key: value for key, value in provenance.items()
+                   if isinstance(value, bool | int | float) or (isinstance(value, str) and not _path_like(value))}
+        public[scoring.META_PROVENANCE] = json.dumps(summary, sort_keys=True)
+    return public
 
 
-def open_session(source: bytes | Path, config: ServerConfig) -> RaterSession:
-    """Load, check the signature and metadata, and warm up (blocking: run it in a worker thread)."""
-    session = RaterSession(source, device=config.device, intra_op_threads=config.intra_op_threads,
-                           graph_optimization=config.graph_optimization)
-    try:
-        session.warm_up()
-    except ScoringError:
-        raise
-    except Exception as exc:  # onnxruntime's own exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ScoringError(f"onnx: warm-up run failed ({first})") from None
-    return session
+def _path_like(text: str) -> bool:
+    return "/" in text or "\\" in text or text.startswith("~")
+
+
+def upload_digest(data: bytes) -> str:
+    """The first 16 hex digits of the upload's sha256, as the audit log names it."""
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ class ModelVersion:
     session: RaterSession
     batcher: DynamicBatcher
     batching: Batching
+    sha256: str = ""  # the first 16 hex digits of the model file's digest, as audit lines name it
 
     @property
     def cpu_fallback(self) -> bool:
@@ -106,9 +113,13 @@ class _Model:
 class ModelRegistry:
     def __init__(self, config: ServerConfig, executor: Executor, metrics: ServerMetrics):
         self.config = config
-        self.executor = executor
+        self.executor = executor  # inference runs
         self.metrics = metrics
         self.defaults = Batching.from_flags(config)
+        self.validator = Validator(Limits(config.validate_memory_mb, config.validate_timeout_s,
+                                          config.graph_optimization))
+        # Reading, loading, warming up and writing models: never on the inference pool.
+        self.loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="model-load")
         self._models: dict[str, _Model] = {}
         self._deploy_lock = asyncio.Lock()
 
@@ -140,7 +151,7 @@ class ModelRegistry:
         """The model, which must be loaded, as must `version` unless it is 0."""
         model = self._models.get(name)
         if model is None or not model.versions:
-            raise ModelNotFoundError(f"model: no model named {name!r} is loaded")
+            raise ModelNotFoundError(f"model: no model named {clip(name)} is loaded")
         if version and version not in model.versions:
             raise ModelNotFoundError(f"model.version: {name} has no loaded version {version}")
         return model
@@ -152,12 +163,18 @@ class ModelRegistry:
         return sum(len(m.versions) for m in self._models.values())
 
     # -- loading ------------------------------------------------------------------------------
-    async def _activate(self, name: str, version: int, session: RaterSession, batching: Batching) -> ModelVersion:
+    def _open(self, data: bytes) -> RaterSession:
+        config = self.config
+        return open_session(data, config.device, config.intra_op_threads, config.graph_optimization)
+
+    def _activate(self, name: str, version: int, session: RaterSession, batching: Batching,
+                  sha256: str) -> ModelVersion:
+        """Make a loaded version servable, in one step on the event loop (nothing here awaits)."""
         labels = (name, str(version))
         batcher = DynamicBatcher(session.score, self.executor, self.metrics, labels, batching.max_batch,
                                  batching.max_delay_ms / 1000.0, self.config.max_queue, batching.instances,
-                                 self.config.inline_max_triples, batching.preferred)
-        loaded = ModelVersion(name, version, session, batcher, batching)
+                                 self.config.inline_max_triples, batching.preferred, self.config.max_queued_triples)
+        loaded = ModelVersion(name, version, session, batcher, batching, sha256)
         if loaded.cpu_fallback and self.config.device in ("auto", "cuda"):
             log.warning("%s version %d runs on CPU (device=%s requested, CUDA unavailable)", name, version,
                         self.config.device)
@@ -167,54 +184,85 @@ class ModelRegistry:
         return loaded
 
     async def load_repository(self) -> list[str]:
-        """Load every version on disk; a version that fails, or a model whose config.pbtxt does, is reported
-        and skipped. Returns the problems."""
+        """Load every version on disk, each validated like an upload; a version that fails, or a model whose
+        config.pbtxt does, is reported and skipped, as is a version folder that is no version. Leftovers of
+        interrupted deploys are removed first. Returns the problems."""
         root = self.config.repository
         root.mkdir(parents=True, exist_ok=True)
-        problems = []
         loop = asyncio.get_running_loop()
-        for name, versions in repository.scan(root).items():
-            try:
-                batching = read_batching(root / name, self.defaults)
-            except ModelConfigError as exc:
-                problems.append(f"{name}: {exc}")
-                continue
-            for version in versions:
-                path = repository.version_dir(root, name, version) / repository.MODEL_FILE
+        for path in await loop.run_in_executor(self.loader, repository.remove_stale_uploads, root):
+            log.warning("removed %s, left by an interrupted deploy", path)
+        problems: list[str] = []
+        found = repository.scan(root, problems)
+        async with self.validator.session() as validation:
+            for name, versions in found.items():
                 try:
-                    session = await loop.run_in_executor(self.executor, open_session, path, self.config)
-                except Exception as exc:
-                    problems.append(f"{name} version {version}: {exc}")
+                    batching = read_batching(root / name, self.defaults)
+                except ModelConfigError as exc:
+                    problems.append(f"{name}: {exc}")
                     continue
-                await self._activate(name, version, session, batching)
+                for version in versions:
+                    path = repository.version_dir(root, name, version) / repository.MODEL_FILE
+                    try:
+                        data = await loop.run_in_executor(self.loader, read_repository_model, path)
+                        await validation.check(data)
+                        session = await loop.run_in_executor(self.loader, self._open, data)
+                        digest = await loop.run_in_executor(self.loader, upload_digest, data)
+                    except Exception as exc:
+                        problems.append(f"{name} version {version}: {exc}")
+                        continue
+                    self._activate(name, version, session, batching, digest)
         return problems
 
-    async def deploy(self, name: str, data: bytes, version: int = 0) -> ModelVersion:
-        """Validate, warm up, write into the repository, then serve as the newest version."""
+    async def deploy(self, name: str, data: bytes, version: int = 0, sha256: str = "") -> ModelVersion:
+        """Validate (in a separate process), load the very bytes validated, write them into the repository
+        and serve them as the newest version. The write and the activation succeed together or not at
+        all: a version that cannot be activated is removed again. `sha256`: upload_digest(data), when the
+        caller has it already."""
         try:
             repository.check_model_name(name)
         except repository.RepositoryError as exc:
             raise ScoringError(str(exc)) from None
         if version < 0:
             raise ScoringError(f"version: must be >= 0 (0 = next), got {version}")
+        if version:
+            repository.check_version(version)
         batching = read_batching(self.config.repository / name, self.defaults)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, validate_onnx_bytes, data)
-        session = await loop.run_in_executor(self.executor, open_session, data, self.config)
+        sha256 = sha256 or await loop.run_in_executor(self.loader, upload_digest, data)
+        await self.validator.check(data)
+        session = await loop.run_in_executor(self.loader, self._open, data)
         async with self._deploy_lock:
             if version == 0:
                 on_disk = repository.versions_on_disk(self.config.repository, name)
                 loaded = list(self._models[name].versions) if name in self._models else []
-                version = max([0, *on_disk, *loaded]) + 1
-            try:
-                await loop.run_in_executor(self.executor, repository.write_version, self.config.repository, name,
-                                           data, version)
-            except repository.RepositoryError as exc:
-                raise ModelExistsError(str(exc)) from None
-            return await self._activate(name, version, session, batching)
+                try:
+                    version = repository.next_version([*on_disk, *loaded])
+                except repository.RepositoryError as exc:
+                    raise RpcError(str(exc), grpc.StatusCode.FAILED_PRECONDITION) from None
+            elif name in self._models and version in self._models[name].versions:
+                raise ModelExistsError(f"version: {name} version {version} is already loaded")
+            # Shielded: a deploy whose caller goes away still ends written and serving, or neither.
+            return await asyncio.shield(loop.create_task(self._commit(name, version, data, session, batching,
+                                                                      sha256)))
 
-    async def unload(self, name: str, version: int = 0) -> None:
-        """Stop serving one version (or all: version 0); in-flight requests finish first."""
+    async def _commit(self, name: str, version: int, data: bytes, session: RaterSession, batching: Batching,
+                      sha256: str) -> ModelVersion:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self.loader, repository.write_version, self.config.repository, name, data,
+                                       version)
+        except repository.RepositoryError as exc:
+            raise ModelExistsError(str(exc)) from None
+        try:
+            return self._activate(name, version, session, batching, sha256)
+        except BaseException:
+            await loop.run_in_executor(self.loader, repository.remove_version, self.config.repository, name, version)
+            raise
+
+    async def unload(self, name: str, version: int = 0) -> list[ModelVersion]:
+        """Stop serving one version (or all: version 0); in-flight requests finish first. Returns the
+        versions removed."""
         model = self._loaded(name, version)
         targets = [version] if version else sorted(model.versions)
         removed = [model.versions.pop(v) for v in targets]
@@ -222,6 +270,7 @@ class ModelRegistry:
             del self._models[name]
         self.metrics.models_loaded.set(self.loaded_count())
         await asyncio.gather(*(m.batcher.close(self.config.grace_s) for m in removed))
+        return removed
 
     def set_default(self, name: str, version: int) -> None:
         model = self._loaded(name, version)
@@ -229,3 +278,4 @@ class ModelRegistry:
 
     async def close(self, timeout: float) -> None:
         await asyncio.gather(*(v.batcher.close(timeout) for m in self.list() for v in m.versions))
+        self.loader.shutdown(wait=False, cancel_futures=True)

@@ -21,12 +21,16 @@ from noiserater.core.codec import CodecError
 from noiserater.core.repository import RepositoryError
 from noiserater.core.scoring import ScoringError
 from noiserater.core.selection import SelectionError
+from noiserater.server.client_errors import RateLimitedLog
 
 if TYPE_CHECKING:
     from noiserater.server.metrics import ServerMetrics
 
 log = logging.getLogger("rater-server.rpc")
+ERROR_LOG = RateLimitedLog(log)  # one line per method and status (or exception type) per interval
+MAX_MESSAGE_CHARS = 1024  # an error message longer than this is cut: it must fit gRPC's metadata
 
+UNKNOWN_MODEL = "unknown"  # metric label of calls that name no loaded model
 DRAINING_MESSAGE = "server is shutting down; retry on another replica"
 
 
@@ -61,6 +65,14 @@ def status_of(exc: BaseException) -> grpc.StatusCode | None:
     return None
 
 
+def bounded(message: str) -> str:
+    """An error message on one line and at most MAX_MESSAGE_CHARS long."""
+    line = message.replace("\r", " ").replace("\n", " ")
+    if len(line) <= MAX_MESSAGE_CHARS:
+        return line
+    return f"{line[:MAX_MESSAGE_CHARS]}... ({len(line)} chars)"
+
+
 @dataclass
 class RequestCounters:
     """Inference requests received, answered and dropped; printed at shutdown to show that none was lost. An
@@ -80,13 +92,28 @@ class RequestCounters:
 @dataclass
 class CallContext:
     """One call as the server accounts for it, handed to its handler. The handler fills in `model` and
-    `version` as it learns them: they label the call's metric."""
+    `version` as it learns them: they label the call's metric. Only a loaded model's name and version may
+    label it (`served`); a call that names anything else is labelled UNKNOWN_MODEL, so that clients
+    cannot add label values."""
 
     runtime: RpcRuntime  # the server's metrics, request counters and drain state
     method: str
     inference: bool
     model: str = ""
     version: str = ""
+    grpc_context: Any = None  # the grpc.aio.ServicerContext of a unary call
+
+    def peer(self) -> str:
+        return self.grpc_context.peer() if self.grpc_context is not None else ""
+
+    def authenticated(self) -> bool:
+        """Whether the call carries the server's bearer token (never, when no token is configured)."""
+        check = self.runtime.authenticate
+        return bool(check and self.grpc_context is not None and check(self.grpc_context.invocation_metadata()))
+
+    def served(self, name: str, version: int) -> None:
+        """The call reached a loaded model version: it labels the call's metric."""
+        self.model, self.version = name, str(version)
 
 
 class Outcome(NamedTuple):
@@ -115,6 +142,8 @@ class RpcRuntime:
         self.metrics = metrics
         self.counters = RequestCounters()
         self.draining = False
+        # Says whether a call's metadata carries the bearer token; set when a token is configured.
+        self.authenticate: Callable[[Any], bool] | None = None
         self.max_stream_in_flight = max_stream_in_flight
         self._streams: set[asyncio.Event] = set()  # each open stream's wake-up, set when the drain starts
         self._last_arrival = 0.0
@@ -141,12 +170,12 @@ class RpcRuntime:
             await asyncio.sleep(0.005)
 
     async def answer(self, method: str, inference: bool, handler: Handler, request: Any,
-                     deliver: Deliver | None = None) -> Outcome:
+                     context: grpc.aio.ServicerContext | None = None, deliver: Deliver | None = None) -> Outcome:
         """Run one request's handler with the server's accounting: refuse inference while draining, map
         exceptions to status codes, count the answer. With `deliver`, the outcome is delivered through it
         (a stream's write) before the request counts as answered, so a draining server waits for it."""
         self._last_arrival = asyncio.get_running_loop().time()
-        call = CallContext(self, method, inference)
+        call = CallContext(self, method, inference, grpc_context=context)
         counters = self.counters
         if inference and self.draining:
             code = grpc.StatusCode.UNAVAILABLE
@@ -168,10 +197,13 @@ class RpcRuntime:
         except Exception as exc:
             known = status_of(exc)
             if known is None:
-                log.exception("%s failed", method)
+                ERROR_LOG.log(logging.ERROR, f"{method}:{type(exc).__name__}", f"{method} failed", exc_info=exc)
                 code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
             else:
                 code, message = known, str(exc)
+            message = bounded(message)
+            if known is not None:
+                ERROR_LOG.log(logging.INFO, f"{method}:{code.name}", f"{method}: {code.name}: {message}")
         finally:
             self.metrics.requests.labels(method, call.model, call.version, code.name).inc()
         outcome = Outcome(response, code, message)
@@ -216,7 +248,7 @@ class RpcRuntime:
                 async with write_lock:
                     await context.write(respond(request, outcome))
 
-            await self.answer(method, True, handler, request, deliver)
+            await self.answer(method, True, handler, request, deliver=deliver)
 
         async def read() -> None:
             async for request in request_iterator:
@@ -259,7 +291,7 @@ def unary(method: str, inference: bool = False):
     def decorate(handler: Callable[[Any, Any, CallContext], Awaitable[Any]]):
         @functools.wraps(handler)
         async def method_handler(self: Servicer, request: Any, context: grpc.aio.ServicerContext):
-            outcome = await self.runtime.answer(method, inference, handler.__get__(self), request)
+            outcome = await self.runtime.answer(method, inference, handler.__get__(self), request, context)
             if outcome.code == grpc.StatusCode.OK:
                 return outcome.response
             await context.abort(outcome.code, outcome.message)

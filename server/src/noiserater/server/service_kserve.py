@@ -8,24 +8,29 @@ import math
 import grpc
 import numpy as np
 
-from noiserater.core import scoring
+from noiserater.core import codec, scoring
 from noiserater.core.inference import grpc_service_pb2 as pb
 from noiserater.core.inference import grpc_service_pb2_grpc as pb_grpc
 from noiserater.core.inference import model_config_pb2 as config_pb
-from noiserater.server.inference import Inference
+from noiserater.core.text import clip, clip_shape
+from noiserater.server.inference import Inference, RequestLimits
 from noiserater.server.model_config import BACKEND, PLATFORM
-from noiserater.server.models import ModelNotFoundError, ModelRegistry, ModelVersion
-from noiserater.server.rpc import CallContext, Outcome, RpcRuntime, unary
+from noiserater.server.models import ModelNotFoundError, ModelRegistry, ModelVersion, public_metadata
+from noiserater.server.rpc import UNKNOWN_MODEL, CallContext, Outcome, RpcRuntime, unary
 from noiserater.server.stats import StatsRecorder
 
 # KServe datatype -> (numpy dtype, InferTensorContents field for typed contents)
 DATATYPES: dict[str, tuple[np.dtype, str]] = {
     "FP32": (np.dtype("<f4"), "fp32_contents"),
     "FP16": (np.dtype("<f2"), ""),  # FP16 has no typed field in the protocol: raw contents only
-    "FP64": (np.dtype("<f8"), "fp64_contents"),
     "INT64": (np.dtype("<i8"), "int64_contents"),
     "INT32": (np.dtype("<i4"), "int_contents"),
 }
+# The datatypes each input takes, as the v1 API does (the model's own types first).
+INPUT_DATATYPES: dict[str, tuple[str, ...]] = {
+    scoring.INPUT_X0: ("FP32", "FP16"), scoring.INPUT_T: ("INT64", "INT32"), scoring.INPUT_EPS: ("FP32", "FP16"),
+}
+MAX_VERSION_DIGITS = 18  # every version of up to 18 digits fits an int64
 TENSOR_TYPES = {"FP32": config_pb.TYPE_FP32, "INT64": config_pb.TYPE_INT64}
 
 
@@ -39,15 +44,17 @@ def tensor_signature(version: ModelVersion) -> tuple[list[TensorSpec], list[Tens
     return inputs, [(scoring.OUTPUT_SCORE, "FP32", [-1])]
 
 
-def model_config(version: ModelVersion) -> config_pb.ModelConfig:
-    """The version's configuration in Triton's terms. max_batch_size is left at 0 because every input
+def model_config(version: ModelVersion, full_metadata: bool = False) -> config_pb.ModelConfig:
+    """The version's configuration in Triton's terms (its metadata as `public_metadata` shows it unless
+    `full_metadata`). max_batch_size is left at 0 because every input
     carries its own N axis; the batcher that merges requests along it is dynamic_batching, instance_group
     and the `parameters` (max_batch_triples is the config.pbtxt's max_batch_size)."""
     inputs, outputs = tensor_signature(version)
     batching = version.batching
     kind = (config_pb.ModelInstanceGroup.KIND_CPU if version.cpu_fallback
             else config_pb.ModelInstanceGroup.KIND_GPU)
-    parameters = {f"metadata.{k}": v for k, v in version.session.info.metadata.items()}
+    metadata = version.session.info.metadata
+    parameters = {f"metadata.{k}": v for k, v in (metadata if full_metadata else public_metadata(metadata)).items()}
     parameters.update({
         "dynamic_batching": "on" if batching.max_batch > 0 else "off",
         "max_batch_triples": str(batching.max_batch),
@@ -95,10 +102,12 @@ def server_version() -> str:
 
 
 def parse_version(text: str, field: str = "model_version") -> int:
+    """A version string as an int; only ASCII digits count (str.isdigit also takes '²', which int() refuses)."""
     if not text:
         return 0
-    if not text.isdigit():
-        raise scoring.ScoringError(f"{field}: {text!r} is not an integer version")
+    if not (text.isascii() and text.isdigit()) or len(text) > MAX_VERSION_DIGITS:
+        raise scoring.ScoringError(f"{field}: {clip(text)} is not an integer version (1 to {MAX_VERSION_DIGITS} "
+                                   "digits)")
     return int(text)
 
 
@@ -110,36 +119,38 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
             f"raw_input_contents: {len(raw)} entries for {len(request.inputs)} inputs (one per input expected)")
     out: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(request.inputs):
-        field = f"inputs[{tensor.name or i}]"
-        if tensor.datatype not in DATATYPES:
-            raise scoring.ScoringError(f"{field}.datatype: {tensor.datatype!r} is not one of {', '.join(DATATYPES)}")
+        if tensor.name not in INPUT_DATATYPES:
+            raise scoring.ScoringError(f"inputs[{i}].name: unknown input {clip(tensor.name)} (a rater takes x0, t, "
+                                       "eps)")
+        field = f"inputs[{tensor.name}]"
+        if tensor.name in out:
+            raise scoring.ScoringError(f"{field}: input given twice")
+        accepted = INPUT_DATATYPES[tensor.name]
+        if tensor.datatype not in accepted:
+            raise scoring.ScoringError(f"{field}.datatype: {clip(tensor.datatype)} is not one of {', '.join(accepted)}")
         dtype, typed_field = DATATYPES[tensor.datatype]
-        shape = tuple(int(d) for d in tensor.shape)
-        if any(d < 0 for d in shape):
-            raise scoring.ScoringError(f"{field}.shape: negative dimension in {list(shape)}")
+        try:
+            shape = codec.check_shape(f"{field}.shape", tensor.shape, dtype.itemsize)
+        except codec.CodecError as exc:
+            raise scoring.ScoringError(str(exc)) from None
         count = math.prod(shape)
         if raw:
             data = raw[i]
             if len(data) != count * dtype.itemsize:
                 raise scoring.ScoringError(
-                    f"{field}: byte count {len(data)} does not match shape {list(shape)} x {tensor.datatype} "
+                    f"{field}: byte count {len(data)} does not match shape {clip_shape(shape)} x {tensor.datatype} "
                     f"({count * dtype.itemsize} bytes expected)")
             array = np.frombuffer(data, dtype=dtype)
         else:
             values = getattr(tensor.contents, typed_field) if typed_field else []
             if len(values) != count:
                 raise scoring.ScoringError(
-                    f"{field}.contents: {len(values)} values for shape {list(shape)} ({count} expected)")
+                    f"{field}.contents: {len(values)} values for shape {clip_shape(shape)} ({count} expected)")
             array = np.asarray(values, dtype=dtype)
-        if tensor.name in out:
-            raise scoring.ScoringError(f"{field}: input given twice")
         out[tensor.name] = array.reshape(shape)
     missing = [n for n in scoring.INPUT_NAMES if n not in out]
     if missing:
         raise scoring.ScoringError(f"inputs: missing {', '.join(missing)} (a rater takes x0, t, eps)")
-    unknown = sorted(set(out) - set(scoring.INPUT_NAMES))
-    if unknown:
-        raise scoring.ScoringError(f"inputs: unknown input {', '.join(unknown)} (a rater takes x0, t, eps)")
     return out
 
 
@@ -156,16 +167,16 @@ def stream_reply(request: pb.ModelInferRequest, outcome: Outcome) -> pb.ModelStr
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, registry: ModelRegistry, recorder: StatsRecorder, runtime: RpcRuntime):
         self.registry = registry
-        self.inference = Inference(recorder)
+        self.inference = Inference(recorder, RequestLimits.of(registry.config))
         self.runtime = runtime
 
     def _ready(self) -> bool:
         return not self.runtime.draining and self.registry.ready()
 
     def _lookup(self, name: str, version: str, call: CallContext) -> ModelVersion:
-        call.model = name
+        call.model = UNKNOWN_MODEL
         found = self.registry.get(name, parse_version(version))
-        call.version = str(found.version)
+        call.served(found.name, found.version)
         return found
 
     async def ServerLive(self, request, context):
@@ -201,7 +212,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @unary("ModelConfig")
     async def ModelConfig(self, request: pb.ModelConfigRequest, call: CallContext):
         version = self._lookup(request.name, request.version, call)
-        return pb.ModelConfigResponse(config=model_config(version))
+        return pb.ModelConfigResponse(config=model_config(version, call.authenticated()))
 
     @unary("ModelStatistics")
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, call: CallContext):
@@ -225,7 +236,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         version = self._lookup(request.model_name, request.model_version, call)
         for wanted in request.outputs:
             if wanted.name != scoring.OUTPUT_SCORE:
-                raise scoring.ScoringError(f"outputs: unknown output {wanted.name!r} (a rater has 'score')")
+                raise scoring.ScoringError(f"outputs: unknown output {clip(wanted.name)} (a rater has 'score')")
         inputs = decode_inputs(request)
         dataset = request.parameters["dataset"].string_param if "dataset" in request.parameters else ""
         scores = await self.inference.score(version, dataset, inputs[scoring.INPUT_X0], inputs[scoring.INPUT_T],

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 import numpy as np
 
-from noiserater.core import codec, scoring
+from noiserater.core import codec, repository, scoring
+from noiserater.core.scoring import ScoringError
 from noiserater.core.selection import Rule, SelectionPlan
+from noiserater.core.text import clip
 from noiserater.core.v1 import rater_service_pb2 as pb
 from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
 from noiserater.core.v1 import tensor_pb2
 from noiserater.server import stats as stats_mod
-from noiserater.server.inference import Inference
-from noiserater.server.models import ModelRegistry, ModelVersion
-from noiserater.server.rpc import CallContext, Outcome, RpcError, RpcRuntime, unary
+from noiserater.server.inference import Inference, RequestLimits
+from noiserater.server.models import ModelRegistry, ModelVersion, public_metadata, upload_digest
+from noiserater.server.rpc import UNKNOWN_MODEL, CallContext, Outcome, RpcError, RpcRuntime, status_of, unary
 from noiserater.server.stats import StatsRecorder
+
+audit = logging.getLogger("rater-server.audit")
 
 
 def plan_of(request: pb.SelectNoiseRequest, candidates: np.ndarray) -> SelectionPlan:
@@ -44,17 +53,33 @@ def stream_reply(message: pb.SelectNoiseStreamRequest, outcome: Outcome) -> pb.S
                                         error_message=outcome.message)
 
 
+async def audited(action: str, what: str, call: CallContext, work: Awaitable[Any],
+                  outcome: Callable[[Any], str] = lambda result: "") -> Any:
+    """Await an admin action and log one line saying who did what and how it ended (`outcome` adds what the
+    result says)."""
+    who = f"peer={call.peer() or '-'} auth={'token' if call.authenticated() else 'none'}"
+    try:
+        result = await work
+    except BaseException as exc:
+        code = status_of(exc) if isinstance(exc, Exception) else grpc.StatusCode.CANCELLED
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        audit.warning("%s refused: %s %s: %s %s", action, what, who, (code or grpc.StatusCode.INTERNAL).name, detail)
+        raise
+    audit.info("%s: %s%s %s", action, what, outcome(result), who)
+    return result
+
+
 class RaterServicer(pb_grpc.RaterServiceServicer):
     def __init__(self, registry: ModelRegistry, recorder: StatsRecorder, runtime: RpcRuntime):
         self.registry = registry
         self.recorder = recorder
-        self.inference = Inference(recorder)
+        self.inference = Inference(recorder, RequestLimits.of(registry.config))
         self.runtime = runtime
 
     def _lookup(self, ref: pb.ModelRef, call: CallContext) -> ModelVersion:
-        call.model = ref.name
+        call.model = UNKNOWN_MODEL
         found = self.registry.get(ref.name, ref.version)
-        call.version = str(found.version)
+        call.served(found.name, found.version)
         return found
 
     @unary("SelectNoise", inference=True)
@@ -97,36 +122,51 @@ class RaterServicer(pb_grpc.RaterServiceServicer):
     async def GetModelMetadata(self, request: pb.GetModelMetadataRequest, call: CallContext):
         version = self._lookup(request.model, call)
         inputs, outputs = signature(version.session.info)
+        metadata = version.session.info.metadata
         return pb.GetModelMetadataResponse(
             model=pb.ModelRef(name=version.name, version=version.version),
-            metadata=version.session.info.metadata, inputs=inputs, outputs=outputs,
-            execution_provider=version.session.provider)
+            metadata=metadata if call.authenticated() else public_metadata(metadata), inputs=inputs,
+            outputs=outputs, execution_provider=version.session.provider)
 
     @unary("DeployModel")
     async def DeployModel(self, request: pb.DeployModelRequest, call: CallContext):
-        call.model = request.name
-        loaded = await self.registry.deploy(request.name, request.onnx, request.version)
-        call.version = str(loaded.version)
+        call.model = UNKNOWN_MODEL
+        digest = await asyncio.get_running_loop().run_in_executor(self.registry.loader, upload_digest, request.onnx)
+        what = f"model={request.name[:64]!r} version={request.version or 'next'} sha256={digest} " \
+               f"size={len(request.onnx)}"
+        loaded = await audited("deploy", what, call,
+                               self.registry.deploy(request.name, request.onnx, request.version, digest),
+                               lambda loaded: f" -> serving version {loaded.version}")
+        call.served(loaded.name, loaded.version)
         return pb.DeployModelResponse(model=pb.ModelRef(name=loaded.name, version=loaded.version))
 
     @unary("UnloadModel")
     async def UnloadModel(self, request: pb.UnloadModelRequest, call: CallContext):
-        call.model = request.model.name
-        await self.registry.unload(request.model.name, request.model.version)
+        call.model = UNKNOWN_MODEL
+        what = f"model={request.model.name[:64]!r} version={request.model.version or 'all'}"
+        await audited("unload", what, call, self.registry.unload(request.model.name, request.model.version),
+                      lambda removed: " -> removed " + ", ".join(f"version {v.version} (sha256={v.sha256})"
+                                                                 for v in removed))
+        call.served(request.model.name, request.model.version)
         return pb.UnloadModelResponse()
 
     @unary("SetDefaultVersion")
     async def SetDefaultVersion(self, request: pb.SetDefaultVersionRequest, call: CallContext):
-        call.model = request.model.name
-        self.registry.set_default(request.model.name, request.model.version)
+        call.model = UNKNOWN_MODEL
+        what = f"model={request.model.name[:64]!r} version={request.model.version}"
+
+        async def pin() -> None:
+            self.registry.set_default(request.model.name, request.model.version)
+
+        await audited("set-default", what, call, pin())
+        call.served(request.model.name, request.model.version)
         return pb.SetDefaultVersionResponse()
 
     @unary("GetStats")
     async def GetStats(self, request: pb.GetStatsRequest, call: CallContext):
-        if request.dataset:
-            stats_mod.check_dataset(request.dataset)
+        query = stats_query(request)
         try:
-            found = await asyncio.wait_for(self.recorder.read(request.dataset, request.model, request.version), 5.0)
+            page = await asyncio.wait_for(self.recorder.read(query), 5.0)
         except Exception as exc:  # Redis down or slow: say so, quickly
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RpcError(f"stats: the statistics store is unreachable ({detail})", grpc.StatusCode.UNAVAILABLE) \
@@ -135,7 +175,51 @@ class RaterServicer(pb_grpc.RaterServiceServicer):
             pb.StatsBucket(dataset=k[0], model=k[1], version=k[2], timestep_bucket=k[3], count=m.count,
                            mean=m.mean, m2=m.m2, min=m.min, max=m.max, histogram=m.hist.tolist(),
                            hist_low=stats_mod.HIST_LOW, hist_high=stats_mod.HIST_HIGH)
-            for k, m in sorted(found.items())
+            for k, m in page.buckets.items()
         ]
-        return pb.GetStatsResponse(buckets=buckets, timestep_buckets=stats_mod.TIMESTEP_BUCKETS)
+        last = page.last
+        token = page_token(last) if page.more and last is not None else ""
+        return pb.GetStatsResponse(buckets=buckets, timestep_buckets=stats_mod.TIMESTEP_BUCKETS,
+                                   next_page_token=token)
 
+
+STATS_PAGE_SIZE = 400  # buckets of a GetStats page that does not ask for a size (about 60 KB)
+STATS_MAX_PAGE_SIZE = 4000
+MAX_PAGE_TOKEN = 512  # characters; the tokens this server writes are far shorter
+
+
+def stats_query(request: pb.GetStatsRequest) -> stats_mod.StatsQuery:
+    """The checked filters and page of a GetStats request."""
+    if request.dataset:
+        stats_mod.check_dataset(request.dataset)
+    if request.model:
+        try:
+            repository.check_model_name(request.model)
+        except repository.RepositoryError as exc:
+            raise ScoringError(f"model.{exc}") from None
+    if request.version < 0:
+        raise ScoringError(f"version: must be >= 0 (0 = all), got {request.version}")
+    if request.page_size < 0:
+        raise ScoringError(f"page_size: must be >= 0 (0 = the default {STATS_PAGE_SIZE}), got {request.page_size}")
+    size = min(request.page_size or STATS_PAGE_SIZE, STATS_MAX_PAGE_SIZE)
+    after = read_page_token(request.page_token) if request.page_token else None
+    return stats_mod.StatsQuery(request.dataset, request.model, request.version, after, size)
+
+
+def page_token(last: stats_mod.StatsKey) -> str:
+    """An opaque token for the page after `last`: the key itself, so that pages stay consistent while
+    buckets are added."""
+    return base64.urlsafe_b64encode(json.dumps(list(last)).encode()).decode()
+
+
+def read_page_token(token: str) -> stats_mod.StatsKey:
+    invalid = ScoringError(f"page_token: {clip(token)} is not a token this server returned")
+    if len(token) > MAX_PAGE_TOKEN:
+        raise invalid
+    try:
+        dataset, model, version, bucket = json.loads(base64.urlsafe_b64decode(token.encode()))
+    except (ValueError, TypeError):
+        raise invalid from None
+    if not (isinstance(dataset, str) and isinstance(model, str) and type(version) is int and type(bucket) is int):
+        raise invalid
+    return dataset, model, version, bucket

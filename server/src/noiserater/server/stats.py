@@ -5,18 +5,25 @@ by a background flush: in process memory by default, or in Redis, where a Lua sc
 parallel Welford merge atomically so that any number of replicas can flush into the same keys. With
 Redis unreachable the flush fails fast (short socket timeouts), the pending statistics stay local and
 are retried on the next flush, and the failure is counted; requests never wait on Redis.
+
+Dataset ids come from clients, so the recorder keeps statistics for at most `max_datasets` of them (the
+ones this process has recorded since it started); a request for a further one is refused with
+RESOURCE_EXHAUSTED before it is scored, and counted in nr_datasets_rejected. Reads are paged, in key order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
+from noiserater.core.text import clip
 from noiserater.server.metrics import ServerMetrics
 from noiserater.server.rpc import RpcError
 
@@ -26,16 +33,20 @@ TIMESTEP_BUCKETS = 10
 HIST_LOW, HIST_HIGH, HIST_BINS = -10.0, 10.0, 40
 KEY_PREFIX = "nr:stats"
 RAW_LIMIT = 1 << 20  # scores kept raw before they are summarised (bounds memory while Redis is down)
-_DATASET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_DATASET = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # always fullmatch: `$` would let a final "\n" by
 
 
 class StatsError(RpcError, ValueError):
     grpc_status = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class TooManyDatasetsError(RpcError):
+    grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 def check_dataset(dataset: str) -> str:
-    if not _DATASET.match(dataset):
-        raise StatsError(f"dataset: invalid dataset id {dataset!r} (1-64 letters, digits, '_', '-', '.')")
+    if not _DATASET.fullmatch(dataset):
+        raise StatsError(f"dataset: invalid dataset id {clip(dataset)} (1-64 letters, digits, '_', '-', '.')")
     return dataset
 
 
@@ -91,6 +102,14 @@ def redis_key(key: StatsKey) -> str:
     return f"{KEY_PREFIX}:{dataset}:{model}:{version}:{bucket}"
 
 
+def parse_redis_key(raw: bytes | str) -> StatsKey | None:
+    """The key of a Redis hash name, None for a name that is not one of ours."""
+    parts = (raw.decode() if isinstance(raw, bytes) else raw).split(":")
+    if len(parts) != 6 or not parts[4].isdigit() or not parts[5].isdigit():
+        return None
+    return parts[2], parts[3], int(parts[4]), int(parts[5])
+
+
 class MemoryStatsStore:
     """The embedded default: statistics in this process only."""
 
@@ -101,15 +120,46 @@ class MemoryStatsStore:
         for key, moments in batch.items():
             self._data.setdefault(key, Moments()).merge(moments)
 
-    async def read(self, dataset: str, model: str, version: int) -> dict[StatsKey, Moments]:
-        return {k: v for k, v in self._data.items() if _matches(k, dataset, model, version)}
+    async def read(self, query: StatsQuery) -> StatsPage:
+        return query.page(self._data.keys(), self._data.get)
 
     async def close(self) -> None:
         pass
 
 
-def _matches(key: StatsKey, dataset: str, model: str, version: int) -> bool:
-    return (not dataset or key[0] == dataset) and (not model or key[1] == model) and (not version or key[2] == version)
+@dataclass(frozen=True)
+class StatsQuery:
+    """Which buckets a read wants (empty filters match everything) and which page of them: the first
+    `limit` keys after `after`, in key order."""
+
+    dataset: str = ""
+    model: str = ""
+    version: int = 0
+    after: StatsKey | None = None
+    limit: int = 1000
+
+    def matches(self, key: StatsKey) -> bool:
+        return ((not self.dataset or key[0] == self.dataset) and (not self.model or key[1] == self.model)
+                and (not self.version or key[2] == self.version))
+
+    def page_keys(self, keys: Iterable[StatsKey]) -> tuple[list[StatsKey], bool]:
+        """(the page's keys, whether more follow)."""
+        wanted = sorted(k for k in keys if self.matches(k) and (self.after is None or k > self.after))
+        return wanted[:self.limit], len(wanted) > self.limit
+
+    def page(self, keys: Iterable[StatsKey], value: Callable[[StatsKey], Moments | None]) -> StatsPage:
+        chosen, more = self.page_keys(keys)
+        return StatsPage({k: m for k in chosen if (m := value(k)) is not None}, more)
+
+
+@dataclass
+class StatsPage:
+    buckets: dict[StatsKey, Moments]  # in key order
+    more: bool  # keys follow the last one of this page
+
+    @property
+    def last(self) -> StatsKey | None:
+        return next(reversed(self.buckets), None)
 
 
 # KEYS[1]: the hash; ARGV: count, mean, m2, min, max, ttl, then HIST_BINS histogram counts.
@@ -159,25 +209,31 @@ class RedisStatsStore:
                 await self._script(keys=[redis_key(key)], args=args, client=pipe)
             await pipe.execute()
 
-    async def read(self, dataset: str, model: str, version: int) -> dict[StatsKey, Moments]:
-        pattern = f"{KEY_PREFIX}:{dataset or '*'}:{model or '*'}:{version or '*'}:*"
-        keys = [k async for k in self._client.scan_iter(match=pattern, count=500)]
+    async def read(self, query: StatsQuery) -> StatsPage:
+        """Scan the matching keys, then fetch only the page's hashes."""
+        # The filters are checked ids (no glob characters or ':'); the scan pattern narrows, `matches` decides.
+        pattern = f"{KEY_PREFIX}:{query.dataset or '*'}:{query.model or '*'}:{query.version or '*'}:*"
+        keys: dict[StatsKey, bytes | str] = {}
+        async for raw_key in self._client.scan_iter(match=pattern, count=500):
+            key = parse_redis_key(raw_key)
+            if key is not None:
+                keys[key] = raw_key
+        chosen, more = query.page_keys(keys)
         out: dict[StatsKey, Moments] = {}
-        if not keys:
-            return out
+        if not chosen:
+            return StatsPage(out, more)
         async with self._client.pipeline(transaction=False) as pipe:
-            for k in keys:
-                pipe.hgetall(k)
+            for key in chosen:
+                pipe.hgetall(keys[key])
             values = await pipe.execute()
-        for raw_key, fields in zip(keys, values, strict=True):
-            parts = (raw_key.decode() if isinstance(raw_key, bytes) else raw_key).split(":")
-            if len(parts) != 6 or not fields:
-                continue
+        for key, fields in zip(chosen, values, strict=True):
+            if not fields:
+                continue  # expired between the scan and the read
             f = {k.decode(): v.decode() for k, v in fields.items()}
             hist = np.array([int(f.get(f"h{i}", 0)) for i in range(HIST_BINS)], np.int64)
-            out[(parts[2], parts[3], int(parts[4]), int(parts[5]))] = Moments(
-                int(f["count"]), float(f["mean"]), float(f["m2"]), float(f["min"]), float(f["max"]), hist)
-        return out
+            out[key] = Moments(int(f["count"]), float(f["mean"]), float(f["m2"]), float(f["min"]), float(f["max"]),
+                               hist)
+        return StatsPage(out, more)
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -187,8 +243,10 @@ class StatsRecorder:
     """Local accumulation on the request path plus the background flush into the store."""
 
     def __init__(self, store: MemoryStatsStore | RedisStatsStore, metrics: ServerMetrics, flush_s: float,
-                 flush_timeout_s: float = 2.0):
+                 flush_timeout_s: float = 2.0, max_datasets: int = 1024):
         self.store = store
+        self.max_datasets = max_datasets
+        self._datasets: set[str] = set()
         self._metrics = metrics
         self._flush_s = flush_s
         self._flush_timeout_s = flush_timeout_s
@@ -198,6 +256,17 @@ class StatsRecorder:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
         self._failing = False
+
+    def admit(self, dataset: str) -> None:
+        """Agree to keep statistics for `dataset` (a checked id), or refuse it with RESOURCE_EXHAUSTED when
+        `max_datasets` others are kept already."""
+        if dataset in self._datasets:
+            return
+        if len(self._datasets) >= self.max_datasets:
+            self._metrics.datasets_rejected.inc()
+            raise TooManyDatasetsError(f"dataset: this server keeps statistics for at most {self.max_datasets} "
+                                       f"datasets and {dataset!r} would be one more (--max-datasets)")
+        self._datasets.add(dataset)
 
     def record(self, dataset: str, model: str, version: int, num_timesteps: int, t: np.ndarray,
                scores: np.ndarray) -> None:
@@ -247,9 +316,9 @@ class StatsRecorder:
             self._failing = False
             return True
 
-    async def read(self, dataset: str, model: str, version: int) -> dict[StatsKey, Moments]:
+    async def read(self, query: StatsQuery) -> StatsPage:
         await self.flush()
-        return await self.store.read(dataset, model, version)
+        return await self.store.read(query)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._flush_forever())
@@ -262,9 +331,7 @@ class StatsRecorder:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         await self.flush()
         await self.store.close()

@@ -1,6 +1,6 @@
 """What one meta step costs next to one plain training step (same batch, same model, same thread count).
 
-    python -m noiserater.trainer.meta_cost [--dataset digits] [--repeats 200] [--threads 1]
+    python -m noiserater.trainer.stage1.meta_cost [--dataset digits] [--repeats 200] [--threads 1]
 
 Plain step: per-sample loss, mean, backward, Adam step. Meta step (per inner model): the rater's scores and
 soft weights, the meta-gradient by the chosen route into the rater (for "fast": weighted forward/backward,
@@ -19,12 +19,12 @@ import time
 
 import torch
 
-from noiserater.trainer.data import load_dataset
-from noiserater.trainer.denoisers import build_denoiser
-from noiserater.trainer.diffusion import NoiseSchedule, per_sample_loss
-from noiserater.trainer.meta import adam_preconditioner, meta_gradient
-from noiserater.trainer.rater import build_rater, default_rater_kind
-from noiserater.trainer.train_rater import TrainConfig
+from noiserater.trainer.stage1.meta import adam_preconditioner, meta_gradient
+from noiserater.trainer.stage1.rater import build_rater, default_rater_kind
+from noiserater.trainer.stage1.train import TrainConfig
+from noiserater.trainer.substrate.data import load_dataset
+from noiserater.trainer.substrate.denoisers import build_denoiser
+from noiserater.trainer.substrate.diffusion import NoiseSchedule, per_sample_loss
 
 
 def measure(dataset: str = "digits", repeats: int = 200, routes: tuple[str, ...] = ("fast", "exact"),

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from noiserater.trainer.data import DataSplits
-from noiserater.trainer.diffusion import NoiseSchedule, per_sample_loss
+from noiserater.trainer.substrate.data import DataSplits
+from noiserater.trainer.substrate.diffusion import NoiseSchedule, per_sample_loss
 
 EVAL_SEED = 20240917
 FEATURE_SEED = 7

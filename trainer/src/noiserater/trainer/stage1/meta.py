@@ -12,7 +12,7 @@ Gaussian noise at theta_U; the rater follows dL_val/dphi = sum_ui dL_val/dw_ui *
 
 Two routes give dL_val/dw:
 - exact: the unrolled update through `torch.func.functional_call` with `create_graph=True`;
-- fast (DESIGN 6.3): reverse mode by hand without second derivatives. With v_U = grad L_val(theta_U) and
+- fast: reverse mode by hand without second derivatives. With v_U = grad L_val(theta_U) and
   d_u = P * v_{u+1}: dL_val/dw_ui = -(alpha/B) <d_u, grad l_ui(theta_u)>, a directional derivative taken by a
   central finite difference (two extra forward passes); for U > 1 the vector is carried back with
   v_u = v_{u+1} - alpha * H_u d_u, the Hessian-vector product taken by a finite difference of gradients.
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from noiserater.trainer.diffusion import NoiseSchedule, per_sample_loss
+from noiserater.trainer.substrate.diffusion import NoiseSchedule, per_sample_loss
 
 Params = dict[str, torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x0, t, eps

@@ -27,6 +27,15 @@ def _cosine_betas(num_timesteps: int, s: float = 0.008) -> torch.Tensor:
     return (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
 
 
+def timestep_embedding(t: torch.Tensor, dim: int, num_timesteps: int) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps, scaled so t spans [0, 1000) whatever T is."""
+    half = dim // 2
+    scaled = t.to(torch.float32) * (1000.0 / num_timesteps)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * (-math.log(10000.0) / half))
+    angles = scaled[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
 class NoiseSchedule:
     """A variance-preserving schedule: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t in [0, T)."""
 

@@ -1,17 +1,24 @@
 """Stage 1's training loop: meta-learn the rater against a population of proxy denoisers.
 
 Each meta step, every inner model of the population (reset at staggered times, so the rater sees every
-phase of training) contributes a meta-gradient (`noiserater.trainer.meta`) for the rater and then really
+phase of training) contributes a meta-gradient (`noiserater.trainer.stage1.meta`) for the rater and then really
 trains one Adam step on the rater-weighted loss. Under torchrun each rank holds its own population and
 data stream; the rater's gradients are all-reduced (gloo on CPU), so all ranks hold the same rater.
 
-RUN_DIR holds: rater.pt (`save_rater`, what `nrctl export` reads), checkpoint.pt (everything needed to
-resume exactly; checkpoint-rank{r}.pt for ranks > 0), config.json, metrics.jsonl and curves.png.
+RUN_DIR holds: rater/ (model.safetensors + config.json, `save_pretrained`) and rater.pt (`save_rater`), the
+trained rater in two formats that `load_rater` and `nrctl export` read; checkpoint.pt (everything needed to
+resume exactly; checkpoint-rank{r}.pt for ranks > 0), config.json (the run's TrainConfig), metrics.jsonl,
+curves.png and, with `log_with="tensorboard"`, tensorboard/ (the same metrics as TensorBoard scalars).
+
+An existing RUN_DIR is resumed only with the settings it was started with (`steps` and `device` may change):
+`existing="check"` refuses other settings with ConfigMismatchError, "resume" keeps the run's own settings,
+"overwrite" deletes the run's files and starts again.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import time
@@ -24,27 +31,49 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from noiserater.trainer.data import DataSplits, load_dataset
-from noiserater.trainer.denoisers import build_denoiser
-from noiserater.trainer.diffusion import NoiseSchedule, per_sample_loss
-from noiserater.trainer.meta import (
+from noiserater.trainer.stage1.meta import (
     META_GRAD_ROUTES,
     adam_preconditioner,
     meta_gradient,
     virtual_step_losses,
     weight_stats,
 )
-from noiserater.trainer.rater import RATER_FILE, build_rater, default_rater_kind, save_rater
+from noiserater.trainer.stage1.rater import (
+    PRETRAINED_DIR,
+    RATER_FILE,
+    build_rater,
+    default_rater_kind,
+    save_pretrained,
+    save_rater,
+)
+from noiserater.trainer.substrate.data import DataSplits, load_dataset, warn_if_tiny
+from noiserater.trainer.substrate.denoisers import build_denoiser
+from noiserater.trainer.substrate.diffusion import NoiseSchedule, per_sample_loss
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
+TENSORBOARD_DIR = "tensorboard"
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, PLOT_FILE, RATER_FILE)  # what --overwrite removes, with the checkpoints,
+RUN_FOLDERS = (PRETRAINED_DIR, TENSORBOARD_DIR)  # these folders
+EXISTING_MODES = ("check", "resume", "overwrite")
+MAY_CHANGE_ON_RESUME = ("steps", "device")  # a resumed run may be extended or moved
+LOGGERS = ("tensorboard",)
+
+log = logging.getLogger("noiserater.trainer.stage1")
+
+
+class ConfigMismatchError(ValueError):
+    """RUN_DIR holds a run with other settings than the ones asked for."""
 
 
 @dataclass
 class TrainConfig:
     dataset: str = "digits"
+    data_key: str = ""  # the array of an .npz (see substrate.data.load_dataset)
+    data_range: str = "auto"  # how user arrays are scaled to [-1, 1]
+    data_layout: str = "auto"  # nchw / nhwc / auto for user image arrays
     steps: int = 600
     inner_steps: int = 1  # U, unrolled virtual SGD steps
     population: int = 4  # P inner models per rank
@@ -92,6 +121,11 @@ class TrainConfig:
     def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def differences(self, other: TrainConfig) -> list[str]:
+        """Names of the settings that differ from `other`'s, less those a resumed run may change."""
+        mine, theirs = asdict(self), asdict(other)
+        return [k for k in mine if k not in MAY_CHANGE_ON_RESUME and mine[k] != theirs[k]]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -261,6 +295,64 @@ def _checkpoint_path(out: Path, rank: int) -> Path:
     return out / (CHECKPOINT_FILE if rank == 0 else f"checkpoint-rank{rank}.pt")
 
 
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated or foreign file: say which, in one line
+        raise ValueError(f"{path}: cannot read the checkpoint ({type(exc).__name__}); "
+                         "delete it (or pass --overwrite) to start over") from None
+
+
+def saved_config(out: str | Path) -> TrainConfig | None:
+    """The settings of the run in `out`, or None when it holds none to resume."""
+    path = _checkpoint_path(Path(out), 0)
+    return TrainConfig.from_dict(load_checkpoint(path)["config"]) if path.exists() else None
+
+
+def remove_run(out: Path) -> None:
+    """Delete what train_rater wrote into `out` (and nothing else), for existing="overwrite"."""
+    import shutil
+
+    for path in [*out.glob("checkpoint*.pt"), *(out / name for name in RUN_FILES)]:
+        path.unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
+def _describe_differences(saved: TrainConfig, cfg: TrainConfig, keys: list[str]) -> str:
+    return ", ".join(f"{k}={getattr(cfg, k)!r} (run: {getattr(saved, k)!r})" for k in keys)
+
+
+class _ScalarLoggers:
+    """The trackers asked for with `log_with` (TensorBoard), fed the rows that go to metrics.jsonl."""
+
+    def __init__(self, log_with: str | list[str] | tuple[str, ...] | None, out: Path, resumed_from: int):
+        names = [log_with] if isinstance(log_with, str) else list(log_with or ())
+        names = [n for n in names if n and n != "none"]
+        unknown = [n for n in names if n not in LOGGERS]
+        if unknown:
+            raise ValueError(f"--log-with: {', '.join(unknown)} is not one of {', '.join(LOGGERS)}")
+        self.writer = None
+        if "tensorboard" in names:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("--log-with tensorboard needs the tensorboard package "
+                                 "(pip install 'noiserater-trainer[tensorboard]')") from None
+            # purge_step: steps logged after the checkpoint we resume from are dropped, as in metrics.jsonl
+            self.writer = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=resumed_from + 1 if resumed_from
+                                        else None)
+
+    def log(self, step: int, row: dict[str, float]) -> None:
+        if self.writer is not None:
+            for key, value in row.items():
+                self.writer.add_scalar(f"stage1/{key}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -347,10 +439,15 @@ def _dist_env(device: torch.device) -> tuple[int, int]:
 
 
 def train_rater(cfg: TrainConfig, out: str | Path, progress: Callable[[int, int, dict[str, float]], None] | None = None,
-                stop_after: int | None = None) -> dict[str, Any]:
+                stop_after: int | None = None, *, existing: str = "check",
+                log_with: str | list[str] | tuple[str, ...] | None = None) -> dict[str, Any]:
     """Run (or resume) stage 1 into `out`. Returns a summary. `stop_after` ends the call after that many meta
-    steps of this call (for tests of resumption); the run's own length stays `cfg.steps`."""
+    steps of this call (for tests of resumption); the run's own length stays `cfg.steps`. `existing` says what
+    to do with a run already in `out` (module docstring); `log_with="tensorboard"` also writes the metrics as
+    TensorBoard scalars into `out`/tensorboard."""
     cfg.validate()
+    if existing not in EXISTING_MODES:
+        raise ValueError(f"existing must be one of {', '.join(EXISTING_MODES)}, got {existing!r}")
     out = Path(out)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -359,23 +456,30 @@ def train_rater(cfg: TrainConfig, out: str | Path, progress: Callable[[int, int,
     rank, world = _dist_env(device)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        if existing == "overwrite":
+            remove_run(out)
     if world > 1:
         dist.barrier()
     ckpt_path = _checkpoint_path(out, rank)
     resumed_from = 0
     if ckpt_path.exists():
-        try:
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # a truncated or foreign file: say which, in one line
-            raise ValueError(f"{ckpt_path}: cannot read the checkpoint ({type(exc).__name__}); "
-                             "delete it to start over") from None
+        state = load_checkpoint(ckpt_path)
         saved = TrainConfig.from_dict(state["config"])
-        if (saved.dataset, saved.seed, saved.population) != (cfg.dataset, cfg.seed, cfg.population):
-            raise ValueError(f"{out} holds a run of dataset={saved.dataset} seed={saved.seed} "
-                             f"population={saved.population}; use another --out or the same settings")
-        saved.steps, saved.device = cfg.steps, cfg.device  # a resumed run may be extended or moved
+        differ = saved.differences(cfg)
+        if differ and existing == "check":
+            raise ConfigMismatchError(
+                f"{out} holds a run with other settings: {_describe_differences(saved, cfg, differ)}; pass "
+                "--resume to continue it with its own settings or --overwrite to start again")
+        if differ and rank == 0:
+            log.info("resuming %s with its own settings; not applied: %s", out,
+                     _describe_differences(saved, cfg, differ))
+        for key in MAY_CHANGE_ON_RESUME:
+            setattr(saved, key, getattr(cfg, key))
         cfg = saved
-    data = load_dataset(cfg.dataset, seed=cfg.seed)
+    data = load_dataset(cfg.dataset, seed=cfg.seed, key=cfg.data_key or None, value_range=cfg.data_range,
+                        layout=cfg.data_layout)
+    if rank == 0:
+        warn_if_tiny(data, cfg.batch_size)
     trainer = MetaTrainer(cfg, data, device, rank, world)
     if ckpt_path.exists():
         trainer.load_state_dict(state)
@@ -385,21 +489,26 @@ def train_rater(cfg: TrainConfig, out: str | Path, progress: Callable[[int, int,
         (out / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
         kept = [r for r in read_metrics(out) if r["step"] <= resumed_from]  # drop steps logged after the ckpt
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    trackers = _ScalarLoggers(log_with if rank == 0 else None, out, resumed_from)
     started = time.perf_counter()
     done_here = 0
-    while trainer.step_count < cfg.steps and (stop_after is None or done_here < stop_after):
-        step = trainer.step_count + 1
-        evaluate = step % cfg.log_every == 0 or step == cfg.steps
-        row = trainer.step(evaluate=evaluate)
-        trainer.wall_seconds += row["seconds_per_step"]
-        done_here += 1
-        if rank == 0 and evaluate:
-            with metrics_path.open("a") as fh:
-                fh.write(json.dumps({"step": step, **{k: round(v, 7) for k, v in row.items()}}) + "\n")
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _atomic_save(trainer.state_dict(), ckpt_path)
-        if progress is not None and rank == 0:
-            progress(step, cfg.steps, row)
+    try:
+        while trainer.step_count < cfg.steps and (stop_after is None or done_here < stop_after):
+            step = trainer.step_count + 1
+            evaluate = step % cfg.log_every == 0 or step == cfg.steps
+            row = trainer.step(evaluate=evaluate)
+            trainer.wall_seconds += row["seconds_per_step"]
+            done_here += 1
+            if rank == 0 and evaluate:
+                with metrics_path.open("a") as fh:
+                    fh.write(json.dumps({"step": step, **{k: round(v, 7) for k, v in row.items()}}) + "\n")
+                trackers.log(step, row)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                _atomic_save(trainer.state_dict(), ckpt_path)
+            if progress is not None and rank == 0:
+                progress(step, cfg.steps, row)
+    finally:
+        trackers.close()
     _atomic_save(trainer.state_dict(), ckpt_path)
     wall = time.perf_counter() - started
     summary: dict[str, Any] = {"out": str(out), "steps": trainer.step_count, "resumed_from": resumed_from,
@@ -408,12 +517,14 @@ def train_rater(cfg: TrainConfig, out: str | Path, progress: Callable[[int, int,
     if rank == 0:
         rater_cpu = build_rater(trainer.rater_kind, data.data_shape, cfg.num_timesteps, **cfg.rater_kwargs)
         rater_cpu.load_state_dict({k: v.cpu() for k, v in trainer.rater.state_dict().items()})
-        save_rater(out / RATER_FILE, rater_cpu, trainer.rater_kind, dataset=cfg.dataset,
-                   schedule=cfg.schedule, rater_kwargs=cfg.rater_kwargs,
-                   provenance=_provenance(cfg, trainer))
+        description = {"dataset": cfg.dataset, "schedule": cfg.schedule, "rater_kwargs": cfg.rater_kwargs,
+                       "provenance": _provenance(cfg, trainer)}
+        save_rater(out / RATER_FILE, rater_cpu, trainer.rater_kind, **description)
+        save_pretrained(out / PRETRAINED_DIR, rater_cpu, trainer.rater_kind, **description)
         plot_curves(out)
         summary.update(last_quarter_summary(read_metrics(out)))
         summary["rater"] = str(out / RATER_FILE)
+        summary["rater_pretrained"] = str(out / PRETRAINED_DIR)
     if world > 1:
         dist.barrier()
     return summary
@@ -424,5 +535,5 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["TrainConfig", "MetaTrainer", "train_rater", "read_metrics", "last_quarter_summary", "plot_curves",
-           "cleanup_distributed"]
+__all__ = ["ConfigMismatchError", "TrainConfig", "MetaTrainer", "train_rater", "saved_config", "read_metrics",
+           "last_quarter_summary", "plot_curves", "cleanup_distributed"]

@@ -13,20 +13,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noiserater.trainer.rater import timestep_embedding
+from noiserater.trainer.substrate.diffusion import timestep_embedding
 
 DENOISER_KINDS = ("auto", "mlp", "unet")
 
 
-class MLPDenoiser(nn.Module):
+class TimeConditioned(nn.Module):
+    """A network of (data, timestep): keeps the data shape, the timestep count and the embedding width, and
+    checks that image networks get (C, H, W) data."""
+
+    def __init__(self, data_shape: tuple[int, ...], num_timesteps: int, time_dim: int, image: bool = False):
+        super().__init__()
+        if image and len(data_shape) != 3:
+            raise ValueError(f"{type(self).__name__} needs image data (C, H, W), got shape {tuple(data_shape)}")
+        self.data_shape = tuple(data_shape)
+        self.num_timesteps = num_timesteps
+        self.time_dim = time_dim
+
+
+class MLPDenoiser(TimeConditioned):
     """Residual MLP over the flattened x_t with a sinusoidal timestep embedding added in every block."""
 
     def __init__(self, data_shape: tuple[int, ...], num_timesteps: int = 1000, hidden: int = 256, depth: int = 3,
                  time_dim: int = 64):
-        super().__init__()
-        self.data_shape = tuple(data_shape)
-        self.num_timesteps = num_timesteps
-        self.time_dim = time_dim
+        super().__init__(data_shape, num_timesteps, time_dim)
         dim = math.prod(self.data_shape)
         self.inp = nn.Linear(dim, hidden)
         self.time = nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
@@ -61,17 +71,12 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-class SmallUNet(nn.Module):
+class SmallUNet(TimeConditioned):
     """Two resolutions (full, half) with a skip connection; enough for 8x8 .. 32x32 proxy training."""
 
     def __init__(self, data_shape: tuple[int, ...], num_timesteps: int = 1000, channels: int = 32,
                  time_dim: int = 64, groups: int = 8):
-        super().__init__()
-        if len(data_shape) != 3:
-            raise ValueError(f"SmallUNet needs image data (C, H, W), got shape {tuple(data_shape)}")
-        self.data_shape = tuple(data_shape)
-        self.num_timesteps = num_timesteps
-        self.time_dim = time_dim
+        super().__init__(data_shape, num_timesteps, time_dim, image=True)
         c_img, c = data_shape[0], channels
         emb_dim = 4 * c
         self.time = nn.Sequential(nn.Linear(time_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))

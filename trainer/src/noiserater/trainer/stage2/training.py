@@ -1,0 +1,217 @@
+"""Stage 2: train a fresh denoiser on a noise source, the same way for every method.
+
+Same data, model, optimiser, step budget and seeds for every method: for one seed, the model's
+initialisation, the minibatches and the timesteps are identical across methods; only the noise (or, for
+min-snr, the loss weighting) differs. The held-out loss is measured under *Gaussian* noise at fixed seeds
+(`metrics.FixedEval`), because sampling starts from N(0, I) whatever noise a method trained on.
+
+    result = train_stage2(load_dataset("digits"), "rater-argmax", steps=3000, seed=0,
+                          selector=NoiseSelector.local("digits.onnx", num_candidates=8, seed=0))
+    result.metrics["val_loss"], result.curve_steps, result.curve_val_loss
+
+A method is the name of a source in `noiserater.client.sources.REGISTRY`: the peers (`uniform`,
+`immiscible`, `immiscible-knn`, `min-snr`), the rater rules of `stage2.sources` (`rater-argmax`,
+`rater-sample`, `rater-assign`, `rater-kanneal`) and whatever else is registered. The loop only calls
+`source.sample(x0, t, step)` and `source.loss_weights(t)`; `source_options` are what every source is built from.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from noiserater.client.sources import NoiseSource, SourceError, make_source
+from noiserater.trainer.stage2.metrics import EVAL_SEED, FixedEval, SampleQuality
+from noiserater.trainer.stage2.sources import Stage2Error
+from noiserater.trainer.stage2.variants import Wrap
+from noiserater.trainer.substrate.data import DataSplits
+from noiserater.trainer.substrate.denoisers import build_denoiser
+from noiserater.trainer.substrate.diffusion import NoiseSchedule, ddpm_sample, per_sample_loss
+
+__all__ = ["EvalContext", "Stage2Config", "Stage2Error", "Stage2Result", "build_source", "source_options",
+           "steps_to_reach", "train_stage2"]
+
+
+@dataclass
+class Stage2Config:
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 1e-3
+    lr_final_fraction: float = 0.1  # cosine decay to this fraction of lr
+    grad_clip: float = 1.0
+    k: int = 8  # candidates per sample for the rater's argmax/sample/kanneal and for immiscible-knn
+    temperature: float = 1.0  # rater-sample's softmax temperature
+    kanneal_end: float = 0.5  # rater-kanneal: K reaches 1 at this fraction of the run
+    num_timesteps: int = 1000
+    schedule: str = "linear"
+    denoiser: str = "auto"
+    denoiser_kwargs: dict[str, Any] = field(default_factory=dict)
+    eval_every: int = 0  # 0: about 20 points on the curve
+    eval_repeats: int = 8  # fixed (t, eps) draws per held-out item
+    quality: bool = True  # draw samples and measure frechet / swd at the end
+    sample_count: int = 0  # 0: as many samples as held-out items (so the metric's floor is comparable)
+    sample_steps: int | None = None  # DDPM sampling steps (None: all T)
+    device: str = "cpu"
+    rater_threads: int = 1  # onnxruntime intra-op threads of the in-process rater (0: onnxruntime's default)
+
+
+@dataclass
+class Stage2Result:
+    method: str
+    seed: int
+    steps: int
+    curve_steps: list[int]
+    curve_val_loss: list[float]
+    metrics: dict[str, float]
+    config: dict[str, Any]
+    denoiser: nn.Module | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("denoiser")
+        return out
+
+
+@dataclass
+class EvalContext:
+    """Everything measured the same way for every method on one dataset (built once, shared by runs)."""
+
+    schedule: NoiseSchedule
+    val: FixedEval
+    test: FixedEval
+    quality: SampleQuality | None
+
+    @classmethod
+    def build(cls, data: DataSplits, cfg: Stage2Config) -> EvalContext:
+        schedule = NoiseSchedule(cfg.num_timesteps, cfg.schedule)
+        val = FixedEval(data.val, schedule, repeats=cfg.eval_repeats)
+        test = FixedEval(data.test, schedule, repeats=cfg.eval_repeats, seed=EVAL_SEED + 1)
+        quality = SampleQuality(data) if cfg.quality else None
+        return cls(schedule, val, test, quality)
+
+
+def _seeded(seed: int, stream: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed * 1000 + stream)
+
+
+def source_options(cfg: Stage2Config, seed: int, device: torch.device, schedule: NoiseSchedule, *,
+                   selector: Any = None, rater: str | Path | None = None) -> dict[str, Any]:
+    """Everything a registered source may take; `make_source` passes each factory only those it names:
+    `generator` (this run's noise stream), `num_candidates`, `temperature`, `kanneal_end`, `steps`, `seed`,
+    `threads`, `snr` (the schedule's snr(t)), `selector` and `rater`."""
+    return {"generator": _seeded(seed, 2, device), "num_candidates": cfg.k, "temperature": cfg.temperature,
+            "kanneal_end": cfg.kanneal_end, "steps": cfg.steps, "seed": seed, "threads": cfg.rater_threads,
+            "snr": schedule.snr, "selector": selector, "rater": rater}
+
+
+def build_source(method: str, options: dict[str, Any], wrappers: Sequence[Wrap] = ()) -> NoiseSource:
+    """The source registered as `method`, built from `options`, inside `wrappers` (innermost first)."""
+    try:
+        source = make_source(method, **options)
+    except SourceError as exc:
+        raise Stage2Error(str(exc)) from None
+    for wrap in wrappers:
+        source = wrap(source, options)
+    return source
+
+
+def train_stage2(data: DataSplits, method: str, steps: int, seed: int, selector: Any = None, *,
+                 rater: str | Path | None = None, config: Stage2Config | None = None,
+                 context: EvalContext | None = None, wrappers: Sequence[Wrap] = (),
+                 progress: Callable[[int], None] | None = None, keep_model: bool = False) -> Stage2Result:
+    """Train a fresh denoiser on `data` for `steps` with the noise of the source registered as `method`;
+    measure it.
+
+    `selector` (a NoiseSelector, local or remote) or `rater` (an ONNX path, wrapped in a local selector
+    with the config's K / temperature and this seed) serves the sources that need a rater. `wrappers`
+    (`stage2.variants`) wrap the source. `context` shares the fixed evaluation sets between runs.
+    `progress(n)` is called with the number of steps just done.
+    """
+    cfg = Stage2Config(**{**asdict(config or Stage2Config()), "steps": int(steps)})
+    if cfg.steps < 1:
+        raise Stage2Error("steps: must be >= 1")
+    device = torch.device(cfg.device)
+    ctx = context or EvalContext.build(data, cfg)
+    schedule = NoiseSchedule(cfg.num_timesteps, cfg.schedule).to(device)
+
+    rng_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = build_denoiser(data.data_shape, cfg.denoiser, num_timesteps=cfg.num_timesteps,
+                           **cfg.denoiser_kwargs).to(device)
+    torch.random.set_rng_state(rng_state)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    lr_at = lambda s: cfg.lr * (cfg.lr_final_fraction + (1 - cfg.lr_final_fraction)  # noqa: E731
+                                * 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    options = source_options(cfg, seed, device, schedule, selector=selector, rater=rater)
+    source = build_source(method, options, wrappers)
+    data_gen = _seeded(seed, 1, torch.device("cpu"))
+    train = data.train
+    eval_every = cfg.eval_every or max(1, cfg.steps // 20)
+
+    curve_steps, curve_val = [0], [ctx.val.loss(model)]
+    select_s = train_s = 0.0
+    sq_norm = cosine = train_loss_ema = 0.0
+    model.train()
+    for step in range(cfg.steps):
+        t_start = time.perf_counter()
+        idx = torch.randint(0, train.shape[0], (cfg.batch_size,), generator=data_gen)
+        x0 = train[idx].to(device)
+        t = schedule.sample_timesteps(cfg.batch_size, generator=data_gen).to(device)
+        t_sel = time.perf_counter()
+        eps = source.sample(x0, t, step)
+        select_s += time.perf_counter() - t_sel
+        losses = per_sample_loss(model, schedule, x0, t, eps)
+        w = source.loss_weights(t)
+        loss = (losses * w).mean() if w is not None else losses.mean()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        train_s += time.perf_counter() - t_start
+        with torch.no_grad():
+            e, x = eps.flatten(1), x0.flatten(1)
+            sq_norm += float(e.pow(2).mean())
+            cosine += float(nn.functional.cosine_similarity(e, x, dim=1, eps=1e-8).mean())
+            train_loss_ema = float(losses.mean()) if step == 0 else 0.99 * train_loss_ema + 0.01 * float(losses.mean())
+        if (step + 1) % eval_every == 0 or step + 1 == cfg.steps:
+            curve_steps.append(step + 1)
+            curve_val.append(ctx.val.loss(model))
+        if progress is not None:
+            progress(1)
+
+    metrics: dict[str, float] = {
+        "val_loss": curve_val[-1],
+        "test_loss": ctx.test.loss(model),
+        "train_loss_selected": train_loss_ema,  # on the noise the method trained on (EMA over steps)
+        "ms_per_step": 1000 * train_s / cfg.steps,
+        "selection_ms_per_step": 1000 * select_s / cfg.steps,
+        "noise_sq_norm_per_dim": sq_norm / cfg.steps,
+        "noise_cosine_with_x0": cosine / cfg.steps,
+    }
+    if ctx.quality is not None:
+        count = cfg.sample_count or ctx.quality.heldout_count
+        gen = torch.Generator().manual_seed(EVAL_SEED + seed)
+        model.eval()
+        samples = ddpm_sample(model, schedule, (count, *data.data_shape), generator=gen, device=device,
+                              steps=cfg.sample_steps)
+        metrics.update(ctx.quality.measure(samples.cpu()))
+    return Stage2Result(method, seed, cfg.steps, curve_steps, curve_val, metrics, asdict(cfg),
+                        model if keep_model else None)
+
+
+def steps_to_reach(curve_steps: list[int], curve_values: list[float], target: float) -> int | None:
+    """The first evaluated step whose value is <= target (None if never)."""
+    for s, v in zip(curve_steps, curve_values, strict=True):
+        if v <= target:
+            return s
+    return None
