@@ -36,6 +36,9 @@ V1_SERVICE = v1_pb.DESCRIPTOR.services_by_name["RaterService"].full_name
 KSERVE_SERVICE = kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
+HELD_CALLS_S = 0.5
+
+
 def grpc_options(max_message_mb: int, reuse_port: bool = False) -> list[tuple[str, int]]:
     """The server's channel options. SO_REUSEPORT, on in gRPC by default, would let a second server bind the
     same port and share its traffic: off unless asked for, so that a port in use is an error."""
@@ -176,11 +179,11 @@ class RaterServer:
         self.runtime.start_draining()
         await self.health.enter_graceful_shutdown()
         # New inference calls now get UNAVAILABLE (which clients retry elsewhere) and idle streams end with it,
-        # while the accepted requests finish; gRPC shuts down only once calls stopped arriving, since its stop
-        # cancels (rather than refuses) a call that reached it but not yet the runtime.
+        # while the accepted requests finish; then gRPC stops without cancelling a call (RpcRuntime.stop_grpc).
         await self.runtime.drained(deadline)
         if self.server is not None:
-            await self.server.stop(max(0.0, deadline - loop.time()))
+            # At least a moment for the calls held while the stop begins, even when the grace period is spent.
+            await self.runtime.stop_grpc(self.server.stop(max(HELD_CALLS_S, deadline - loop.time())))
         await self.registry.close(grace)
         if self.recorder is not None:
             await self.recorder.close()

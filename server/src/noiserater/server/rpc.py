@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -125,12 +125,13 @@ class Outcome(NamedTuple):
 Handler = Callable[[Any, CallContext], Awaitable[Any]]  # (request, call) -> response
 Deliver = Callable[[Outcome], Awaitable[None]]  # writes an outcome back (a stream's message)
 
-# The drain stops gRPC only once no call has arrived for this long: a call that reached gRPC but not yet this
-# runtime (the event loop had not picked it up) would otherwise be cancelled by the stop instead of refused
-# with UNAVAILABLE. Calls that keep arriving (clients retrying a draining server) delay the stop by at most
-# QUIET_MAX_S once nothing is in flight.
-QUIET_S = 0.2
-QUIET_MAX_S = 2.0
+# gRPC's stop cancels the calls it has received but not yet handed to the server (the event loop picks them
+# up one at a time), so a client would see CANCELLED where it should see UNAVAILABLE. Before the stop, new
+# calls are therefore held unanswered: their clients wait instead of sending more, and the calls gRPC still
+# holds reach the server. Once no call has arrived for HOLD_QUIET_S (at most HOLD_MAX_S), the stop begins
+# (from then on gRPC refuses new calls with UNAVAILABLE itself) and the held calls are answered.
+HOLD_QUIET_S = 0.05
+HOLD_MAX_S = 1.0
 
 
 class RpcRuntime:
@@ -147,6 +148,8 @@ class RpcRuntime:
         self.max_stream_in_flight = max_stream_in_flight
         self._streams: set[asyncio.Event] = set()  # each open stream's wake-up, set when the drain starts
         self._last_arrival = 0.0
+        self._admit = asyncio.Event()  # cleared while gRPC's stop is prepared: new calls wait
+        self._admit.set()
 
     def start_draining(self) -> None:
         """Refuse new inference requests from now on and end every stream as soon as it is idle."""
@@ -155,19 +158,24 @@ class RpcRuntime:
             wake.set()
 
     async def drained(self, deadline: float) -> None:
-        """Wait until no accepted inference request is in flight, every stream has ended and no call has
-        arrived for QUIET_S, or the loop's clock passes `deadline`."""
+        """Wait until no accepted inference request is in flight and every stream has ended, or the loop's clock
+        passes `deadline`."""
         loop = asyncio.get_running_loop()
-        started, idle_since = loop.time(), None
-        while loop.time() < deadline:
-            now = loop.time()
-            if self.counters.in_flight > 0 or self._streams:
-                idle_since = None
-            else:
-                idle_since = now if idle_since is None else idle_since
-                if now - max(self._last_arrival, started) >= QUIET_S or now - idle_since >= QUIET_MAX_S:
-                    return
+        while (self.counters.in_flight > 0 or self._streams) and loop.time() < deadline:
             await asyncio.sleep(0.005)
+
+    async def stop_grpc(self, stop: Coroutine[Any, Any, None]) -> None:
+        """Run `stop` (gRPC's server stop) so that no call is cancelled by it: hold new calls, wait until calls
+        stop arriving, begin the stop, then answer the held calls (see HOLD_QUIET_S)."""
+        loop = asyncio.get_running_loop()
+        self._admit.clear()
+        start = loop.time()
+        while loop.time() - start < HOLD_MAX_S and loop.time() - max(self._last_arrival, start) < HOLD_QUIET_S:
+            await asyncio.sleep(0.005)
+        stopping = loop.create_task(stop)
+        await asyncio.sleep(0.01)  # the stop's first step shuts gRPC's listeners and connections to new calls
+        self._admit.set()
+        await stopping
 
     async def answer(self, method: str, inference: bool, handler: Handler, request: Any,
                      context: grpc.aio.ServicerContext | None = None, deliver: Deliver | None = None) -> Outcome:
@@ -175,6 +183,8 @@ class RpcRuntime:
         exceptions to status codes, count the answer. With `deliver`, the outcome is delivered through it
         (a stream's write) before the request counts as answered, so a draining server waits for it."""
         self._last_arrival = asyncio.get_running_loop().time()
+        if not self._admit.is_set():
+            await self._admit.wait()
         call = CallContext(self, method, inference, grpc_context=context)
         counters = self.counters
         if inference and self.draining:
