@@ -98,14 +98,19 @@ VALID = {
     "ModelInfer": valid_infer,
     "ModelConfig": lambda: kpb.ModelConfigRequest(name="digits", version="1"),
     "ModelStatistics": lambda: kpb.ModelStatisticsRequest(name="digits", version="1"),
+    "RepositoryModelLoad": lambda: kpb.RepositoryModelLoadRequest(model_name="digits"),
+    "RepositoryModelUnload": lambda: kpb.RepositoryModelUnloadRequest(model_name="fuzzed"),
 }
-ADMIN_METHODS = {"DeployModel", "UnloadModel", "SetDefaultVersion"}
+ADMIN_METHODS = {"DeployModel", "UnloadModel", "SetDefaultVersion", "RepositoryIndex", "RepositoryModelLoad",
+                 "RepositoryModelUnload"}
 
 
 def protect_digits(message):
     """Unloading the one served model would end the suite's own checks: never unload 'digits'."""
     if message.DESCRIPTOR.name == "UnloadModelRequest" and message.model.name == "digits":
         message.model.name = "not-digits"
+    if message.DESCRIPTOR.name == "RepositoryModelUnloadRequest" and message.model_name == "digits":
+        message.model_name = "not-digits"
     return message
 
 
@@ -126,6 +131,9 @@ UNARY = [
     pytest.param(KSERVE, "ModelInfer"),
     pytest.param(KSERVE, "ModelConfig"),
     pytest.param(KSERVE, "ModelStatistics"),
+    pytest.param(KSERVE, "RepositoryIndex"),
+    pytest.param(KSERVE, "RepositoryModelLoad"),
+    pytest.param(KSERVE, "RepositoryModelUnload"),
 ]
 
 

@@ -1,6 +1,7 @@
-"""`import noiserater.client` (and its channel and transports) and `nrctl deploy / models / stats --help`
-import no torch, scikit-learn or matplotlib: a training job's client and an admin command must not pay for
-them. Each check runs in a fresh interpreter, which prints the modules it ended up with."""
+"""`import noiserater.client` (and its channel and transports) and the admin commands' `--help` (nrctl
+deploy, unload, set-default, models, stats) import no torch, scikit-learn or matplotlib: a training job's
+client and an admin command must not pay for them. Each check runs in a fresh interpreter, which prints the
+modules it ended up with."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def test_client_imports_no_torch():
     assert "grpc" in loaded and not loaded & HEAVY
 
 
-@pytest.mark.parametrize("command", ["deploy", "models", "stats"])
+@pytest.mark.parametrize("command", ["deploy", "unload", "set-default", "models", "stats"])
 def test_admin_command_help_imports_no_torch(command):
     code = ("from noiserater.cli.main import app\n"
             f"try:\n    app([{command!r}, '--help'], prog_name='nrctl')\nexcept SystemExit:\n    pass")

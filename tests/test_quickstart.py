@@ -17,6 +17,10 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path):
     assert report["selector_fallbacks"] == 0
     # every training step scored batch x K candidates on the server
     assert report["candidates_scored_on_server"] == 20 * 128 * 8
+    # ... and its statistics by timestep range (T=1000 for digits: ten ranges of 100)
+    statistics = report["statistics"]
+    assert sum(r["count"] for r in statistics) == 20 * 128 * 8
+    assert all(r["t_last"] - r["t_first"] == 99 and r["min"] <= r["mean"] <= r["max"] for r in statistics)
     for method in ("uniform", "rater-argmax"):
         assert report["methods"][method]["val_loss"] > 0
     assert set(report["verdict"]) >= {"val_loss"}

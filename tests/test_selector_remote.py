@@ -60,3 +60,31 @@ def test_remote_errors(server):
     with pytest.raises(SelectorError, match="t: timesteps must lie in"):
         bad.select(x0, t + 1000)
     bad.close()
+
+
+@pytest.mark.parametrize("rule", ["argmax", "sample"])
+def test_remote_equals_local_for_the_same_generator_state(server, rater_onnx, rule):
+    """Without a seed the noise follows the generator (global or given), and the call's "sample" seed comes
+    from it too: the same generator state gives the same noise in process and on the server."""
+    remote = NoiseSelector.remote(server.target, model="digits", num_candidates=8, rule=rule, temperature=0.7,
+                                  generator=torch.Generator().manual_seed(21))
+    local = NoiseSelector.local(rater_onnx, num_candidates=8, rule=rule, temperature=0.7,
+                                generator=torch.Generator().manual_seed(21))
+    for x0, t in batches(2, seed=4):
+        torch.testing.assert_close(remote.select(x0, t), local.select(x0, t), rtol=0, atol=0)
+    x0, t = batches(1, seed=5)[0]
+    torch.manual_seed(8)
+    default_remote = NoiseSelector.remote(server.target, model="digits", num_candidates=8, rule=rule, temperature=0.7)
+    got = default_remote.select(x0, t)
+    torch.manual_seed(8)
+    torch.testing.assert_close(got, NoiseSelector.local(rater_onnx, num_candidates=8, rule=rule,
+                                                     temperature=0.7).select(x0, t), rtol=0, atol=0)
+    remote.close()
+    default_remote.close()
+
+
+def test_info_says_what_the_rater_takes(server, rater_onnx):
+    with NoiseSelector.remote(server.target, model="digits") as remote:
+        assert remote.info.data_shape == (64,) and remote.info.schedule == "linear"
+        assert remote.info == NoiseSelector.local(rater_onnx).info
+    assert NoiseSelector.peer("uniform").info is None

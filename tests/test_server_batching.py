@@ -75,7 +75,7 @@ def test_metrics_show_merged_batches_under_concurrency(tmp_path, rater_onnx, bat
     runs = metrics["nr_batch_requests_count"]
     requests = metrics["nr_batch_requests_sum"]
     assert requests == CLIENTS * ROUNDS
-    assert metrics["nr_candidates_scored_total"] == scored
+    assert metrics["nr_triples_scored_total"] == scored
     assert metrics['nr_requests_total{code="OK",method="SelectNoise",model="digits",version="1"}'] == requests
     assert metrics["nr_compute_seconds_count"] == runs and metrics["nr_queue_seconds_count"] == requests
     if batching:

@@ -48,7 +48,9 @@ def test_fields_override_the_flags_and_the_rest_keep_them(tmp_path):
 
 @pytest.mark.parametrize("text, fragment", [
     ("max_batch_size: lots", "Couldn't parse integer"),
-    ("version_policy { latest { num_versions: 1 } }", 'no field named "version_policy"'),
+    ("model_warmup [ ]", 'no field named "model_warmup"'),
+    ("version_policy { latest { } }", "version_policy.latest.num_versions: must be >= 1, got 0"),
+    ("version_policy { specific { } }", "version_policy.specific.versions: give one or more versions"),
     ('input [ { name: "x0" } ]', "input: not read by rater-server"),
     ('name: "other"', "name: 'other' is not 'digits'"),
     ('platform: "tensorrt_plan"', "platform: 'tensorrt_plan' is not 'onnxruntime_onnx'"),

@@ -190,10 +190,10 @@ def test_reflection_lists_the_services(server):
     assert {"noiserater.v1.RaterService", "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= services
 
 
-def test_cpu_fallback_is_counted_when_cuda_was_asked_for(server):
+def test_cpu_fallback_gauge_says_whether_a_version_runs_on_cpu_when_cuda_was_asked_for(server):
     loaded = server.server.registry.get("digits")
-    fallbacks = server.server.metrics.cpu_fallbacks.labels("digits", "1")._value.get()
-    assert fallbacks == (1 if loaded.session.provider == "CPUExecutionProvider" else 0)  # device=auto here
+    fallback = server.server.metrics.cpu_fallback.labels("digits", "1")._value.get()
+    assert fallback == (1 if loaded.session.provider == "CPUExecutionProvider" else 0)  # device=auto here
 
 
 def test_check_command(rater_onnx, tmp_path):

@@ -1,4 +1,5 @@
-"""The README's diffusers example (examples/diffusers_loop.py) runs a couple of steps when diffusers is installed."""
+"""The README's diffusers example (examples/diffusers_loop.py) runs a couple of steps when diffusers is installed,
+logs its progress, and refuses a rater that does not fit the loop's UNet or scheduler before the first step."""
 
 from __future__ import annotations
 
@@ -13,20 +14,80 @@ pytest.importorskip("diffusers")
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "diffusers_loop.py"
 
 
-def test_diffusers_loop_trains_on_selected_noise(tmp_path):
+@pytest.fixture(scope="module")
+def example():
+    spec = importlib.util.spec_from_file_location("diffusers_loop", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def export_image_rater(path, data_shape=(1, 8, 8), num_timesteps=1000, schedule="linear"):
     import torch
 
-    from noiserater.client.selector import NoiseSelector
     from noiserater.trainer.stage1.export import export_rater
     from noiserater.trainer.stage1.rater import build_rater
 
     torch.manual_seed(0)
-    onnx = tmp_path / "digits-image.onnx"
-    export_rater(build_rater("conv", (1, 8, 8), 1000), onnx, dataset="digits-image", schedule="linear")
-    spec = importlib.util.spec_from_file_location("diffusers_loop", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    export_rater(build_rater("conv", data_shape, num_timesteps), path, dataset="digits-image", schedule=schedule)
+    return path
+
+
+def test_diffusers_loop_trains_on_selected_noise(tmp_path, example, capsys):
+    from noiserater.client.selector import NoiseSelector
+
+    onnx = export_image_rater(tmp_path / "digits-image.onnx")
     selector = NoiseSelector.local(onnx, num_candidates=4, rule="argmax")
-    losses = example.train(selector, steps=2, batch_size=8, log_every=1)
-    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
-    assert selector.counters["selections"] == 2
+    losses = example.train(selector, steps=3, batch_size=8, log_every=2)
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert selector.counters["selections"] == 3
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("training 3 steps, batch 8, rule argmax, 4 candidates")
+    assert [line.split(":")[0] for line in lines[1:]] == ["step 2/3", "step 3/3"]  # every 2 steps, and the last
+    assert "ms/step" in lines[1]
+
+
+def test_the_command_line_defaults_to_argmax_and_logs_every_n_steps(tmp_path, example, capsys, monkeypatch):
+    onnx = export_image_rater(tmp_path / "digits-image.onnx")
+    monkeypatch.setattr("sys.argv", ["diffusers_loop.py", "--rater", str(onnx), "--steps", "2", "--batch-size", "4",
+                                     "--log-every", "1"])
+    example.main()
+    out = capsys.readouterr().out
+    assert "rule argmax, 8 candidates per sample" in out
+    assert "step 1/2:" in out and "step 2/2:" in out and "selector counters:" in out
+
+
+def test_the_command_line_refuses_a_rater_of_another_shape_in_plain_words(tmp_path, example, monkeypatch):
+    onnx = export_image_rater(tmp_path / "wide.onnx", data_shape=(1, 16, 16))
+    monkeypatch.setattr("sys.argv", ["diffusers_loop.py", "--rater", str(onnx), "--steps", "2"])
+    with pytest.raises(SystemExit, match="error: the rater scores 1x16x16 samples but the UNet takes 1x8x8"):
+        example.main()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(data_shape=(3, 8, 8)), r"the rater scores 3x8x8 samples but the UNet takes 1x8x8 \(in_channels=1, "
+                                 r"sample_size=8\)"),
+    (dict(num_timesteps=100), "the rater was trained for 100 timesteps but the scheduler has "
+                              "num_train_timesteps=1000"),
+    (dict(schedule="cosine"), r"the rater was trained with the cosine noise schedule but the scheduler's "
+                              r"\(beta_schedule='linear'.*squaredcos_cap_v2"),
+])
+def test_a_rater_that_does_not_fit_is_refused_before_the_first_step(tmp_path, example, kwargs, message):
+    from diffusers import DDPMScheduler
+
+    from noiserater.client.selector import NoiseSelector
+
+    selector = NoiseSelector.local(export_image_rater(tmp_path / "rater.onnx", **kwargs), num_candidates=2)
+    with pytest.raises(example.SetupError, match=message):
+        example.check_rater(selector, example.build_unet(), DDPMScheduler(num_train_timesteps=1000))
+    assert selector.counters["selections"] == 0
+
+
+def test_a_matching_cosine_rater_passes(tmp_path, example):
+    from diffusers import DDPMScheduler
+
+    from noiserater.client.selector import NoiseSelector
+
+    selector = NoiseSelector.local(export_image_rater(tmp_path / "rater.onnx", schedule="cosine"))
+    example.check_rater(selector, example.build_unet(),
+                        DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"))

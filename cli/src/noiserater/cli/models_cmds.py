@@ -1,4 +1,5 @@
-"""nrctl export / deploy / models / stats: from a trained rater to a served, inspected model."""
+"""nrctl export / deploy / unload / set-default / models / stats: from a trained rater to a served, inspected
+model, and through its lifecycle on a server (a rollback is a set-default to the previous version)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from noiserater.cli.output import emit_json, fail, table
+from noiserater.cli.output import console, emit_json, fail, table
 
 SERVER_ENV = "NOISERATER_SERVER"
 TOKEN_ENV = "NOISERATER_TOKEN"
@@ -132,6 +133,51 @@ def deploy(
         typer.echo(f"deployed {result['name']} version {result['version']} ({where})")
 
 
+def unload(
+    name: str = typer.Argument(..., help="Model name on the server."),
+    version: int = typer.Option(0, "--version", help="Only this version; 0 = every version of the model."),
+    server: str = ServerOpt,
+    token_file: Path | None = TokenFileOpt,
+    token: str | None = TokenOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Stop serving a model version, or all its versions, on a server; its files stay in the repository."""
+    from noiserater.core.v1 import rater_service_pb2 as pb
+
+    which = f"version {version}" if version else "every version"
+    admin_call(server, read_token(token_file, token), "UnloadModel",
+               pb.UnloadModelRequest(model=pb.ModelRef(name=name, version=version)),
+               {"name": name, "version": version or "all"}, f"unloaded {name} {which}", as_json)
+
+
+def set_default(
+    name: str = typer.Argument(..., help="Model name on the server."),
+    version: int = typer.Argument(..., help="The loaded version that requests naming no version get."),
+    server: str = ServerOpt,
+    token_file: Path | None = TokenFileOpt,
+    token: str | None = TokenOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Make a loaded version the model's default on a server (a rollback: the previous version)."""
+    from noiserater.core.v1 import rater_service_pb2 as pb
+
+    admin_call(server, read_token(token_file, token), "SetDefaultVersion",
+               pb.SetDefaultVersionRequest(model=pb.ModelRef(name=name, version=version)),
+               {"name": name, "default_version": version}, f"{name}: default version is now {version}", as_json)
+
+
+def admin_call(server: str | None, token: str | None, method: str, request, result: dict, done: str,
+               as_json: bool) -> None:
+    """One admin RPC whose answer is empty, then what it did: `result` (with the server) as JSON, or the
+    `done` line."""
+    with rater_channel(server, token) as channel:
+        channel.call(method, request)
+    if as_json:
+        emit_json({**result, "server": server_target(server)})
+    else:
+        typer.echo(f"{done} ({server_target(server)})")
+
+
 def models(
     server: str = ServerOpt,
     repository: Path | None = typer.Option(None, "--repository", help="List a repository folder instead (each "
@@ -187,36 +233,46 @@ def stats(
     model: str = typer.Option("", "--model", help="Only this model."),
     version: int = typer.Option(0, "--version", help="Only this version (0 = all)."),
     server: str | None = ServerOpt,
+    redis_url: str | None = typer.Option(None, "--redis-url", help="Read the statistics straight from the Redis "
+                                         "the servers flush into (redis://HOST:PORT/DB); no server needed. "
+                                         "Without it, a running server (--server) is asked."),
+    plot: Path | None = typer.Option(None, "--plot", help="Also draw the score distribution of each timestep "
+                                     "range, per model version, into this PNG file.", dir_okay=False),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Show the shared per-dataset score statistics (count, mean, std, min, max per timestep bucket)."""
-    from noiserater.core.v1 import rater_service_pb2 as pb
+    """Show the shared per-dataset score statistics (count, mean, std, min, max per timestep range)."""
+    from noiserater.cli import stats_view
+    from noiserater.core.stats_layout import TIMESTEP_BUCKETS
 
-    buckets, timestep_buckets, token = [], 0, ""
-    with rater_channel(server) as channel:
-        while True:  # every page: the server answers at most a bounded number of buckets per call
-            response = channel.call("GetStats", pb.GetStatsRequest(dataset=dataset, model=model, version=version,
-                                                                   page_token=token))
-            buckets.extend(response.buckets)
-            timestep_buckets, token = response.timestep_buckets, response.next_page_token
-            if not token:
-                break
-    rows = []
-    for b in buckets:
-        variance = b.m2 / (b.count - 1) if b.count > 1 else 0.0
-        rows.append({
-            "dataset": b.dataset, "model": b.model, "version": b.version, "timestep_bucket": b.timestep_bucket,
-            "count": b.count, "mean": b.mean, "std": variance ** 0.5, "min": b.min, "max": b.max,
-            "histogram": list(b.histogram), "hist_low": b.hist_low, "hist_high": b.hist_high,
-        })
+    if redis_url:
+        try:
+            rows = stats_view.rows_from_redis(redis_url, dataset, model, version)
+        except Exception as exc:  # redis raises its own connection and URL errors
+            fail(f"--redis-url {redis_url}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    else:
+        from noiserater.core.v1 import rater_service_pb2 as pb
+
+        buckets, token = [], ""
+        with rater_channel(server) as channel:
+            while True:  # every page: the server answers at most a bounded number of buckets per call
+                response = channel.call("GetStats", pb.GetStatsRequest(dataset=dataset, model=model,
+                                                                       version=version, page_token=token))
+                buckets.extend(response.buckets)
+                token = response.next_page_token
+                if not token:
+                    break
+        rows = stats_view.rows_from_response(buckets)
+    if plot is not None:
+        stats_view.plot(rows, plot)
     if as_json:
-        emit_json({"timestep_buckets": timestep_buckets, "buckets": rows})
+        emit_json({"timestep_buckets": TIMESTEP_BUCKETS, "buckets": rows})
         return
-    table("score statistics", ["dataset", "model", "version", "t bucket", "count", "mean", "std", "min", "max"],
-          [[r["dataset"], r["model"], r["version"], r["timestep_bucket"], r["count"], r["mean"], r["std"],
-            r["min"], r["max"]] for r in rows])
+    table("score statistics", stats_view.TABLE_COLUMNS, stats_view.table_rows(rows))
+    if plot is not None:
+        console.print(f"plot: {plot}")
 
 
 def register(app: typer.Typer) -> None:
-    for command in (export, deploy, models, stats):
-        app.command()(command)
+    for name, command in (("export", export), ("deploy", deploy), ("unload", unload), ("set-default", set_default),
+                          ("models", models), ("stats", stats)):
+        app.command(name)(command)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import typer
 
+from noiserater.cli import stats_view
 from noiserater.cli.output import console, emit_json, fail, progress_bar, set_torch_threads, table
 from noiserater.trainer.bench.local_server import start_rater_server
 
@@ -101,13 +102,17 @@ def quickstart(
             say("[bold]5/5 statistics[/] the server's score statistics for dataset digits")
             stats = channel.call("GetStats", pb.GetStatsRequest(dataset="digits"), timeout_s=10)
     scored = sum(b.count for b in stats.buckets)
+    stat_rows = stats_view.rows_from_response(stats.buckets)
 
     metrics = ["val_loss", "frechet", "swd", "ms_per_step", "noise_sq_norm_per_dim", "noise_cosine_with_x0"]
     rows = {m: {name: r.metrics.get(name) for name in metrics} for m, r in results.items()}
     base, ours = rows["uniform"], rows["rater-argmax"]
     verdict = {name: ("rater better" if ours[name] < base[name] else "rater worse")
                for name in ("val_loss", "frechet", "swd") if ours.get(name) is not None and base.get(name) is not None}
+    statistics = [{k: r[k] for k in ("version", "t_first", "t_last", "count", "mean", "std", "min", "max")}
+                  for r in stat_rows]
     payload = {"workdir": str(work), "model_version": deployed.version, "candidates_scored_on_server": scored,
+               "statistics": statistics,
                "selector_fallbacks": fallbacks, "methods": rows, "verdict": verdict,
                "seconds": round(time.perf_counter() - started, 1), "seed": seed}
     if as_json:
@@ -116,6 +121,9 @@ def quickstart(
     table("stage 2 on digits, one seed (lower is better for val_loss, frechet, swd)", ["metric", *rows],
           [[name, *(rows[m].get(name) if rows[m].get(name) is not None else "-" for m in rows)] for name in metrics])
     say(verdict_line(verdict))
+    table(f"the server's score statistics for dataset digits (version {deployed.version}, by timestep range)",
+          ["timesteps", "count", "mean", "std", "min", "max"],
+          [[stats_view.timesteps(r), r["count"], r["mean"], r["std"], r["min"], r["max"]] for r in stat_rows])
     say(f"server scored {scored} candidates for dataset digits; selector fallbacks: {fallbacks}; "
         f"total {payload['seconds']} s; files in {work}")
     if fallbacks:

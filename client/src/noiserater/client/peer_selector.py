@@ -9,18 +9,19 @@ from concurrent.futures import Future
 
 import torch
 
-from noiserater.client.selector import NoiseSelector, SelectorError, _check_batch
+from noiserater.client.selector import NoiseSelector, SelectorError, _as_timesteps, _check_batch, _like
 from noiserater.client.sources import NoiseSource
 
 
 class PeerSelector(NoiseSelector):
     """Each call's noise is `source.sample(x0, t, step)`, step being the selector's call count."""
 
-    def __init__(self, source: NoiseSource, num_candidates: int = 8, seed: int = 0):
+    def __init__(self, source: NoiseSource, num_candidates: int = 8, seed: int | None = None):
         super().__init__(None, num_candidates, seed=seed)
         self.source = source
 
     def _start(self, x0: torch.Tensor, t: torch.Tensor, num_candidates: int | None) -> Callable[[], torch.Tensor]:
+        t = _as_timesteps(t, x0)
         _check_batch(x0, t)
         if num_candidates is not None and num_candidates != self.num_candidates:
             raise SelectorError(f"num_candidates: a peer source draws its own {self.num_candidates} candidates; "
@@ -35,7 +36,7 @@ class PeerSelector(NoiseSelector):
         prefetched.exception()
 
     def _finish(self, x0: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        return self._count(result, x0)
+        return self._count(_like(result, x0), x0)
 
     def loss_weights(self, t: torch.Tensor) -> torch.Tensor | None:
         return self.source.loss_weights(t)

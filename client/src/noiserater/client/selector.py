@@ -1,8 +1,8 @@
 """NoiseSelector: the one line a training job changes (`eps = selector.select(x0, t)`).
 
 `NoiseSelector.local(onnx)` scores in-process with onnxruntime; `NoiseSelector.remote(target, model=...)`
-asks a rater server. Both draw the K candidates here, with the selector's own seeded generator, and both
-choose through `noiserater.core.scoring`, so for the same seed they return the same noise.
+asks a rater server. Both draw the K candidates here and both choose through `noiserater.core.scoring`, so
+for the same generator state (or the same seed) they return the same noise, bit for bit.
 `NoiseSelector.peer(name)` puts a peer method (a registered noise source: uniform, immiscible,
 immiscible-knn, min-snr) behind the same interface (select, prefetch, counters, close).
 
@@ -16,6 +16,17 @@ against it keeps working; `k=` warns (DeprecationWarning) and is the same as `nu
 
 A selector is a noise source (`noiserater.client.sources.NoiseSource`): `sample(x0, t, step)` is
 `select(x0, t)` and `loss_weights(t)` is None for a rater (a peer's own weights for a peer).
+
+Where the randomness comes from (the candidates, and for rule "sample" the seed of the call's draw):
+- by default (no `seed`, no `generator`) torch's global generator of x0's device, as `torch.randn_like(x0)`
+  does: `torch.manual_seed` governs it, and each rank's own seeding (DDP, accelerate's `set_seed`) applies;
+- `generator=`: that torch.Generator (candidates drawn on its device, then moved to x0's);
+- `seed=N`: the selector's own generator per device, seeded with N for reproducible standalone use; when
+  `torch.distributed` is initialised (looked up at the first selection) it is seeded with N + rank, so ranks
+  draw distinct streams, unless `rank_distinct=False` (every rank then draws the same noise).
+With a generator (global or given) the call's seed for rule "sample" is one int64 drawn from that generator
+after the candidates; with `seed=` it is `(S * 1_000_003 + call) mod 2**63`, S the seed used (N or N + rank)
+and call the selector's call count from 0. Either way it differs between ranks and streams.
 
 The remote selector fails closed on mistakes and falls back on outages (`noiserater.client.backends`):
 - a mistake raises SelectorError, at construction where it can be found there: `remote` asks the server
@@ -89,6 +100,51 @@ def _check_num_candidates(num_candidates: int) -> None:
         raise SelectorError(f"num_candidates: the number of candidates must be >= 1, got {num_candidates}")
 
 
+def _as_timesteps(t: Any, x0: torch.Tensor) -> torch.Tensor:
+    """`t` as a tensor: a tensor as given, a sequence of ints (or an int array) as an int64 tensor on x0's
+    device."""
+    if isinstance(t, torch.Tensor):
+        return t
+    try:
+        return torch.as_tensor(t, dtype=torch.int64, device=x0.device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise SelectorError(f"t: expected a tensor or a sequence of ints, got {type(t).__name__} ({exc})") from None
+
+
+def _like(eps: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """`eps` with x0's dtype and memory format (channels-last stays channels-last, as with randn_like)."""
+    if x0.is_contiguous() or x0.ndim != eps.ndim:
+        return eps.to(dtype=x0.dtype)
+    out = torch.empty_like(x0)
+    out.copy_(eps)
+    return out
+
+
+def distributed_rank() -> int | None:
+    """This process's rank when torch.distributed is initialised, else None."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return None
+
+
+def stream_seed(seed: int, rank_distinct: bool = True) -> int:
+    """The seed a `seed=` selector seeds its generators with: `seed + rank` when torch.distributed is
+    initialised and `rank_distinct`, else `seed`."""
+    rank = distributed_rank() if rank_distinct else None
+    return seed if rank is None else seed + rank
+
+
+def default_generator(device: torch.device | str) -> torch.Generator:
+    """torch's global generator of `device` (the one `torch.randn(..., device=device)` draws from)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.default_generator
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    raise SelectorError(f"device: no global generator known for {device}; give generator= or seed=")
+
+
 def _check_batch(x0: torch.Tensor, t: torch.Tensor) -> None:
     if x0.ndim < 1 or t.ndim != 1 or t.shape[0] != x0.shape[0]:
         raise SelectorError(f"t: shape {list(t.shape)} does not match x0's batch {list(x0.shape[:1])}")
@@ -99,7 +155,12 @@ class NoiseSelector:
 
     @_accepts_k
     def __init__(self, backend: Any, num_candidates: int = 8, rule: str = "argmax", temperature: float = 1.0,
-                 seed: int = 0, fallback: LocalBackend | None = None):
+                 seed: int | None = None, fallback: LocalBackend | None = None, *,
+                 generator: torch.Generator | None = None, rank_distinct: bool = True):
+        if seed is not None and generator is not None:
+            raise SelectorError("seed, generator: give one of them, not both")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise SelectorError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
         try:
             rule = Rule.parse(rule)
         except scoring.ScoringError as exc:
@@ -110,6 +171,9 @@ class NoiseSelector:
         self.rule = rule
         self.temperature = temperature
         self.seed = seed
+        self.generator = generator
+        self.rank_distinct = rank_distinct
+        self._seed_used: int | None = None  # seed + rank, fixed at the first selection
         self.fallback = fallback
         self.calls = 0
         self._counts = {"selections": 0, "fallback_local": 0, "fallback_gaussian": 0}
@@ -125,20 +189,24 @@ class NoiseSelector:
     @classmethod
     @_accepts_k
     def local(cls, onnx_path: str | Path, num_candidates: int = 8, rule: str = "argmax", temperature: float = 1.0,
-              seed: int = 0, device: str = "cpu", intra_op_threads: int = 0) -> NoiseSelector:
+              seed: int | None = None, device: str = "cpu", intra_op_threads: int = 0, *,
+              generator: torch.Generator | None = None, rank_distinct: bool = True) -> NoiseSelector:
         """Score in-process with onnxruntime (`device` picks its execution provider; `intra_op_threads`
-        0 = onnxruntime's default pool, 1 = no pool, which is faster for small raters on a busy CPU)."""
-        return cls(LocalBackend(onnx_path, device, intra_op_threads), num_candidates, rule, temperature, seed)
+        0 = onnxruntime's default pool, 1 = no pool, which is faster for small raters on a busy CPU).
+        `seed`, `generator`, `rank_distinct`: where the candidates come from (see the module doc)."""
+        return cls(LocalBackend(onnx_path, device, intra_op_threads), num_candidates, rule, temperature, seed,
+                   generator=generator, rank_distinct=rank_distinct)
 
     @classmethod
     @_accepts_k
     def remote(cls, target: str | Sequence[str], model: str, dataset: str = "", num_candidates: int = 8,
-               rule: str = "argmax", temperature: float = 1.0, seed: int = 0, version: int = 0,
+               rule: str = "argmax", temperature: float = 1.0, seed: int | None = None, version: int = 0,
                timeout_s: float = 5.0, max_attempts: int = 4, fallback_onnx: str | Path | None = None,
                token: str | None = None, tls_root_cert: bytes | None = None, round_robin: bool = False,
                transport: str = "stream", data_shape: int | Sequence[int] | None = None,
                num_timesteps: int | None = None, connect_timeout_s: float = 2.0,
-               breaker_failures: int = 2) -> NoiseSelector:
+               breaker_failures: int = 2, generator: torch.Generator | None = None,
+               rank_distinct: bool = True) -> NoiseSelector:
         """Ask the rater server at `target` (one channel, kept open; several addresses, as a list or
         comma-separated, are balanced with gRPC's round_robin, see `noiserater.client.channel`). `version` 0
         = the server's default. `transport` "stream" sends every selection over one SelectNoiseStream
@@ -149,7 +217,8 @@ class NoiseSelector:
         Construction asks the server for the model within `connect_timeout_s` and raises SelectorError on
         a mistake (see the module doc); `data_shape` (x0's shape without the batch axis) and
         `num_timesteps`, when given, must be the model's. `breaker_failures` outage failures in a row open
-        the circuit breaker."""
+        the circuit breaker. `seed`, `generator`, `rank_distinct`: where the candidates come from (see the
+        module doc)."""
         from noiserater.client.channel import ChannelError, RaterChannel
         from noiserater.client.transports import TRANSPORTS
 
@@ -175,21 +244,28 @@ class NoiseSelector:
             raise SelectorError(str(exc)) from None
         backend = RemoteBackend(channel, model, dataset, version, max_attempts, transport, expect=expect,
                                 connect_timeout_s=connect_timeout_s, breaker_failures=breaker_failures)
-        return cls(backend, num_candidates, rule, temperature, seed, fallback)
+        return cls(backend, num_candidates, rule, temperature, seed, fallback, generator=generator,
+                   rank_distinct=rank_distinct)
 
     @classmethod
     @_accepts_k
-    def peer(cls, name: str, num_candidates: int = 8, seed: int = 0, device: str = "cpu",
-             **options: Any) -> NoiseSelector:
+    def peer(cls, name: str, num_candidates: int = 8, seed: int | None = None, device: str = "cpu", *,
+             generator: torch.Generator | None = None, rank_distinct: bool = True, **options: Any) -> NoiseSelector:
         """A peer method behind the selector's interface: the noise source registered as `name` in
         `noiserater.client.sources` (uniform, immiscible, immiscible-knn, min-snr, ...), built by
-        `make_source` with a generator seeded with `seed` on `device`, `num_candidates` and `options`
-        (min-snr takes `snr`, a function t -> snr(t), and `gamma`)."""
+        `make_source` with a generator, `num_candidates` and `options` (min-snr takes `snr`, a function
+        t -> snr(t), and `gamma`). The generator is `generator` if given, else one on `device` seeded with
+        `seed` (+ rank under torch.distributed unless `rank_distinct=False`), else torch's global generator of
+        `device`."""
         from noiserater.client import sources
         from noiserater.client.peer_selector import PeerSelector
 
         _check_num_candidates(num_candidates)
-        generator = torch.Generator(device=device).manual_seed(seed)
+        if seed is not None and generator is not None:
+            raise SelectorError("seed, generator: give one of them, not both")
+        if generator is None:
+            generator = (default_generator(device) if seed is None
+                         else torch.Generator(device=device).manual_seed(stream_seed(seed, rank_distinct)))
         try:
             source = sources.make_source(name, generator=generator, num_candidates=num_candidates, **options)
         except sources.SourceError as exc:
@@ -221,22 +297,66 @@ class NoiseSelector:
         """The in-process onnxruntime session (None for a remote selector)."""
         return getattr(self.backend, "session", None)
 
+    @property
+    def info(self) -> scoring.RaterInfo | None:
+        """What the rater says about itself (`data_shape`, `num_timesteps`, `dataset`, `schedule`): the local
+        rater's; for a remote selector the server model's once checked, else the fallback rater's, else None;
+        None for a peer."""
+        session = self.session
+        if session is not None:
+            return session.info
+        info = getattr(self.backend, "info", None)
+        if info is None and self.fallback is not None:
+            info = self.fallback.session.info
+        return info
+
     # -- selection ------------------------------------------------------------------------------------
-    def _generator(self, device: torch.device) -> torch.Generator:
+    @property
+    def seed_used(self) -> int | None:
+        """The seed this selector's generators are seeded with (`seed`, or `seed + rank` under
+        torch.distributed); None when it draws from a generator. Fixed at the first selection."""
+        if self.seed is None:
+            return None
+        if self._seed_used is None:
+            self._seed_used = stream_seed(self.seed, self.rank_distinct)
+        return self._seed_used
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        """The generator draws for x0 on `device` come from (the draws happen on its device); None: torch's
+        global generator of `device`."""
+        if self.generator is not None:
+            return self.generator
+        if self.seed is None:
+            return None
         key = str(device)
         if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed_used)
         return self._generators[key]
 
+    def _randn(self, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+        gen = self._generator(device)
+        on = device if gen is None else gen.device
+        return torch.randn(tuple(shape), generator=gen, device=on, dtype=torch.float32).to(device)
+
+    def _call_seed(self, device: torch.device) -> int:
+        """The seed of this call's draw for rule "sample" (see the module doc); the caller counts the call."""
+        if self.seed is not None:
+            return (self.seed_used * 1_000_003 + self.calls) % (2**63)
+        if self.rule is not Rule.SAMPLE:
+            return self.calls  # unused: only "sample" draws, so the generator is left alone
+        gen = self._generator(device)
+        on = device if gen is None else gen.device
+        return int(torch.randint(0, 2**63 - 1, (1,), generator=gen, device=on).item())
+
     def draw_candidates(self, x0: torch.Tensor, num_candidates: int) -> torch.Tensor:
-        """[B, K, ...] standard Gaussian candidates on x0's device (float32), from the seeded generator."""
-        shape = (x0.shape[0], num_candidates, *x0.shape[1:])
-        return torch.randn(shape, generator=self._generator(x0.device), device=x0.device, dtype=torch.float32)
+        """[B, K, ...] standard Gaussian candidates on x0's device (float32), from the selector's generator."""
+        return self._randn((x0.shape[0], num_candidates, *x0.shape[1:]), x0.device)
 
     def _start(self, x0: torch.Tensor, t: torch.Tensor, num_candidates: int | None) -> Callable[[], Any]:
         """Everything that must happen in call order (checks, drawing the candidates, the call's seed), and
         the rest as a function that `select` runs now or `prefetch` in the background; `_finish` takes
         its result."""
+        t = _as_timesteps(t, x0)
         _check_batch(x0, t)
         num = 1 if self.rule is Rule.ASSIGN else (self.num_candidates if num_candidates is None else num_candidates)
         _check_num_candidates(num)
@@ -244,13 +364,12 @@ class NoiseSelector:
         if admit is not None and not admit(x0.shape) and self.fallback is None:
             # The breaker is open and there is no local rater: the step costs what torch.randn does. (The
             # generator then moves on by B noises instead of B x K candidates.)
-            noise = torch.randn(x0.shape, generator=self._generator(x0.device), device=x0.device,
-                                dtype=torch.float32)
+            noise = self._randn(x0.shape, x0.device)
             self.calls += 1
             self._fell_back("fallback_gaussian", self.backend.outage)
             return lambda: (noise.unsqueeze(1), None)
         candidates = self.draw_candidates(x0, num)
-        seed = (self.seed * 1_000_003 + self.calls) % (2**63)
+        seed = self._call_seed(x0.device)
         self.calls += 1
         x0_np = x0.detach().to("cpu", torch.float32).numpy()
         t_np = t.detach().to("cpu", torch.int64).numpy()
@@ -295,7 +414,7 @@ class NoiseSelector:
         else:
             idx = torch.from_numpy(indices[:, 0]).to(candidates.device)
             eps = candidates[torch.arange(candidates.shape[0], device=candidates.device), idx]
-        return self._count(eps.to(dtype=x0.dtype), x0)
+        return self._count(_like(eps, x0), x0)
 
     def _count(self, eps: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         with self._lock:
@@ -304,9 +423,11 @@ class NoiseSelector:
         return eps
 
     @_accepts_k
-    def select(self, x0: torch.Tensor, t: torch.Tensor, *, num_candidates: int | None = None) -> torch.Tensor:
-        """One selected noise per sample: same shape, device and dtype as x0. `num_candidates` overrides K
-        for this call."""
+    def select(self, x0: torch.Tensor, t: torch.Tensor | Sequence[int], *,
+               num_candidates: int | None = None) -> torch.Tensor:
+        """One selected noise per sample: same shape, device, dtype and memory format as x0 (as
+        `torch.randn_like(x0)`). `t` is a tensor of B timesteps or a sequence of B ints. `num_candidates`
+        overrides K for this call."""
         with self._lock:
             pending = self._pending
             self._pending = None
@@ -321,7 +442,8 @@ class NoiseSelector:
         were drawn when it started, so nothing later depends on it)."""
 
     @_accepts_k
-    def prefetch(self, x0: torch.Tensor, t: torch.Tensor, *, num_candidates: int | None = None) -> None:
+    def prefetch(self, x0: torch.Tensor, t: torch.Tensor | Sequence[int], *,
+                 num_candidates: int | None = None) -> None:
         """Start selecting for (x0, t) in the background; the next `select(x0, t)` with these very
         tensors returns that result, so the rater's round trip overlaps the current training step."""
         if self._pool is None:
@@ -332,7 +454,7 @@ class NoiseSelector:
 
     # -- the NoiseSource interface --------------------------------------------------------------------
     def sample(self, x0: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
-        """`select(x0, t)` (the selector seeds each call from its own call count, not from `step`)."""
+        """`select(x0, t)` (`step` is not used: the draws come from the selector's generator)."""
         return self.select(x0, t)
 
     def loss_weights(self, t: torch.Tensor) -> torch.Tensor | None:

@@ -22,7 +22,7 @@ from noiserater.core.v1 import rater_service_pb2_grpc as v1_grpc
 from noiserater.server.auth import TokenAuthInterceptor, read_token
 from noiserater.server.client_errors import MalformedRequestInterceptor
 from noiserater.server.config import ConfigError, ServerConfig
-from noiserater.server.metrics import ServerMetrics
+from noiserater.server.metrics import ServerMetrics, serve_http
 from noiserater.server.models import ModelRegistry
 from noiserater.server.rpc import RpcRuntime
 from noiserater.server.service_kserve import InferenceServicer
@@ -96,7 +96,7 @@ class RaterServer:
         import onnxruntime as ort
 
         # onnxruntime's own multi-line complaint about a missing CUDA library is replaced by one line
-        # of ours and the nr_cpu_fallbacks metric (see models.py).
+        # of ours and the nr_cpu_fallback metric (see models.py).
         ort.set_default_logger_severity(3)
         self.config = config
         self.metrics = ServerMetrics()
@@ -110,6 +110,7 @@ class RaterServer:
         self.port = 0
         self.load_problems: list[str] = []
         self._metrics_http = None
+        self._started = False
 
     async def start(self) -> int:
         """Load and warm up every model, then bind and serve. Returns the bound port."""
@@ -156,11 +157,8 @@ class RaterServer:
             log.warning("%s", warning)
         await self.server.start()
         if config.metrics_port:
-            from prometheus_client import start_http_server
-
             try:
-                self._metrics_http = start_http_server(config.metrics_port, addr=config.host,
-                                                       registry=self.metrics.registry)
+                self._metrics_http = serve_http(config.host, config.metrics_port, self.metrics.registry, self.ready)
             except OSError as exc:
                 await self.server.stop(0)
                 raise ConfigError(f"--metrics-port: cannot bind {config.host}:{config.metrics_port} "
@@ -169,7 +167,13 @@ class RaterServer:
         # Every model on disk is loaded and warmed up by now: the server is ready.
         for service in ("", V1_SERVICE, KSERVE_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._started = True
         return self.port
+
+    def ready(self) -> bool:
+        """Whether the server takes inference requests: its models are loaded and it is not draining (read by
+        the HTTP health thread: plain attribute reads only)."""
+        return self._started and not self.runtime.draining
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish within the grace period, flush statistics."""
@@ -188,8 +192,6 @@ class RaterServer:
         if self.recorder is not None:
             await self.recorder.close()
         if self._metrics_http is not None:
-            http_server, thread = self._metrics_http
-            http_server.shutdown()
-            http_server.server_close()
-            thread.join(timeout=5)
+            self._metrics_http.shutdown()  # waits for its thread's loop to end
+            self._metrics_http.server_close()
         self.executor.shutdown(wait=True, cancel_futures=False)

@@ -1,6 +1,7 @@
 """Who may call what, as a grpc.aio server interceptor.
 
-The admin RPCs (deploy, unload, set default) are refused with PERMISSION_DENIED unless the server has a
+The admin RPCs (deploy, unload, set default; the KServe repository extension's index, load and unload)
+are refused with PERMISSION_DENIED unless the server has a
 token (`--auth-token-file`: they then need `authorization: Bearer <token>`) or was started with
 `--insecure-admin`, like Triton's model control, which is off unless asked for. With --auth-all every RPC
 needs the token, except grpc.health.v1 so that load balancers and container health checks keep working
@@ -21,6 +22,9 @@ ADMIN_METHODS = frozenset({
     "/noiserater.v1.RaterService/DeployModel",
     "/noiserater.v1.RaterService/UnloadModel",
     "/noiserater.v1.RaterService/SetDefaultVersion",
+    "/inference.GRPCInferenceService/RepositoryIndex",
+    "/inference.GRPCInferenceService/RepositoryModelLoad",
+    "/inference.GRPCInferenceService/RepositoryModelUnload",
 })
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 ADMIN_DISABLED = ("admin RPCs are disabled on this server: start it with --auth-token-file FILE (then send "

@@ -123,7 +123,7 @@ class DynamicBatcher:
         self._m_compute = metrics.compute_seconds.labels(*labels)
         self._m_batch_requests = metrics.batch_requests.labels(*labels)
         self._m_batch_triples = metrics.batch_triples.labels(*labels)
-        self._m_candidates = metrics.candidates.labels(*labels)
+        self._m_triples = metrics.triples.labels(*labels)
         self._m_depth = metrics.queue_depth.labels(*labels)
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
@@ -300,7 +300,7 @@ class DynamicBatcher:
         self._m_compute.observe(elapsed)
         self._m_batch_requests.observe(len(live))
         self._m_batch_triples.observe(x0.shape[0])
-        self._m_candidates.inc(x0.shape[0])
+        self._m_triples.inc(x0.shape[0])
 
     def _non_finite(self, part: np.ndarray) -> NonFiniteScoresError:
         bad = int((~np.isfinite(part)).sum())

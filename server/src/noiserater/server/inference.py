@@ -95,5 +95,6 @@ class Inference:
     async def _scored(self, version: ModelVersion, dataset: str, x0: np.ndarray, t: np.ndarray,
                       eps: np.ndarray) -> np.ndarray:
         scores = await version.batcher.submit(x0, t, eps)
-        self.recorder.record(dataset, version.name, version.version, version.session.info.num_timesteps, t, scores)
+        self.recorder.record(dataset, version.name, version.version, version.session.info.num_timesteps, t, scores,
+                             version.hist_range)
         return scores

@@ -1,5 +1,6 @@
-"""A model's batching settings: the server's flags, overridden by `<repository>/<name>/config.pbtxt` in
-Triton's own format (protobuf text format of the ModelConfig subset in proto/inference/model_config.proto).
+"""A model's batching settings and version policy: the server's flags, overridden by
+`<repository>/<name>/config.pbtxt` in Triton's own format (protobuf text format of the ModelConfig subset in
+proto/inference/model_config.proto).
 
 The fields read, and what they set for every version of the model (a field left out keeps the flag):
 
@@ -12,6 +13,9 @@ The fields read, and what they set for every version of the model (a field left 
     }
     instance_group [ { count: 2 } ]       runs in flight at once (--instances): the groups' counts summed,
                                           1 for a group without one
+    version_policy { latest { num_versions: 2 } }   which versions on disk are served: the 2 highest-numbered;
+                   { specific { versions: [1, 3] } }  just these; { all {} } every one. Left out: all (Triton's
+                                          default is latest 1; rater-server has always served every version)
 
 `name`, `platform` and `backend` may be given, but must be the model's folder name, onnxruntime_onnx and
 onnxruntime. Any other field is an error: the signature comes from the ONNX file and the device from
@@ -26,13 +30,14 @@ from pathlib import Path
 import grpc
 from google.protobuf import text_format
 
+from noiserater.core import repository
 from noiserater.core.inference import model_config_pb2 as config_pb
 from noiserater.server.config import ServerConfig
 from noiserater.server.rpc import RpcError
 
 CONFIG_FILE = "config.pbtxt"
 PLATFORM, BACKEND = "onnxruntime_onnx", "onnxruntime"
-FIELDS = ("name", "platform", "backend", "max_batch_size", "dynamic_batching", "instance_group")
+FIELDS = ("name", "platform", "backend", "max_batch_size", "dynamic_batching", "instance_group", "version_policy")
 
 
 class ModelConfigError(RpcError, ValueError):
@@ -55,16 +60,79 @@ class Batching:
         return cls(config.max_batch, config.max_delay_ms, config.instances)
 
 
-def read_batching(model_dir: Path, defaults: Batching) -> Batching:
-    """The model's batching: `defaults` with what its config.pbtxt (if any) sets."""
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which of a model's versions on disk are served (Triton's ModelVersionPolicy)."""
+
+    kind: str = "all"  # "all", "latest" or "specific"
+    num_versions: int = 0  # latest: how many
+    versions: tuple[int, ...] = ()  # specific: which
+
+    def select(self, versions: list[int] | set[int]) -> list[int]:
+        """The versions (ascending) of `versions` that the policy serves."""
+        ordered = sorted(versions)
+        if self.kind == "latest":
+            return ordered[-self.num_versions:]
+        if self.kind == "specific":
+            return [v for v in ordered if v in self.versions]
+        return ordered
+
+    def to_proto(self) -> config_pb.ModelVersionPolicy:
+        policy = config_pb.ModelVersionPolicy
+        if self.kind == "latest":
+            return policy(latest=policy.Latest(num_versions=self.num_versions))
+        if self.kind == "specific":
+            return policy(specific=policy.Specific(versions=self.versions))
+        return policy(all=policy.All())
+
+    def __str__(self) -> str:
+        if self.kind == "latest":
+            return f"latest {self.num_versions}"
+        if self.kind == "specific":
+            return f"specific {list(self.versions)}"
+        return "all"
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What a model's config.pbtxt sets (over the server's flags)."""
+
+    batching: Batching
+    policy: VersionPolicy = VersionPolicy()
+
+
+def read_settings(model_dir: Path, defaults: Batching) -> ModelSettings:
+    """The model's batching (`defaults` with what its config.pbtxt, if any, sets) and version policy."""
     path = model_dir / CONFIG_FILE
     if not path.exists():
-        return defaults
+        return ModelSettings(defaults)
     try:
         parsed = text_format.Parse(path.read_text(), config_pb.ModelConfig())
     except (OSError, UnicodeDecodeError, text_format.ParseError) as exc:
         raise ModelConfigError(f"{CONFIG_FILE}: {exc}") from None
-    return batching_of(parsed, model_dir.name, defaults)
+    return ModelSettings(batching_of(parsed, model_dir.name, defaults), policy_of(parsed))
+
+
+def read_batching(model_dir: Path, defaults: Batching) -> Batching:
+    """The model's batching: `defaults` with what its config.pbtxt (if any) sets."""
+    return read_settings(model_dir, defaults).batching
+
+
+def policy_of(parsed: config_pb.ModelConfig) -> VersionPolicy:
+    if not parsed.HasField("version_policy"):
+        return VersionPolicy()
+    policy = parsed.version_policy
+    choice = policy.WhichOneof("policy_choice")
+    if choice == "latest":
+        if policy.latest.num_versions < 1:
+            raise _fail(f"version_policy.latest.num_versions: must be >= 1, got {policy.latest.num_versions}")
+        return VersionPolicy("latest", num_versions=policy.latest.num_versions)
+    if choice == "specific":
+        versions = tuple(sorted(set(policy.specific.versions)))
+        if not versions or versions[0] < 1 or versions[-1] > repository.MAX_VERSION:
+            raise _fail(f"version_policy.specific.versions: give one or more versions in 1..{repository.MAX_VERSION}")
+        return VersionPolicy("specific", versions=versions)
+    return VersionPolicy()  # all {} (or an empty version_policy {})
 
 
 def _fail(message: str) -> ModelConfigError:

@@ -8,6 +8,10 @@ repository and makes them the default in one step that either completes or leave
 request ever sees a half-loaded version; requests already queued on the previous version finish there.
 Unloading removes a version from lookup first and then drains it. Models found on disk at start-up go
 through the same validation. Loading and warm-up run on their own threads, never on the inference pool.
+
+Which versions on disk are served is the model's version policy (config.pbtxt's version_policy, see
+model_config.py; every version when it has none): at start-up, on a repository load (`load_model`), and
+after a deploy, which unloads (drains) the loaded versions the policy no longer selects. Files stay on disk.
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ import grpc
 
 from noiserater.core import repository, scoring
 from noiserater.core.scoring import RaterSession, ScoringError
+from noiserater.core.stats_layout import LEGACY_HIST_RANGE
 from noiserater.core.text import clip
 from noiserater.server.batcher import DynamicBatcher
 from noiserater.server.config import ServerConfig
 from noiserater.server.metrics import ServerMetrics
-from noiserater.server.model_config import Batching, ModelConfigError, read_batching
+from noiserater.server.model_config import Batching, ModelConfigError, ModelSettings, VersionPolicy, read_settings
 from noiserater.server.rpc import RpcError
+from noiserater.server.stats import probe_range
 from noiserater.server.validate import Limits, Validator, open_session, read_repository_model
 
 log = logging.getLogger("rater-server.models")
@@ -84,6 +90,11 @@ class ModelVersion:
     def cpu_fallback(self) -> bool:
         return self.session.provider == "CPUExecutionProvider"
 
+    @property
+    def hist_range(self) -> tuple[float, float]:
+        """The range of this version's score histograms, probed when it was loaded (see stats.probe_range)."""
+        return getattr(self.session, "hist_range", LEGACY_HIST_RANGE)
+
 
 @dataclass(frozen=True)
 class ModelSnapshot:
@@ -92,6 +103,7 @@ class ModelSnapshot:
     name: str
     versions: tuple[ModelVersion, ...]
     default_version: int
+    policy: VersionPolicy = VersionPolicy()
 
 
 @dataclass
@@ -99,6 +111,7 @@ class _Model:
     name: str
     versions: dict[int, ModelVersion] = field(default_factory=dict)
     pinned: int = 0
+    policy: VersionPolicy = VersionPolicy()
 
     @property
     def default_version(self) -> int:
@@ -107,7 +120,8 @@ class _Model:
         return max(self.versions) if self.versions else 0
 
     def snapshot(self) -> ModelSnapshot:
-        return ModelSnapshot(self.name, tuple(self.versions[v] for v in sorted(self.versions)), self.default_version)
+        return ModelSnapshot(self.name, tuple(self.versions[v] for v in sorted(self.versions)), self.default_version,
+                             self.policy)
 
 
 class ModelRegistry:
@@ -121,6 +135,7 @@ class ModelRegistry:
         # Reading, loading, warming up and writing models: never on the inference pool.
         self.loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="model-load")
         self._models: dict[str, _Model] = {}
+        self._failed: dict[tuple[str, int], str] = {}  # why a version on disk failed to load, until it loads
         self._deploy_lock = asyncio.Lock()
 
     # -- queries (never await) -----------------------------------------------------------------
@@ -165,28 +180,36 @@ class ModelRegistry:
     # -- loading ------------------------------------------------------------------------------
     def _open(self, data: bytes) -> RaterSession:
         config = self.config
-        return open_session(data, config.device, config.intra_op_threads, config.graph_optimization)
+        session = open_session(data, config.device, config.intra_op_threads, config.graph_optimization)
+        session.hist_range = probe_range(session.score, session.info.data_shape, session.info.num_timesteps)
+        return session
 
-    def _activate(self, name: str, version: int, session: RaterSession, batching: Batching,
+    def _activate(self, name: str, version: int, session: RaterSession, settings: ModelSettings,
                   sha256: str) -> ModelVersion:
         """Make a loaded version servable, in one step on the event loop (nothing here awaits)."""
+        batching = settings.batching
         labels = (name, str(version))
         batcher = DynamicBatcher(session.score, self.executor, self.metrics, labels, batching.max_batch,
                                  batching.max_delay_ms / 1000.0, self.config.max_queue, batching.instances,
                                  self.config.inline_max_triples, batching.preferred, self.config.max_queued_triples)
         loaded = ModelVersion(name, version, session, batcher, batching, sha256)
-        if loaded.cpu_fallback and self.config.device in ("auto", "cuda"):
+        fallback = loaded.cpu_fallback and self.config.device in ("auto", "cuda")
+        self.metrics.cpu_fallback.labels(*labels).set(1 if fallback else 0)
+        if fallback:
             log.warning("%s version %d runs on CPU (device=%s requested, CUDA unavailable)", name, version,
                         self.config.device)
-            self.metrics.cpu_fallbacks.labels(*labels).inc()
-        self._models.setdefault(name, _Model(name)).versions[version] = loaded  # the atomic swap
+        model = self._models.setdefault(name, _Model(name))
+        model.policy = settings.policy
+        model.versions[version] = loaded  # the atomic swap
+        self._failed.pop((name, version), None)
         self.metrics.models_loaded.set(self.loaded_count())
         return loaded
 
     async def load_repository(self) -> list[str]:
-        """Load every version on disk, each validated like an upload; a version that fails, or a model whose
-        config.pbtxt does, is reported and skipped, as is a version folder that is no version. Leftovers of
-        interrupted deploys are removed first. Returns the problems."""
+        """Load the versions on disk that each model's version policy selects, each validated like an
+        upload; a version that fails, or a model whose config.pbtxt does, is reported and skipped, as is a
+        version folder that is no version. Leftovers of interrupted deploys are removed first. Returns the
+        problems."""
         root = self.config.repository
         root.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
@@ -196,23 +219,100 @@ class ModelRegistry:
         found = repository.scan(root, problems)
         async with self.validator.session() as validation:
             for name, versions in found.items():
-                try:
-                    batching = read_batching(root / name, self.defaults)
-                except ModelConfigError as exc:
-                    problems.append(f"{name}: {exc}")
-                    continue
-                for version in versions:
-                    path = repository.version_dir(root, name, version) / repository.MODEL_FILE
-                    try:
-                        data = await loop.run_in_executor(self.loader, read_repository_model, path)
-                        await validation.check(data)
-                        session = await loop.run_in_executor(self.loader, self._open, data)
-                        digest = await loop.run_in_executor(self.loader, upload_digest, data)
-                    except Exception as exc:
-                        problems.append(f"{name} version {version}: {exc}")
-                        continue
-                    self._activate(name, version, session, batching, digest)
+                problems.extend(await self._load_from_disk(name, versions, validation))
         return problems
+
+    async def load_model(self, name: str) -> list[int]:
+        """Load a model's versions from disk as its version policy selects them (those loaded already keep
+        serving; loaded ones it no longer selects are unloaded). Returns the versions loaded now; fails
+        (FAILED_PRECONDITION) naming each version that would not load, after loading the others."""
+        try:
+            repository.check_model_name(name)
+        except repository.RepositoryError as exc:
+            raise ScoringError(f"model_name: {exc}") from None
+        loop = asyncio.get_running_loop()
+        async with self._deploy_lock:
+            versions = await loop.run_in_executor(self.loader, repository.versions_on_disk, self.config.repository,
+                                                  name)
+            if not versions:
+                raise ModelNotFoundError(f"model_name: no model named {clip(name)} in the repository")
+            before = set(self._models[name].versions) if name in self._models else set()
+            async with self.validator.session() as validation:
+                problems = await self._load_from_disk(name, versions, validation)
+        if problems:
+            raise RpcError("; ".join(problems), grpc.StatusCode.FAILED_PRECONDITION)
+        return sorted(set(self._models[name].versions) - before) if name in self._models else []
+
+    async def _load_from_disk(self, name: str, versions: list[int], validation) -> list[str]:
+        """Load the versions of `versions` (on disk) that the model's policy selects and that are not loaded,
+        and unload the loaded ones it does not select. Returns the problems."""
+        root = self.config.repository
+        loop = asyncio.get_running_loop()
+        try:
+            settings = await loop.run_in_executor(self.loader, read_settings, root / name, self.defaults)
+        except ModelConfigError as exc:
+            self._failed.update({(name, version): str(exc) for version in versions})
+            return [f"{name}: {exc}"]
+        selected = settings.policy.select(versions)
+        problems = []
+        for version in selected:
+            if name in self._models and version in self._models[name].versions:
+                continue
+            path = repository.version_dir(root, name, version) / repository.MODEL_FILE
+            try:
+                data = await loop.run_in_executor(self.loader, read_repository_model, path)
+                await validation.check(data)
+                session = await loop.run_in_executor(self.loader, self._open, data)
+                digest = await loop.run_in_executor(self.loader, upload_digest, data)
+            except Exception as exc:
+                self._failed[(name, version)] = str(exc).strip().splitlines()[0] if str(exc).strip() else \
+                    type(exc).__name__
+                problems.append(f"{name} version {version}: {exc}")
+                continue
+            self._activate(name, version, session, settings, digest)
+        if name in self._models:
+            self._models[name].policy = settings.policy
+        await self._retire(name, selected)
+        return problems
+
+    async def _retire(self, name: str, keep: list[int]) -> list[ModelVersion]:
+        """Unload (drain) the loaded versions of `name` that are not in `keep`."""
+        model = self._models.get(name)
+        if model is None:
+            return []
+        stale = [v for v in sorted(model.versions) if v not in keep]
+        if stale:
+            log.info("%s: unloading version(s) %s, which its version policy (%s) does not select", name,
+                     ", ".join(map(str, stale)), model.policy)
+        return await self._remove(model, stale)
+
+    async def index(self) -> list[tuple[str, int, str, str]]:
+        """(name, version, state, reason) of every model version on disk or loaded: READY when it is served,
+        else UNAVAILABLE with why not."""
+        root = self.config.repository
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(self.loader, repository.scan, root)
+        rows = []
+        for name in sorted(set(found) | set(self._models)):
+            model = self._models.get(name)
+            loaded = set(model.versions) if model else set()
+            policy = model.policy if model else None
+            if policy is None:
+                try:
+                    policy = (await loop.run_in_executor(self.loader, read_settings, root / name, self.defaults)).policy
+                except ModelConfigError:
+                    policy = VersionPolicy()
+            selected = set(policy.select(found.get(name, [])))
+            for version in sorted(set(found.get(name, [])) | loaded):
+                if version in loaded:
+                    rows.append((name, version, "READY", ""))
+                elif (name, version) in self._failed:
+                    rows.append((name, version, "UNAVAILABLE", self._failed[(name, version)]))
+                elif version not in selected:
+                    rows.append((name, version, "UNAVAILABLE", f"not selected by its version policy ({policy})"))
+                else:
+                    rows.append((name, version, "UNAVAILABLE", "unloaded"))
+        return rows
 
     async def deploy(self, name: str, data: bytes, version: int = 0, sha256: str = "") -> ModelVersion:
         """Validate (in a separate process), load the very bytes validated, write them into the repository
@@ -227,7 +327,7 @@ class ModelRegistry:
             raise ScoringError(f"version: must be >= 0 (0 = next), got {version}")
         if version:
             repository.check_version(version)
-        batching = read_batching(self.config.repository / name, self.defaults)
+        settings = read_settings(self.config.repository / name, self.defaults)
         loop = asyncio.get_running_loop()
         sha256 = sha256 or await loop.run_in_executor(self.loader, upload_digest, data)
         await self.validator.check(data)
@@ -242,11 +342,19 @@ class ModelRegistry:
                     raise RpcError(str(exc), grpc.StatusCode.FAILED_PRECONDITION) from None
             elif name in self._models and version in self._models[name].versions:
                 raise ModelExistsError(f"version: {name} version {version} is already loaded")
+            loaded_now = list(self._models[name].versions) if name in self._models else []
+            keep = settings.policy.select({*repository.versions_on_disk(self.config.repository, name), *loaded_now,
+                                           version})
+            if version not in keep:
+                raise RpcError(f"version: {name} version {version} would not be served: the model's version policy "
+                               f"is {settings.policy} (config.pbtxt)", grpc.StatusCode.FAILED_PRECONDITION)
             # Shielded: a deploy whose caller goes away still ends written and serving, or neither.
-            return await asyncio.shield(loop.create_task(self._commit(name, version, data, session, batching,
-                                                                      sha256)))
+            loaded = await asyncio.shield(loop.create_task(self._commit(name, version, data, session, settings,
+                                                                        sha256)))
+        await self._retire(name, keep)
+        return loaded
 
-    async def _commit(self, name: str, version: int, data: bytes, session: RaterSession, batching: Batching,
+    async def _commit(self, name: str, version: int, data: bytes, session: RaterSession, settings: ModelSettings,
                       sha256: str) -> ModelVersion:
         loop = asyncio.get_running_loop()
         try:
@@ -255,7 +363,7 @@ class ModelRegistry:
         except repository.RepositoryError as exc:
             raise ModelExistsError(str(exc)) from None
         try:
-            return self._activate(name, version, session, batching, sha256)
+            return self._activate(name, version, session, settings, sha256)
         except BaseException:
             await loop.run_in_executor(self.loader, repository.remove_version, self.config.repository, name, version)
             raise
@@ -264,10 +372,15 @@ class ModelRegistry:
         """Stop serving one version (or all: version 0); in-flight requests finish first. Returns the
         versions removed."""
         model = self._loaded(name, version)
-        targets = [version] if version else sorted(model.versions)
+        return await self._remove(model, [version] if version else sorted(model.versions))
+
+    async def _remove(self, model: _Model, targets: list[int]) -> list[ModelVersion]:
+        """Take versions out of lookup, then drain them."""
         removed = [model.versions.pop(v) for v in targets]
-        if not model.versions:
-            del self._models[name]
+        for v in targets:
+            self.metrics.cpu_fallback.remove(model.name, str(v))
+        if not model.versions and self._models.get(model.name) is model:
+            del self._models[model.name]
         self.metrics.models_loaded.set(self.loaded_count())
         await asyncio.gather(*(m.batcher.close(self.config.grace_s) for m in removed))
         return removed

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -185,11 +186,13 @@ class RpcRuntime:
         self._last_arrival = asyncio.get_running_loop().time()
         if not self._admit.is_set():
             await self._admit.wait()
+        started = time.perf_counter()
         call = CallContext(self, method, inference, grpc_context=context)
         counters = self.counters
         if inference and self.draining:
             code = grpc.StatusCode.UNAVAILABLE
             self.metrics.requests.labels(method, "", "", code.name).inc()
+            self.metrics.request_seconds.labels(method, code.name).observe(time.perf_counter() - started)
             outcome = Outcome(None, code, DRAINING_MESSAGE)
             if deliver is not None:
                 await deliver(outcome)
@@ -216,6 +219,7 @@ class RpcRuntime:
                 ERROR_LOG.log(logging.INFO, f"{method}:{code.name}", f"{method}: {code.name}: {message}")
         finally:
             self.metrics.requests.labels(method, call.model, call.version, code.name).inc()
+            self.metrics.request_seconds.labels(method, code.name).observe(time.perf_counter() - started)
         outcome = Outcome(response, code, message)
         if deliver is not None:
             try:

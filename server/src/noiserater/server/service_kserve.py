@@ -1,5 +1,6 @@
 """inference.GRPCInferenceService: the KServe v2 / Triton gRPC protocol over the same models and batchers,
-so tritonclient and perf_analyzer can score with a rater as they would against Triton."""
+so tritonclient and perf_analyzer can score with a rater as they would against Triton; with the repository
+extension (index, load, unload: admin RPCs, audited like the v1 DeployModel)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from noiserater.core.inference import grpc_service_pb2_grpc as pb_grpc
 from noiserater.core.inference import model_config_pb2 as config_pb
 from noiserater.core.text import clip, clip_shape
 from noiserater.server.inference import Inference, RequestLimits
-from noiserater.server.model_config import BACKEND, PLATFORM
+from noiserater.server.model_config import BACKEND, PLATFORM, VersionPolicy
 from noiserater.server.models import ModelNotFoundError, ModelRegistry, ModelVersion, public_metadata
 from noiserater.server.rpc import UNKNOWN_MODEL, CallContext, Outcome, RpcRuntime, unary
+from noiserater.server.service_v1 import audited, removed_versions
 from noiserater.server.stats import StatsRecorder
 
 # KServe datatype -> (numpy dtype, InferTensorContents field for typed contents)
@@ -44,7 +46,8 @@ def tensor_signature(version: ModelVersion) -> tuple[list[TensorSpec], list[Tens
     return inputs, [(scoring.OUTPUT_SCORE, "FP32", [-1])]
 
 
-def model_config(version: ModelVersion, full_metadata: bool = False) -> config_pb.ModelConfig:
+def model_config(version: ModelVersion, full_metadata: bool = False,
+                 policy: VersionPolicy | None = None) -> config_pb.ModelConfig:
     """The version's configuration in Triton's terms (its metadata as `public_metadata` shows it unless
     `full_metadata`). max_batch_size is left at 0 because every input
     carries its own N axis; the batcher that merges requests along it is dynamic_batching, instance_group
@@ -68,6 +71,7 @@ def model_config(version: ModelVersion, full_metadata: bool = False) -> config_p
                                                  max_queue_delay_microseconds=int(batching.max_delay_ms * 1000))
     return config_pb.ModelConfig(
         name=version.name, platform=PLATFORM, backend=BACKEND, dynamic_batching=dynamic,
+        version_policy=(policy or VersionPolicy()).to_proto(),
         input=[config_pb.ModelInput(name=n, data_type=TENSOR_TYPES[d], dims=shape) for n, d, shape in inputs],
         output=[config_pb.ModelOutput(name=n, data_type=TENSOR_TYPES[d], dims=shape) for n, d, shape in outputs],
         # With batching off every request runs on its own, as many at once as the worker threads allow.
@@ -187,7 +191,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name="rater-server", version=server_version(),
-                                         extensions=["model_configuration", "statistics"])
+                                         extensions=["model_configuration", "model_repository", "statistics"])
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context):
         try:
@@ -212,7 +216,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @unary("ModelConfig")
     async def ModelConfig(self, request: pb.ModelConfigRequest, call: CallContext):
         version = self._lookup(request.name, request.version, call)
-        return pb.ModelConfigResponse(config=model_config(version, call.authenticated()))
+        return pb.ModelConfigResponse(config=model_config(version, call.authenticated(),
+                                                          self.registry.model(version.name).policy))
 
     @unary("ModelStatistics")
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, call: CallContext):
@@ -224,6 +229,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         else:
             versions = [v for model in self.registry.list() for v in model.versions]
         return pb.ModelStatisticsResponse(model_stats=[model_statistics(v) for v in versions])
+
+    @unary("RepositoryIndex")
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, call: CallContext):
+        entry = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(models=[
+            entry(name=name, version=str(version), state=state, reason=reason)
+            for name, version, state, reason in await self.registry.index() if state == "READY" or not request.ready])
+
+    @unary("RepositoryModelLoad")
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, call: CallContext):
+        call.model = UNKNOWN_MODEL
+        await audited("load", f"model={request.model_name[:64]!r}", call, self.registry.load_model(request.model_name),
+                      lambda loaded: " -> loaded " + (", ".join(f"version {v}" for v in loaded) or "nothing new"))
+        return pb.RepositoryModelLoadResponse()
+
+    @unary("RepositoryModelUnload")
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, call: CallContext):
+        call.model = UNKNOWN_MODEL
+        await audited("unload", f"model={request.model_name[:64]!r} version=all", call,
+                      self.registry.unload(request.model_name), removed_versions)
+        return pb.RepositoryModelUnloadResponse()
 
     @unary("ModelInfer", inference=True)
     async def ModelInfer(self, request: pb.ModelInferRequest, call: CallContext):

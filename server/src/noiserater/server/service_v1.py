@@ -15,6 +15,7 @@ import numpy as np
 from noiserater.core import codec, repository, scoring
 from noiserater.core.scoring import ScoringError
 from noiserater.core.selection import Rule, SelectionPlan
+from noiserater.core.stats_layout import bucket_range
 from noiserater.core.text import clip
 from noiserater.core.v1 import rater_service_pb2 as pb
 from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
@@ -67,6 +68,11 @@ async def audited(action: str, what: str, call: CallContext, work: Awaitable[Any
         raise
     audit.info("%s: %s%s %s", action, what, outcome(result), who)
     return result
+
+
+def removed_versions(removed: list[ModelVersion]) -> str:
+    """An unload's audit outcome: the versions it removed."""
+    return " -> removed " + ", ".join(f"version {v.version} (sha256={v.sha256})" for v in removed)
 
 
 class RaterServicer(pb_grpc.RaterServiceServicer):
@@ -145,8 +151,7 @@ class RaterServicer(pb_grpc.RaterServiceServicer):
         call.model = UNKNOWN_MODEL
         what = f"model={request.model.name[:64]!r} version={request.model.version or 'all'}"
         await audited("unload", what, call, self.registry.unload(request.model.name, request.model.version),
-                      lambda removed: " -> removed " + ", ".join(f"version {v.version} (sha256={v.sha256})"
-                                                                 for v in removed))
+                      removed_versions)
         call.served(request.model.name, request.model.version)
         return pb.UnloadModelResponse()
 
@@ -174,8 +179,10 @@ class RaterServicer(pb_grpc.RaterServiceServicer):
         buckets = [
             pb.StatsBucket(dataset=k[0], model=k[1], version=k[2], timestep_bucket=k[3], count=m.count,
                            mean=m.mean, m2=m.m2, min=m.min, max=m.max, histogram=m.hist.tolist(),
-                           hist_low=stats_mod.HIST_LOW, hist_high=stats_mod.HIST_HIGH)
+                           hist_low=m.hist_low, hist_high=m.hist_high, num_timesteps=m.num_timesteps,
+                           t_first=first, t_last=last, hist_skipped=m.hist_skipped)
             for k, m in page.buckets.items()
+            for first, last in [bucket_range(k[3], m.num_timesteps)]
         ]
         last = page.last
         token = page_token(last) if page.more and last is not None else ""

@@ -9,6 +9,13 @@ are retried on the next flush, and the failure is counted; requests never wait o
 Dataset ids come from clients, so the recorder keeps statistics for at most `max_datasets` of them (the
 ones this process has recorded since it started); a request for a further one is refused with
 RESOURCE_EXHAUSTED before it is scored, and counted in nr_datasets_rejected. Reads are paged, in key order.
+
+Each bucket keeps a histogram of HIST_BINS bins over a range fixed per model version: `probe_range` derives
+it from the model itself (its scores on a fixed, seeded probe batch, computed when the version is loaded),
+rounded outward to a coarse grid, so that every replica of a version bins alike and the histograms merge
+exactly. The bucket stores the range it was started with; a flush that brings another range (a replica whose
+hardware scored the probe differently enough to cross a grid line) still counts in count/mean/m2/min/max
+but is left out of the histogram and counted in the bucket's `hist_skipped`.
 """
 
 from __future__ import annotations
@@ -23,15 +30,23 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
+from noiserater.core.stats_layout import (
+    HIST_BINS,
+    KEY_PREFIX,
+    LEGACY_HIST_RANGE,
+    TIMESTEP_BUCKETS,
+    StatsKey,
+    StoredBucket,
+    parse_redis_key,
+    redis_key,
+)
 from noiserater.core.text import clip
 from noiserater.server.metrics import ServerMetrics
 from noiserater.server.rpc import RpcError
 
 log = logging.getLogger("rater-server.stats")
 
-TIMESTEP_BUCKETS = 10
-HIST_LOW, HIST_HIGH, HIST_BINS = -10.0, 10.0, 40
-KEY_PREFIX = "nr:stats"
+PROBE_BATCH, PROBE_SEED = 64, 0
 RAW_LIMIT = 1 << 20  # scores kept raw before they are summarised (bounds memory while Redis is down)
 _DATASET = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # always fullmatch: `$` would let a final "\n" by
 
@@ -55,10 +70,51 @@ def timestep_bucket(t: np.ndarray, num_timesteps: int) -> np.ndarray:
                       TIMESTEP_BUCKETS - 1)
 
 
-def histogram(values: np.ndarray) -> np.ndarray:
-    """Fixed bins over [HIST_LOW, HIST_HIGH); values outside land in the end bins."""
-    idx = np.floor((values.astype(np.float64) - HIST_LOW) * (HIST_BINS / (HIST_HIGH - HIST_LOW)))
+def histogram(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """HIST_BINS equal bins over [low, high); values outside land in the end bins."""
+    idx = np.floor((values.astype(np.float64) - low) * (HIST_BINS / (high - low)))
     return np.bincount(np.clip(idx, 0, HIST_BINS - 1).astype(np.int64), minlength=HIST_BINS)
+
+
+def _nice_step(span: float) -> float:
+    """The smallest of 1, 2, 5 x 10^k that is >= span."""
+    exp = np.floor(np.log10(span))
+    for factor in (1.0, 2.0, 5.0, 10.0):
+        step = float(factor * 10.0 ** exp)
+        if step >= span * (1 - 1e-9):
+            return step
+    return float(10.0 ** (exp + 1))
+
+
+def score_range(scores: np.ndarray) -> tuple[float, float]:
+    """The histogram range for a model whose probe scores are `scores`: three times their spread around
+    their middle, rounded outward to a grid of a tenth of a 1-2-5 width, so that small numeric differences
+    between replicas give the same range."""
+    s = np.asarray(scores, np.float64)
+    s = s[np.isfinite(s)]
+    if s.size == 0:
+        return LEGACY_HIST_RANGE
+    lo, hi = float(s.min()), float(s.max())
+    middle = (lo + hi) / 2
+    width = _nice_step(max(3 * (hi - lo), 1e-3 * max(1.0, abs(middle))))
+    unit = width / 10
+    digits = max(0, 1 - int(np.floor(np.log10(unit))))
+    low = round(float(np.floor((middle - width / 2) / unit)) * unit, digits)
+    high = round(float(np.ceil((middle + width / 2) / unit)) * unit, digits)
+    return low, high
+
+
+def probe_range(score: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray], data_shape: tuple[int, ...],
+                num_timesteps: int) -> tuple[float, float]:
+    """The histogram range of one model version, from its scores on a fixed probe batch: PROBE_BATCH triples
+    of seeded standard normal x0 and eps at timesteps spread evenly over [0, T). Blocking: run it where the
+    model is loaded."""
+    rng = np.random.default_rng(PROBE_SEED)
+    shape = (PROBE_BATCH, *data_shape)
+    x0 = rng.standard_normal(shape).astype(np.float32)
+    eps = rng.standard_normal(shape).astype(np.float32)
+    t = np.linspace(0, max(0, num_timesteps - 1), PROBE_BATCH).astype(np.int64)
+    return score_range(score(x0, t, eps))
 
 
 @dataclass
@@ -69,13 +125,18 @@ class Moments:
     min: float = float("inf")
     max: float = float("-inf")
     hist: np.ndarray = field(default_factory=lambda: np.zeros(HIST_BINS, np.int64))
+    hist_low: float = LEGACY_HIST_RANGE[0]
+    hist_high: float = LEGACY_HIST_RANGE[1]
+    num_timesteps: int = 0  # of the model version; 0 = unknown
+    hist_skipped: int = 0  # scores counted but not in the histogram (another range than the bucket's)
 
     @classmethod
-    def of(cls, values: np.ndarray) -> Moments:
+    def of(cls, values: np.ndarray, hist_range: tuple[float, float] = LEGACY_HIST_RANGE,
+           num_timesteps: int = 0) -> Moments:
         v = values.astype(np.float64)
         mean = float(v.mean())
         return cls(int(v.size), mean, float(((v - mean) ** 2).sum()), float(v.min()), float(v.max()),
-                   histogram(v))
+                   histogram(v, *hist_range), hist_range[0], hist_range[1], num_timesteps)
 
     def merge(self, other: Moments) -> None:
         """Chan et al.'s parallel combination of two Welford summaries."""
@@ -84,6 +145,8 @@ class Moments:
         if self.count == 0:
             self.count, self.mean, self.m2 = other.count, other.mean, other.m2
             self.min, self.max, self.hist = other.min, other.max, other.hist.copy()
+            self.hist_low, self.hist_high = other.hist_low, other.hist_high
+            self.num_timesteps, self.hist_skipped = other.num_timesteps, other.hist_skipped
             return
         n = self.count + other.count
         delta = other.mean - self.mean
@@ -91,23 +154,12 @@ class Moments:
         self.m2 += other.m2 + delta * delta * self.count * other.count / n
         self.count = n
         self.min, self.max = min(self.min, other.min), max(self.max, other.max)
-        self.hist = self.hist + other.hist
-
-
-StatsKey = tuple[str, str, int, int]  # dataset, model, version, timestep bucket
-
-
-def redis_key(key: StatsKey) -> str:
-    dataset, model, version, bucket = key
-    return f"{KEY_PREFIX}:{dataset}:{model}:{version}:{bucket}"
-
-
-def parse_redis_key(raw: bytes | str) -> StatsKey | None:
-    """The key of a Redis hash name, None for a name that is not one of ours."""
-    parts = (raw.decode() if isinstance(raw, bytes) else raw).split(":")
-    if len(parts) != 6 or not parts[4].isdigit() or not parts[5].isdigit():
-        return None
-    return parts[2], parts[3], int(parts[4]), int(parts[5])
+        self.num_timesteps = self.num_timesteps or other.num_timesteps
+        self.hist_skipped += other.hist_skipped
+        if (self.hist_low, self.hist_high) == (other.hist_low, other.hist_high):
+            self.hist = self.hist + other.hist
+        else:
+            self.hist_skipped += int(other.hist.sum())
 
 
 class MemoryStatsStore:
@@ -162,14 +214,16 @@ class StatsPage:
         return next(reversed(self.buckets), None)
 
 
-# KEYS[1]: the hash; ARGV: count, mean, m2, min, max, ttl, then HIST_BINS histogram counts.
-# Floats are written with %.17g: Lua's default tostring keeps only 14 digits.
+# KEYS[1]: the hash; ARGV: count, mean, m2, min, max, ttl, T, histogram low, histogram high, scores already
+# left out of the histogram, then HIST_BINS histogram counts. Floats are written with %.17g: Lua's default
+# tostring keeps only 14 digits. The histogram range is compared as the strings written (exact); a hash
+# without one predates it and has the legacy range.
 MERGE_SCRIPT = """
 local nb = tonumber(ARGV[1])
 if nb == 0 then return 0 end
 local mb, m2b, minb, maxb, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
   tonumber(ARGV[6])
-local cur = redis.call('HMGET', KEYS[1], 'count', 'mean', 'm2', 'min', 'max')
+local cur = redis.call('HMGET', KEYS[1], 'count', 'mean', 'm2', 'min', 'max', 'lo', 'hi')
 local na = tonumber(cur[1]) or 0
 local n, mean, m2, mn, mx = nb, mb, m2b, minb, maxb
 if na > 0 then
@@ -183,13 +237,26 @@ if na > 0 then
 end
 redis.call('HSET', KEYS[1], 'count', string.format('%d', n), 'mean', string.format('%.17g', mean),
   'm2', string.format('%.17g', m2), 'min', string.format('%.17g', mn), 'max', string.format('%.17g', mx))
-for i = 7, #ARGV do
-  local c = tonumber(ARGV[i])
-  if c > 0 then redis.call('HINCRBY', KEYS[1], 'h' .. (i - 7), c) end
+if tonumber(ARGV[7]) > 0 then redis.call('HSET', KEYS[1], 'T', ARGV[7]) end
+local lo, hi = ARGV[8], ARGV[9]
+if na == 0 then
+  redis.call('HSET', KEYS[1], 'lo', lo, 'hi', hi)
+else
+  lo, hi = cur[6] or 'LEGACY_LOW', cur[7] or 'LEGACY_HIGH'
 end
+local skipped = tonumber(ARGV[10])
+if lo == ARGV[8] and hi == ARGV[9] then
+  for i = 11, #ARGV do
+    local c = tonumber(ARGV[i])
+    if c > 0 then redis.call('HINCRBY', KEYS[1], 'h' .. (i - 11), c) end
+  end
+else
+  for i = 11, #ARGV do skipped = skipped + tonumber(ARGV[i]) end
+end
+if skipped > 0 then redis.call('HINCRBY', KEYS[1], 'skipped', skipped) end
 redis.call('EXPIRE', KEYS[1], ttl)
 return n
-"""
+""".replace("LEGACY_LOW", repr(LEGACY_HIST_RANGE[0])).replace("LEGACY_HIGH", repr(LEGACY_HIST_RANGE[1]))
 
 
 class RedisStatsStore:
@@ -205,7 +272,8 @@ class RedisStatsStore:
     async def merge(self, batch: dict[StatsKey, Moments]) -> None:
         async with self._client.pipeline(transaction=True) as pipe:
             for key, m in batch.items():
-                args = [m.count, repr(m.mean), repr(m.m2), repr(m.min), repr(m.max), self._ttl, *m.hist.tolist()]
+                args = [m.count, repr(m.mean), repr(m.m2), repr(m.min), repr(m.max), self._ttl, m.num_timesteps,
+                        repr(m.hist_low), repr(m.hist_high), m.hist_skipped, *m.hist.tolist()]
                 await self._script(keys=[redis_key(key)], args=args, client=pipe)
             await pipe.execute()
 
@@ -229,10 +297,9 @@ class RedisStatsStore:
         for key, fields in zip(chosen, values, strict=True):
             if not fields:
                 continue  # expired between the scan and the read
-            f = {k.decode(): v.decode() for k, v in fields.items()}
-            hist = np.array([int(f.get(f"h{i}", 0)) for i in range(HIST_BINS)], np.int64)
-            out[key] = Moments(int(f["count"]), float(f["mean"]), float(f["m2"]), float(f["min"]), float(f["max"]),
-                               hist)
+            b = StoredBucket.from_hash(fields)
+            out[key] = Moments(b.count, b.mean, b.m2, b.min, b.max, np.array(b.hist, np.int64), b.hist_low,
+                               b.hist_high, b.num_timesteps, b.hist_skipped)
         return StatsPage(out, more)
 
     async def close(self) -> None:
@@ -251,7 +318,7 @@ class StatsRecorder:
         self._flush_s = flush_s
         self._flush_timeout_s = flush_timeout_s
         self._pending: dict[StatsKey, Moments] = {}
-        self._raw: list[tuple[str, str, int, int, np.ndarray, np.ndarray]] = []
+        self._raw: list[tuple[str, str, int, int, tuple[float, float], np.ndarray, np.ndarray]] = []
         self._raw_count = 0
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
@@ -269,28 +336,30 @@ class StatsRecorder:
         self._datasets.add(dataset)
 
     def record(self, dataset: str, model: str, version: int, num_timesteps: int, t: np.ndarray,
-               scores: np.ndarray) -> None:
+               scores: np.ndarray, hist_range: tuple[float, float] = LEGACY_HIST_RANGE) -> None:
         """Keep the raw scores; they are summarised per bucket in bulk at the next flush (one np.unique per
-        group and flush instead of per request), or sooner when too many are waiting."""
+        group and flush instead of per request), or sooner when too many are waiting. `hist_range`: the
+        model version's histogram range (`probe_range`)."""
         if scores.size == 0:
             return
-        self._raw.append((dataset, model, version, num_timesteps, t, scores))
+        self._raw.append((dataset, model, version, num_timesteps, hist_range, t, scores))
         self._raw_count += scores.size
         if self._raw_count >= RAW_LIMIT:
             self._compact()
 
     def _compact(self) -> None:
         raw, self._raw, self._raw_count = self._raw, [], 0
-        groups: dict[tuple[str, str, int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
-        for dataset, model, version, num_timesteps, t, scores in raw:
-            groups.setdefault((dataset, model, version, num_timesteps), []).append((t, scores))
-        for (dataset, model, version, num_timesteps), parts in groups.items():
+        groups: dict[tuple[str, str, int, int, tuple[float, float]], list[tuple[np.ndarray, np.ndarray]]] = {}
+        for dataset, model, version, num_timesteps, hist_range, t, scores in raw:
+            groups.setdefault((dataset, model, version, num_timesteps, hist_range), []).append((t, scores))
+        for (dataset, model, version, num_timesteps, hist_range), parts in groups.items():
             t = np.concatenate([p[0] for p in parts])
             scores = np.concatenate([p[1] for p in parts])
             buckets = timestep_bucket(t, num_timesteps)
             for bucket in np.unique(buckets):
                 part = scores[buckets == bucket]
-                self._pending.setdefault((dataset, model, version, int(bucket)), Moments()).merge(Moments.of(part))
+                self._pending.setdefault((dataset, model, version, int(bucket)), Moments()).merge(
+                    Moments.of(part, hist_range, num_timesteps))
 
     async def flush(self) -> bool:
         """Merge what is pending into the store; on failure keep it for the next try. True on success."""
