@@ -29,12 +29,10 @@ RUN useradd --system --uid 10001 --create-home rater && mkdir -p /models && chow
 USER rater
 WORKDIR /home/rater
 
-# Flags have RATER_SERVER_* env fallbacks (see docs/serving.md).
+# Flags have RATER_SERVER_* env fallbacks (see docs/serving.md). Set the port and TLS files through them
+# (RATER_SERVER_TLS_CERT, RATER_SERVER_TLS_KEY), not as flags, so that the health check sees them too: it
+# reads the same variables and speaks TLS when RATER_SERVER_TLS_CERT is set.
 ENV RATER_SERVER_PORT=50051 RATER_SERVER_METRICS_PORT=9464
 EXPOSE 50051 9464
-HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 CMD python -c "import grpc, os; \
-from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; \
-c = grpc.insecure_channel('127.0.0.1:' + os.environ.get('RATER_SERVER_PORT', '50051')); \
-s = g.HealthStub(c).Check(h.HealthCheckRequest(service=''), timeout=4).status; \
-raise SystemExit(0 if s == h.HealthCheckResponse.SERVING else 1)"
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 CMD ["rater-server", "health"]
 ENTRYPOINT ["rater-server", "serve", "--repository", "/models"]

@@ -149,3 +149,17 @@ def test_models_repository_mistakes(tmp_path, rater_onnx):
     assert [(v["version"], v["state"]) for v in listed[0]["versions"]] == [(1, "ON_DISK"), (2, "INVALID")]
     assert "onnxruntime cannot load it" in listed[0]["versions"][1]["reason"]
     assert "2 (INVALID" in invoke("models", "--repository", repo).stdout
+
+
+def test_deploy_to_a_server_without_admin_is_one_line(tmp_path, rater_onnx):
+    """A server started without --auth-token-file or --insecure-admin refuses deploys: nrctl says so in one line."""
+    from support.server import ServerThread, make_repository
+
+    from noiserater.server.config import ServerConfig
+
+    repo = make_repository(tmp_path / "repo", {"digits": [rater_onnx]})
+    with ServerThread(ServerConfig(repository=repo, host="127.0.0.1", port=0)) as server:
+        refused = invoke("deploy", rater_onnx, "--name", "digits", "--server", server.target)
+    assert refused.exit_code == 1 and "Traceback" not in refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert "PERMISSION_DENIED" in line and "--auth-token-file" in line and "--insecure-admin" in line

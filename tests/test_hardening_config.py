@@ -28,7 +28,6 @@ def repo(tmp_path):
     return write_repository(tmp_path / "repo", {"digits": plain_rater_bytes()})
 
 
-@pytest.mark.xfail(strict=True, reason="no --insecure-admin flag and no warning: admin RPCs are open by default")
 def test_insecure_admin_serves_admin_rpcs_and_warns_at_start(repo):
     """With --insecure-admin (and no token file) DeployModel works without a token, and the server's output has
     a warning line about the open admin RPCs (written at start-up)."""
@@ -43,8 +42,6 @@ def test_insecure_admin_serves_admin_rpcs_and_warns_at_start(repo):
     assert warnings, output
 
 
-@pytest.mark.xfail(strict=True, reason="only a user:password@ pair is redacted: a percent-encoded password and a "
-                                       "?password= query parameter are logged")
 def test_redis_password_is_not_logged(repo):
     """--redis-url redis://:p%40ss@127.0.0.1:PORT/0?password=secret shows neither password (decoded or not) nor
     the query's secret anywhere in the start-up output."""
@@ -58,7 +55,7 @@ def test_redis_password_is_not_logged(repo):
 
 @pytest.mark.parametrize("source", [
     "env",
-    pytest.param("file", marks=pytest.mark.xfail(strict=True, reason="no --redis-url-file")),
+    "file",
 ])
 def test_redis_url_from_environment_or_file(repo, tmp_path, redis_url, source):
     """The Redis URL can be kept off the command line: given as RATER_SERVER_REDIS_URL, or in a file named by
@@ -84,7 +81,6 @@ def test_redis_url_from_environment_or_file(repo, tmp_path, redis_url, source):
         client.close()
 
 
-@pytest.mark.xfail(strict=True, reason="a bad key surfaces as gRPC's 'Failed to bind to address'")
 def test_bad_tls_key_is_reported_as_a_key_problem(repo, tmp_path):
     """A --tls-key file that holds no valid private key makes rater-server exit 1 with a one-line error about the
     key, not about binding the address."""

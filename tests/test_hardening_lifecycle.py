@@ -100,7 +100,6 @@ def test_start_up_removes_uploads_a_killed_deploy_left(repo, token_file):
         assert sorted(str(p.relative_to(repo)) for p in repo.rglob(".upload-*")) == []
 
 
-@pytest.mark.xfail(strict=True, reason="SIGTERM waits the whole grace period for an idle SelectNoiseStream to end")
 def test_idle_stream_does_not_hold_up_sigterm(repo):
     """With --grace-s 10 and one SelectNoiseStream open without a message, SIGTERM stops the process (exit 0)
     well within the grace period: in under 5 s."""
@@ -115,7 +114,6 @@ def test_idle_stream_does_not_hold_up_sigterm(repo):
         assert code == 0 and seconds < 5, f"exit status {code} after {seconds:.1f}s"
 
 
-@pytest.mark.xfail(strict=True, reason="calls that reach the server while gRPC itself shuts down end CANCELLED")
 def test_calls_around_sigterm_are_answered_or_refused_unavailable_never_cancelled(repo):
     """Eight threads send SelectNoise calls back to back (each goes on after a refusal) while SIGTERM arrives:
     every call ends OK or UNAVAILABLE, none CANCELLED (or with any other code)."""
@@ -151,8 +149,6 @@ def test_calls_around_sigterm_are_answered_or_refused_unavailable_never_cancelle
     assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
 
 
-@pytest.mark.xfail(strict=True, reason="gRPC binds with SO_REUSEPORT: a second server on a taken port starts and "
-                                       "shares it")
 def test_second_server_on_a_taken_port_exits_with_one_line(repo, tmp_path):
     """A second rater-server started on the port a running one serves exits with status 1 and a one-line error
     naming the port, instead of sharing the port."""

@@ -30,7 +30,9 @@ MAX_DATASETS = 6
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, rater_onnx):
     repo = make_repository(tmp_path_factory.mktemp("repo"), {"digits": [rater_onnx]})
-    config = ServerConfig(repository=repo, host="127.0.0.1", port=0, device="cpu", max_datasets=MAX_DATASETS)
+    # --insecure-admin: an admin call's bad request reaches the server's checks (else PERMISSION_DENIED first).
+    config = ServerConfig(repository=repo, host="127.0.0.1", port=0, device="cpu", max_datasets=MAX_DATASETS,
+                          insecure_admin=True)
     with ServerThread(config) as running:
         yield running
 

@@ -106,7 +106,8 @@ def server(tmp_path_factory, rater_onnx):
     repo = make_repository(tmp_path_factory.mktemp("repo"), {name: [rater_onnx] for name in (*CONFIGS, "plain")})
     for name, text in CONFIGS.items():
         (repo / name / "config.pbtxt").write_text(text)
-    config = ServerConfig(repository=repo, host="127.0.0.1", port=0, device="cpu", max_batch=1000, max_delay_ms=0.25)
+    config = ServerConfig(repository=repo, host="127.0.0.1", port=0, device="cpu", max_batch=1000, max_delay_ms=0.25,
+                          insecure_admin=True)
     with ServerThread(config) as running:
         yield running
 

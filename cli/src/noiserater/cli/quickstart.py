@@ -8,6 +8,7 @@ console script, started as a user would start it.
 
 from __future__ import annotations
 
+import secrets
 import tempfile
 import time
 from contextlib import ExitStack
@@ -66,12 +67,19 @@ def quickstart(
     repository = work / "models"
     repository.mkdir(exist_ok=True)
     say("[bold]3/5 serve[/] rater-server on a free loopback port, then deploy over gRPC")
+    # The server refuses deploys unless it has an admin token: a fresh one, readable by this user only.
+    token = secrets.token_urlsafe(24)
+    token_file = work / "admin-token"
+    token_file.touch(mode=0o600)
+    token_file.chmod(0o600)  # an older file keeps its mode through touch
+    token_file.write_text(token + "\n")
     with ExitStack() as stack:
         try:
-            target = start_rater_server(stack, repository, log_path=work / "rater-server.log").target
+            target = start_rater_server(stack, repository, ["--auth-token-file", str(token_file)],
+                                        log_path=work / "rater-server.log").target
         except (RuntimeError, OSError) as exc:
             fail(f"{exc}; see {work / 'rater-server.log'}")
-        with RaterChannel(target, max_attempts=1) as channel:
+        with RaterChannel(target, token=token, max_attempts=1) as channel:
             deployed = channel.call("DeployModel", pb.DeployModelRequest(name="digits", onnx=onnx_path.read_bytes()),
                                     timeout_s=60).model
             say(f"    {target}: deployed digits version {deployed.version}")

@@ -4,7 +4,10 @@ until it is told to stop, then drains."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
 import logging
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,13 +21,14 @@ from noiserater.core.v1 import rater_service_pb2 as v1_pb
 from noiserater.core.v1 import rater_service_pb2_grpc as v1_grpc
 from noiserater.server.auth import TokenAuthInterceptor, read_token
 from noiserater.server.client_errors import MalformedRequestInterceptor
-from noiserater.server.config import ServerConfig
+from noiserater.server.config import ConfigError, ServerConfig
 from noiserater.server.metrics import ServerMetrics, serve_http
 from noiserater.server.models import ModelRegistry
 from noiserater.server.rpc import RpcRuntime
 from noiserater.server.service_kserve import InferenceServicer
 from noiserater.server.service_v1 import RaterServicer
 from noiserater.server.stats import MemoryStatsStore, RedisStatsStore, StatsRecorder
+from noiserater.server.tls import check_server_pair
 
 log = logging.getLogger("rater-server")
 
@@ -32,9 +36,59 @@ V1_SERVICE = v1_pb.DESCRIPTOR.services_by_name["RaterService"].full_name
 KSERVE_SERVICE = kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
-def grpc_options(max_message_mb: int) -> list[tuple[str, int]]:
+HELD_CALLS_S = 0.5
+
+
+def grpc_options(max_message_mb: int, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """The server's channel options. SO_REUSEPORT, on in gRPC by default, would let a second server bind the
+    same port and share its traffic: off unless asked for, so that a port in use is an error."""
     size = max_message_mb * 1024 * 1024
-    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
+            ("grpc.so_reuseport", int(reuse_port))]
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ConfigError when another process listens on host:port. Checked before the models load so that a second
+    server fails at once, with one line (gRPC's own bind failure comes later and logs several)."""
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except OSError:
+        return  # an unresolvable host: gRPC's bind reports it
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ConfigError(f"--port: {host}:{port} is already in use (another rater-server? "
+                                      "--reuse-port lets servers share a port)") from None
+
+
+def startup_warnings(config: ServerConfig) -> list[str]:
+    """What an operator should know about an exposed configuration, logged at start."""
+    warnings = []
+    if config.insecure_admin:
+        warnings.append("--insecure-admin: the admin RPCs (deploy, unload, set default) need no token; anyone "
+                        f"who can reach {config.host}:{config.port} can replace the served models")
+    if not config.tls_cert and not is_loopback(config.host):
+        warnings.append(f"serving plaintext on {config.host}, which is not a loopback address: requests, "
+                        "responses and bearer tokens cross the network unencrypted (use --tls-cert/--tls-key "
+                        "or a TLS proxy)")
+    return warnings
 
 
 class RaterServer:
@@ -46,7 +100,7 @@ class RaterServer:
         ort.set_default_logger_severity(3)
         self.config = config
         self.metrics = ServerMetrics()
-        self.runtime = RpcRuntime(self.metrics)
+        self.runtime = RpcRuntime(self.metrics, config.max_stream_in_flight)
         # Inference runs (one per batch, or one per request with batching off) and model loading.
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="onnxruntime")
         self.registry = ModelRegistry(config, self.executor, self.metrics)
@@ -61,15 +115,23 @@ class RaterServer:
     async def start(self) -> int:
         """Load and warm up every model, then bind and serve. Returns the bound port."""
         config = self.config
+        if config.tls_cert:
+            check_server_pair(config.tls_cert, config.tls_key)
+        if not config.reuse_port:
+            check_port_free(config.host, config.port)
         store = RedisStatsStore(config.redis_url, config.stats_ttl_s) if config.redis_url else MemoryStatsStore()
         self.recorder = StatsRecorder(store, self.metrics, config.stats_flush_s, max_datasets=config.max_datasets)
         self.load_problems = await self.registry.load_repository()
         interceptors: list[grpc.aio.ServerInterceptor] = []
-        if config.auth_token_file:
-            interceptors.append(TokenAuthInterceptor(read_token(config.auth_token_file), config.auth_all))
+        token = read_token(config.auth_token_file) if config.auth_token_file else None
+        if token is not None or not config.insecure_admin:
+            interceptors.append(TokenAuthInterceptor(token, config.auth_all, config.insecure_admin))
+        if token is not None:
             self.runtime.authenticate = interceptors[-1].authenticated
         interceptors.append(MalformedRequestInterceptor())  # after auth: an unauthenticated call is refused unread
-        self.server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config.max_message_mb))
+        self.server = grpc.aio.server(interceptors=interceptors,
+                                      options=grpc_options(config.max_message_mb, config.reuse_port),
+                                      maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
         v1_grpc.add_RaterServiceServicer_to_server(
             RaterServicer(self.registry, self.recorder, self.runtime), self.server)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
@@ -79,17 +141,28 @@ class RaterServer:
             (V1_SERVICE, KSERVE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.server)
         address = f"{config.host}:{config.port}"
-        if config.tls_cert:
-            credentials = grpc.ssl_server_credentials(
-                [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
-            self.port = self.server.add_secure_port(address, credentials)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        try:
+            if config.tls_cert:
+                credentials = grpc.ssl_server_credentials(
+                    [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
+                self.port = self.server.add_secure_port(address, credentials)
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError:  # gRPC's "Failed to bind to address ..."
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot bind {address}")
+            raise ConfigError(f"--port: cannot bind {address} (in use? --reuse-port lets servers share a port)"
+                              if config.port else f"--host: cannot bind {address}")
+        for warning in startup_warnings(config):
+            log.warning("%s", warning)
         await self.server.start()
         if config.metrics_port:
-            self._metrics_http = serve_http(config.host, config.metrics_port, self.metrics.registry, self.ready)
+            try:
+                self._metrics_http = serve_http(config.host, config.metrics_port, self.metrics.registry, self.ready)
+            except OSError as exc:
+                await self.server.stop(0)
+                raise ConfigError(f"--metrics-port: cannot bind {config.host}:{config.metrics_port} "
+                                  f"({exc.strerror or exc})") from None
         self.recorder.start()
         # Every model on disk is loaded and warmed up by now: the server is ready.
         for service in ("", V1_SERVICE, KSERVE_SERVICE):
@@ -107,13 +180,14 @@ class RaterServer:
         grace = self.config.grace_s if grace is None else grace
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        self.runtime.draining = True
+        self.runtime.start_draining()
         await self.health.enter_graceful_shutdown()
-        # New inference calls now get UNAVAILABLE (which clients retry elsewhere) while the accepted ones
-        # finish; only then does gRPC shut down, which would answer late arrivals with CANCELLED.
+        # New inference calls now get UNAVAILABLE (which clients retry elsewhere) and idle streams end with it,
+        # while the accepted requests finish; then gRPC stops without cancelling a call (RpcRuntime.stop_grpc).
         await self.runtime.drained(deadline)
         if self.server is not None:
-            await self.server.stop(max(0.0, deadline - loop.time()))
+            # At least a moment for the calls held while the stop begins, even when the grace period is spent.
+            await self.runtime.stop_grpc(self.server.stop(max(HELD_CALLS_S, deadline - loop.time())))
         await self.registry.close(grace)
         if self.recorder is not None:
             await self.recorder.close()

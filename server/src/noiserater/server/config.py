@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,7 +45,9 @@ class ServerConfig:
     host: str = option("0.0.0.0", "address to bind (default %(default)s)")
     port: int = option(50051, "gRPC port (default %(default)s)", valid=valid_port)
     metrics_port: int = option(0, "Prometheus /metrics port; 0 = off (default %(default)s)", valid=valid_port)
-    redis_url: str = option("", "Redis for the shared score statistics; empty = in process memory")
+    redis_url: str = option("", "Redis for the shared score statistics; empty = in process memory. Prefer "
+                                "--redis-url-file or the environment to keep a password out of argv")
+    redis_url_file: str = option("", "file holding the Redis URL (instead of --redis-url)")
     max_batch: int = option(8192, "max (x0,t,eps) triples per onnxruntime run; 0 switches batching off "
                                   "(default %(default)s)", valid=at_least(0))
     # 0, Triton's default too: batch what queued up while the instances were busy.
@@ -82,10 +85,20 @@ class ServerConfig:
     auth_token_file: str = option("", "file holding the bearer token that admin RPCs (deploy, unload, set "
                                       "default) require")
     auth_all: bool = option(False, "require the token on every RPC (health checks excepted)")
+    insecure_admin: bool = option(False, "allow the admin RPCs without a token (anyone who reaches the port can "
+                                         "deploy and unload); without it or --auth-token-file they are refused")
     tls_cert: str = option("", "PEM certificate chain: serve TLS")
     tls_key: str = option("", "PEM private key for --tls-cert")
     max_message_mb: int = option(64, "max gRPC message size in MiB, both directions (default %(default)s)",
                                  valid=at_least(1))
+    reuse_port: bool = option(False, "let several servers share --port (SO_REUSEPORT); off, a port in use is an "
+                                     "error")
+    max_concurrent_rpcs: int = option(1024, "RPCs served at once (a stream counts as one); more get "
+                                            "RESOURCE_EXHAUSTED; 0 = unlimited (default %(default)s)",
+                                      valid=at_least(0))
+    max_stream_in_flight: int = option(256, "unanswered requests per SelectNoiseStream; past it the server reads "
+                                            "no more from that stream until answers are written "
+                                            "(default %(default)s)", valid=at_least(1))
     grace_s: float = option(10.0, "on SIGTERM, time in-flight requests get to finish (default %(default)s)",
                             valid=at_least(0))
     switch_interval_ms: float = option(0.5, "Python GIL switch interval; short keeps onnxruntime threads from "
@@ -104,12 +117,18 @@ class ServerConfig:
 
 
 def _redact(url: str) -> str:
-    """redis://user:secret@host -> redis://user:***@host."""
-    if "@" in url and ":" in url.split("@", 1)[0].split("//", 1)[-1]:
-        scheme, rest = url.split("//", 1) if "//" in url else ("", url)
-        cred, host = rest.split("@", 1)
-        return f"{scheme}//{cred.split(':', 1)[0]}:***@{host}"
-    return url
+    """The URL with its secrets masked: the password of the userinfo (everything up to the last "@", so a
+    password holding "@" is masked whole; a userinfo without ":" may be a password and is masked whole) and
+    any password=... query parameter. redis://user:secret@host -> redis://user:***@host."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" in rest:
+        userinfo, host = rest.rsplit("@", 1)
+        user, colon, _ = userinfo.partition(":")
+        rest = f"{user}:***@{host}" if colon else f"***@{host}"
+    rest = re.sub(r"(?i)([?&;](?:password|pass|passwd|pwd)=)[^&;#]*", r"\1***", rest)
+    return f"{scheme}{sep}{rest}"
 
 
 def _flag(name: str) -> str:
@@ -145,13 +164,17 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ConfigError("--repository is required (or set RATER_SERVER_REPOSITORY)")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
-    for name in ("tls_cert", "tls_key", "auth_token_file"):
+    for name in ("tls_cert", "tls_key", "auth_token_file", "redis_url_file"):
         value = getattr(args, name)
         if value and not Path(value).is_file():
             raise ConfigError(f"{_flag(name)}: no such file {value}")
     if args.auth_all and not args.auth_token_file:
         raise ConfigError("--auth-all needs --auth-token-file")
+    if args.insecure_admin and args.auth_token_file:
+        raise ConfigError("--insecure-admin and --auth-token-file exclude each other (the token protects admin)")
     values = {field.name: getattr(args, field.name) for field in dataclasses.fields(ServerConfig)}
+    if args.redis_url_file:
+        values["redis_url"] = _read_redis_url(args.redis_url_file, args.redis_url)
     for field in dataclasses.fields(ServerConfig):
         valid = field.metadata.get("valid")
         if valid is not None and not valid(values[field.name]):
@@ -160,3 +183,16 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ConfigError("--max-queued-triples must be at least --max-request-triples (a queue that cannot take "
                           "one request of the largest size)")
     return ServerConfig(**{**values, "repository": Path(args.repository)})
+
+
+def _read_redis_url(path: str, given: str) -> str:
+    """The URL in --redis-url-file (first non-empty line), which keeps the password out of argv."""
+    if given:
+        raise ConfigError("--redis-url and --redis-url-file exclude each other")
+    try:
+        lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--redis-url-file: cannot read {path} ({type(exc).__name__})") from None
+    if not lines:
+        raise ConfigError(f"--redis-url-file: {path} is empty")
+    return lines[0]

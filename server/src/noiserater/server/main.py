@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -28,7 +29,63 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("onnx", help="path of the ONNX file")
     check.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     check.set_defaults(func=cmd_check)
+    health = sub.add_parser(
+        "health", help="exit 0 when a rater server reports SERVING over grpc health (the image's HEALTHCHECK)",
+        description="Ask a rater server's grpc.health.v1 Check; exit 0 when it answers SERVING, else print why "
+                    "and exit 1. Reads the server's own environment: RATER_SERVER_PORT (and RATER_SERVER_HOST "
+                    "unless it is a wildcard address) for the target, and speaks TLS when RATER_SERVER_TLS_CERT "
+                    "is set, trusting that certificate and checking it for one of its own names.")
+    health.add_argument("--target", default="", help="HOST:PORT (default 127.0.0.1:$RATER_SERVER_PORT, or 50051)")
+    health.add_argument("--tls-cert", default=os.environ.get("RATER_SERVER_TLS_CERT", ""),
+                        help="the server's PEM certificate: speak TLS (env RATER_SERVER_TLS_CERT)")
+    health.add_argument("--tls-ca", default="", help="PEM roots to verify the server with (default: --tls-cert)")
+    health.add_argument("--tls-server-name", default="",
+                        help="name to check the certificate for (default: the certificate's first name)")
+    health.add_argument("--service", default="", help="health service name; empty = the whole server")
+    health.add_argument("--timeout-s", type=float, default=4.0, help="deadline of the check (default %(default)s)")
+    health.set_defaults(func=cmd_health)
     return parser
+
+
+WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+
+
+def health_target() -> str:
+    host = os.environ.get("RATER_SERVER_HOST", "")
+    host = "127.0.0.1" if host in WILDCARD_HOSTS else host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{os.environ.get('RATER_SERVER_PORT') or 50051}"
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from noiserater.server.tls import certificate_names
+
+    target = args.target or health_target()
+    if args.tls_cert:
+        roots = args.tls_ca or args.tls_cert
+        if not os.path.isfile(roots):
+            raise ConfigError(f"{'--tls-ca' if args.tls_ca else '--tls-cert'}: no such file {roots}")
+        with open(roots, "rb") as pem:
+            credentials = grpc.ssl_channel_credentials(root_certificates=pem.read())
+        names = [n for n in certificate_names(args.tls_cert) if "*" not in n]
+        name = args.tls_server_name or (names[0] if names else "localhost")
+        channel = grpc.secure_channel(target, credentials, options=[("grpc.ssl_target_name_override", name)])
+    else:
+        channel = grpc.insecure_channel(target)
+    with channel:
+        try:
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout_s).status
+        except grpc.RpcError as exc:
+            detail = (exc.details() or "").strip().splitlines()
+            raise ConfigError(f"health: {target}: {exc.code().name}: {detail[0] if detail else ''}") from None
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    print(f"{target}: {name}")
+    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -71,6 +128,8 @@ async def _serve(config) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         port = await server.start()
+    except ConfigError:
+        raise
     except Exception as exc:  # bind failure, bad TLS files, ...: one line, not a traceback
         raise ConfigError(f"cannot start: {_first_line(exc)}") from None
     for problem in server.load_problems:

@@ -12,7 +12,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -76,16 +76,18 @@ def bounded(message: str) -> str:
 
 @dataclass
 class RequestCounters:
-    """Inference requests received and answered; printed at shutdown to show that none was lost."""
+    """Inference requests received, answered and dropped; printed at shutdown to show that none was lost. An
+    accepted request is answered once its response is handed to gRPC (on a stream: written to it), and
+    dropped when it is cancelled first (its client went away, or the drain's grace period ran out) or its
+    response cannot be written. Requests refused while draining are neither: they were never accepted."""
 
     received: int = 0
     answered: int = 0
     dropped: int = 0
-    unwritten: int = 0  # stream responses answered but not yet written back to their stream
 
     @property
     def in_flight(self) -> int:
-        return self.received - self.answered - self.dropped + self.unwritten
+        return self.received - self.answered - self.dropped
 
 
 @dataclass
@@ -122,29 +124,68 @@ class Outcome(NamedTuple):
 
 
 Handler = Callable[[Any, CallContext], Awaitable[Any]]  # (request, call) -> response
+Deliver = Callable[[Outcome], Awaitable[None]]  # writes an outcome back (a stream's message)
+
+# gRPC's stop cancels the calls it has received but not yet handed to the server (the event loop picks them
+# up one at a time), so a client would see CANCELLED where it should see UNAVAILABLE. Before the stop, new
+# calls are therefore held unanswered: their clients wait instead of sending more, and the calls gRPC still
+# holds reach the server. Once no call has arrived for HOLD_QUIET_S (at most HOLD_MAX_S), the stop begins
+# (from then on gRPC refuses new calls with UNAVAILABLE itself) and the held calls are answered.
+HOLD_QUIET_S = 0.05
+HOLD_MAX_S = 1.0
 
 
 class RpcRuntime:
     """What every call of one server shares: its metrics, its request counters and whether it is draining
-    (then new inference calls are refused with UNAVAILABLE and the server waits for the accepted ones)."""
+    (then new inference calls are refused with UNAVAILABLE, idle streams are ended with UNAVAILABLE, and the
+    server waits for the accepted requests)."""
 
-    def __init__(self, metrics: ServerMetrics):
+    def __init__(self, metrics: ServerMetrics, max_stream_in_flight: int = 256):
         self.metrics = metrics
         self.counters = RequestCounters()
         self.draining = False
         # Says whether a call's metadata carries the bearer token; set when a token is configured.
         self.authenticate: Callable[[Any], bool] | None = None
+        self.max_stream_in_flight = max_stream_in_flight
+        self._streams: set[asyncio.Event] = set()  # each open stream's wake-up, set when the drain starts
+        self._last_arrival = 0.0
+        self._admit = asyncio.Event()  # cleared while gRPC's stop is prepared: new calls wait
+        self._admit.set()
+
+    def start_draining(self) -> None:
+        """Refuse new inference requests from now on and end every stream as soon as it is idle."""
+        self.draining = True
+        for wake in self._streams:
+            wake.set()
 
     async def drained(self, deadline: float) -> None:
-        """Wait until no accepted inference request is in flight, or the loop's clock passes `deadline`."""
+        """Wait until no accepted inference request is in flight and every stream has ended, or the loop's clock
+        passes `deadline`."""
         loop = asyncio.get_running_loop()
-        while self.counters.in_flight > 0 and loop.time() < deadline:
+        while (self.counters.in_flight > 0 or self._streams) and loop.time() < deadline:
             await asyncio.sleep(0.005)
 
+    async def stop_grpc(self, stop: Coroutine[Any, Any, None]) -> None:
+        """Run `stop` (gRPC's server stop) so that no call is cancelled by it: hold new calls, wait until calls
+        stop arriving, begin the stop, then answer the held calls (see HOLD_QUIET_S)."""
+        loop = asyncio.get_running_loop()
+        self._admit.clear()
+        start = loop.time()
+        while loop.time() - start < HOLD_MAX_S and loop.time() - max(self._last_arrival, start) < HOLD_QUIET_S:
+            await asyncio.sleep(0.005)
+        stopping = loop.create_task(stop)
+        await asyncio.sleep(0.01)  # the stop's first step shuts gRPC's listeners and connections to new calls
+        self._admit.set()
+        await stopping
+
     async def answer(self, method: str, inference: bool, handler: Handler, request: Any,
-                     context: grpc.aio.ServicerContext | None = None) -> Outcome:
+                     context: grpc.aio.ServicerContext | None = None, deliver: Deliver | None = None) -> Outcome:
         """Run one request's handler with the server's accounting: refuse inference while draining, map
-        exceptions to status codes, count the answer."""
+        exceptions to status codes, count the answer. With `deliver`, the outcome is delivered through it
+        (a stream's write) before the request counts as answered, so a draining server waits for it."""
+        self._last_arrival = asyncio.get_running_loop().time()
+        if not self._admit.is_set():
+            await self._admit.wait()
         started = time.perf_counter()
         call = CallContext(self, method, inference, grpc_context=context)
         counters = self.counters
@@ -152,7 +193,10 @@ class RpcRuntime:
             code = grpc.StatusCode.UNAVAILABLE
             self.metrics.requests.labels(method, "", "", code.name).inc()
             self.metrics.request_seconds.labels(method, code.name).observe(time.perf_counter() - started)
-            return Outcome(None, code, DRAINING_MESSAGE)
+            outcome = Outcome(None, code, DRAINING_MESSAGE)
+            if deliver is not None:
+                await deliver(outcome)
+            return outcome
         if inference:
             counters.received += 1
         code, message, response = grpc.StatusCode.OK, "", None
@@ -176,9 +220,17 @@ class RpcRuntime:
         finally:
             self.metrics.requests.labels(method, call.model, call.version, code.name).inc()
             self.metrics.request_seconds.labels(method, code.name).observe(time.perf_counter() - started)
-            if inference and code != grpc.StatusCode.CANCELLED:
-                counters.answered += 1
-        return Outcome(response, code, message)
+        outcome = Outcome(response, code, message)
+        if deliver is not None:
+            try:
+                await deliver(outcome)
+            except BaseException:
+                if inference:
+                    counters.dropped += 1
+                raise
+        if inference:
+            counters.answered += 1
+        return outcome
 
     async def serve_stream(self, method: str, request_iterator: AsyncIterator[Any],
                            context: grpc.aio.ServicerContext, handler: Handler,
@@ -186,29 +238,58 @@ class RpcRuntime:
         """A bidirectional stream of independent inference requests. Each goes through `answer` (the same
         accounting as a unary call), concurrently with the others so that one stream's requests batch like
         separate calls; `respond(request, outcome)` makes its stream message, written as soon as it is
-        ready. A failed request gets its own message; the stream goes on. A response counts as in flight
-        until it is written, so a draining server waits for it."""
-        counters = self.counters
+        ready. A failed request gets its own message; the stream goes on.
+
+        At most `max_stream_in_flight` requests of a stream are unanswered or unwritten at once: past that
+        the stream is not read until some are written, so gRPC's flow control holds the client back. While
+        draining, a stream with nothing in flight is ended with UNAVAILABLE (clients reopen it elsewhere)."""
+        loop = asyncio.get_running_loop()
         write_lock = asyncio.Lock()
         tasks: set[asyncio.Task] = set()
+        failures: list[BaseException] = []
+        changed = asyncio.Event()  # a request finished, the reader ended, or the drain started
+        room = asyncio.Event()  # a request finished: the reader may go on
+
+        def finished(task: asyncio.Task) -> None:
+            tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                failures.append(task.exception())
+            room.set()
+            changed.set()
 
         async def one(request: Any) -> None:
-            reply = respond(request, await self.answer(method, True, handler, request))
-            counters.unwritten += 1  # no await since `answer` counted it answered: the drain never sees a gap
-            try:
+            async def deliver(outcome: Outcome) -> None:
                 async with write_lock:
-                    await context.write(reply)
-            finally:
-                counters.unwritten -= 1
+                    await context.write(respond(request, outcome))
 
-        try:
+            await self.answer(method, True, handler, request, deliver=deliver)
+
+        async def read() -> None:
             async for request in request_iterator:
-                task = asyncio.get_running_loop().create_task(one(request))
+                task = loop.create_task(one(request))
                 tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            while tasks:  # the client is done sending; finish what it sent
-                await asyncio.gather(*tasks)
+                task.add_done_callback(finished)
+                while len(tasks) >= self.max_stream_in_flight:
+                    room.clear()
+                    await room.wait()
+
+        reader = loop.create_task(read())
+        reader.add_done_callback(lambda _: changed.set())
+        self._streams.add(changed)
+        try:
+            while not failures and not (reader.done() and not tasks):
+                if self.draining and not tasks:
+                    self._streams.discard(changed)
+                    reader.cancel()
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
+                changed.clear()
+                await changed.wait()
+            if failures:
+                raise failures[0]
+            reader.result()  # the stream broke while reading: end with its error
         finally:
+            self._streams.discard(changed)
+            reader.cancel()
             for task in tasks:
                 task.cancel()
 
