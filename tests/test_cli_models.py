@@ -91,6 +91,9 @@ def test_deploy_models_stats_on_a_server(tmp_path, rater_onnx):
             selector.select(torch.rand(3, 64), torch.randint(0, 100, (3,)))
         stats = json.loads(nrctl("stats", "--server", server.target, "--dataset", "cli", "--json").stdout)
         assert sum(b["count"] for b in stats["buckets"]) == 6 and stats["buckets"][0]["version"] == 2
+        misspelt = nrctl("stats", "--server", server.target, "--dataset", "clj", check=False)
+        assert misspelt.returncode == 1 and "no statistics for dataset 'clj'" in misspelt.stderr
+        assert len(misspelt.stderr.strip().splitlines()) == 1
     from support import free_port
 
     unreachable = nrctl("models", "--server", f"127.0.0.1:{free_port()}", check=False)

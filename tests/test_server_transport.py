@@ -1,7 +1,9 @@
-"""Transport: TLS with --tls-cert/--tls-key, and the max message size (oversized -> RESOURCE_EXHAUSTED)."""
+"""Transport: TLS with --tls-cert/--tls-key (the client and nrctl --tls-ca), and the max message size (oversized ->
+RESOURCE_EXHAUSTED)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -9,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 from support.server import ServerThread, make_repository
+from typer.testing import CliRunner
 
 from noiserater.client.channel import RaterChannel
 from noiserater.core import codec
@@ -40,6 +43,25 @@ def test_tls(tmp_path, rater_onnx):
             assert pb_grpc.RaterServiceStub(channel).Score(score_request(3)).model.version == 1
         with RaterChannel(f"localhost:{server.port}", tls_root_cert=cert.read_bytes(), timeout_s=10) as channel:
             assert channel.call("Score", score_request(3)).model.version == 1
+        # nrctl's commands that talk to a server take --tls-ca; without it they cannot talk to a TLS server
+        from noiserater.cli.main import app
+
+        runner = CliRunner()
+        listed = runner.invoke(app, ["models", "--server", f"localhost:{server.port}", "--tls-ca", str(cert), "--json"])
+        assert listed.exit_code == 0, listed.output
+        assert json.loads(listed.stdout)["models"][0]["name"] == "digits"
+        plain = runner.invoke(app, ["models", "--server", f"localhost:{server.port}"])
+        assert plain.exit_code == 1 and "UNAVAILABLE" in plain.output
+        # and so does bench serve's load generator (--tls-ca)
+        import asyncio
+
+        from noiserater.trainer.bench.serve_load import make_request, measure_server
+        from noiserater.trainer.bench.serve_windows import Windows
+
+        request, _ = make_request("digits", (64,), 100, 2, 4)
+        level = asyncio.run(measure_server(f"localhost:{server.port}", request, 2, 8, Windows(0.05, 0.1, 3, 1.0),
+                                           tls_root_cert=cert.read_bytes()))
+        assert level.requests > 0 and level.errors == 0
         with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as err:
             pb_grpc.RaterServiceStub(channel).Score(score_request(3), timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -61,6 +61,8 @@ def bench_serve(
     stability: float = typer.Option(0.15, help="Max spread of the last 3 windows, relative to their mean."),
     rounds: int = typer.Option(5, min=1, help="Paired rounds (both sides back to back) behind each summary ratio."),
     token_file: Path | None = typer.Option(None, help="Bearer token file, when the server uses --auth-all."),
+    tls_ca: Path | None = typer.Option(None, "--tls-ca", exists=True, dir_okay=False, help="PEM root "
+                                       "certificate(s) of --target / --unbatched-target servers that serve TLS."),
     with_perf_analyzer: bool = typer.Option(False, "--perf-analyzer", help="Also measure every level with "
                                             "Triton's perf_analyzer (KServe ModelInfer of the same B x K "
                                             "triples, unary and --streaming) against both servers."),
@@ -78,7 +80,8 @@ def bench_serve(
             threads=threads,
             ceiling_callers=ceiling_callers or os.cpu_count() or 1,
             windows=Windows(warmup_s, window_s, max_windows, stability), rounds=rounds, target=target,
-            unbatched_target=unbatched_target, token_file=token_file, perf_analyzer=with_perf_analyzer)
+            unbatched_target=unbatched_target, token_file=token_file, tls_ca=tls_ca,
+            perf_analyzer=with_perf_analyzer)
         report = build_report(settings, run_serve(settings, progress))
     except (ValueError, RuntimeError, OSError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -21,6 +21,8 @@ TokenFileOpt = typer.Option(None, "--token-file", help="File holding the admin b
                             exists=True, dir_okay=False)
 TokenOpt = typer.Option(None, "--token", envvar=TOKEN_ENV, help="The admin bearer token itself, when no "
                         "--token-file is given (better set in the environment than on a command line).")
+TlsCaOpt = typer.Option(None, "--tls-ca", envvar="NOISERATER_TLS_CA", exists=True, dir_okay=False,
+                        help="PEM root certificate(s): talk TLS to the server and verify it against these.")
 
 
 def server_target(server: str | None) -> str:
@@ -35,15 +37,16 @@ def read_token(token_file: Path | None, token: str | None = None) -> str | None:
 
 
 @contextlib.contextmanager
-def rater_channel(server: str | None, token: str | None = None):
-    """A RaterChannel to the server (no retries: a retried deploy could add a version twice); any gRPC error
-    inside the block becomes one line and exit code 1."""
+def rater_channel(server: str | None, token: str | None = None, tls_ca: Path | None = None):
+    """A RaterChannel to the server, over TLS when `tls_ca` is given (no retries: a retried deploy could add a
+    version twice); any gRPC error inside the block becomes one line and exit code 1."""
     import grpc
 
     from noiserater.client.channel import ChannelError, RaterChannel
 
     try:
-        channel = RaterChannel(server_target(server), token=token, timeout_s=TIMEOUT_S, max_attempts=1)
+        channel = RaterChannel(server_target(server), token=token, timeout_s=TIMEOUT_S, max_attempts=1,
+                               tls_root_cert=tls_ca.read_bytes() if tls_ca is not None else None)
     except ChannelError as exc:
         fail(str(exc))
     try:
@@ -102,6 +105,7 @@ def deploy(
     version: int = typer.Option(0, "--version", help="Version number; 0 = newest + 1."),
     token_file: Path | None = TokenFileOpt,
     token: str | None = TokenOpt,
+    tls_ca: Path | None = TlsCaOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Deploy an ONNX rater as a new version: into a repository folder, or hot-loaded on a server."""
@@ -123,7 +127,7 @@ def deploy(
     else:
         from noiserater.core.v1 import rater_service_pb2 as pb
 
-        with rater_channel(server, read_token(token_file, token)) as channel:
+        with rater_channel(server, read_token(token_file, token), tls_ca) as channel:
             response = channel.call("DeployModel", pb.DeployModelRequest(name=name, version=version, onnx=data))
         result = {"name": response.model.name, "version": response.model.version, "server": server_target(server)}
     if as_json:
@@ -139,13 +143,14 @@ def unload(
     server: str = ServerOpt,
     token_file: Path | None = TokenFileOpt,
     token: str | None = TokenOpt,
+    tls_ca: Path | None = TlsCaOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Stop serving a model version, or all its versions, on a server; its files stay in the repository."""
     from noiserater.core.v1 import rater_service_pb2 as pb
 
     which = f"version {version}" if version else "every version"
-    admin_call(server, read_token(token_file, token), "UnloadModel",
+    admin_call(server, read_token(token_file, token), tls_ca, "UnloadModel",
                pb.UnloadModelRequest(model=pb.ModelRef(name=name, version=version)),
                {"name": name, "version": version or "all"}, f"unloaded {name} {which}", as_json)
 
@@ -156,21 +161,22 @@ def set_default(
     server: str = ServerOpt,
     token_file: Path | None = TokenFileOpt,
     token: str | None = TokenOpt,
+    tls_ca: Path | None = TlsCaOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Make a loaded version the model's default on a server (a rollback: the previous version)."""
     from noiserater.core.v1 import rater_service_pb2 as pb
 
-    admin_call(server, read_token(token_file, token), "SetDefaultVersion",
+    admin_call(server, read_token(token_file, token), tls_ca, "SetDefaultVersion",
                pb.SetDefaultVersionRequest(model=pb.ModelRef(name=name, version=version)),
                {"name": name, "default_version": version}, f"{name}: default version is now {version}", as_json)
 
 
-def admin_call(server: str | None, token: str | None, method: str, request, result: dict, done: str,
-               as_json: bool) -> None:
+def admin_call(server: str | None, token: str | None, tls_ca: Path | None, method: str, request, result: dict,
+               done: str, as_json: bool) -> None:
     """One admin RPC whose answer is empty, then what it did: `result` (with the server) as JSON, or the
     `done` line."""
-    with rater_channel(server, token) as channel:
+    with rater_channel(server, token, tls_ca) as channel:
         channel.call(method, request)
     if as_json:
         emit_json({**result, "server": server_target(server)})
@@ -180,6 +186,7 @@ def admin_call(server: str | None, token: str | None, method: str, request, resu
 
 def models(
     server: str = ServerOpt,
+    tls_ca: Path | None = TlsCaOpt,
     repository: Path | None = typer.Option(None, "--repository", help="List a repository folder instead (each "
                                            "version is loaded to check it: ON_DISK, or INVALID with the reason)."),
     as_json: bool = JsonOpt,
@@ -190,7 +197,7 @@ def models(
     else:
         from noiserater.core.v1 import rater_service_pb2 as pb
 
-        with rater_channel(server) as channel:
+        with rater_channel(server, tls_ca=tls_ca) as channel:
             response = channel.call("ListModels", pb.ListModelsRequest())
         rows = [{"name": m.name, "default_version": m.default_version,
                  "versions": [{"version": v.version, "state": v.state} for v in m.versions]}
@@ -233,6 +240,7 @@ def stats(
     model: str = typer.Option("", "--model", help="Only this model."),
     version: int = typer.Option(0, "--version", help="Only this version (0 = all)."),
     server: str | None = ServerOpt,
+    tls_ca: Path | None = TlsCaOpt,
     redis_url: str | None = typer.Option(None, "--redis-url", help="Read the statistics straight from the Redis "
                                          "the servers flush into (redis://HOST:PORT/DB); no server needed. "
                                          "Without it, a running server (--server) is asked."),
@@ -253,7 +261,7 @@ def stats(
         from noiserater.core.v1 import rater_service_pb2 as pb
 
         buckets, token = [], ""
-        with rater_channel(server) as channel:
+        with rater_channel(server, tls_ca=tls_ca) as channel:
             while True:  # every page: the server answers at most a bounded number of buckets per call
                 response = channel.call("GetStats", pb.GetStatsRequest(dataset=dataset, model=model,
                                                                        version=version, page_token=token))
@@ -262,6 +270,9 @@ def stats(
                 if not token:
                     break
         rows = stats_view.rows_from_response(buckets)
+    if not rows:
+        asked = ", ".join(f"{k} {v!r}" for k, v in (("dataset", dataset), ("model", model), ("version", version)) if v)
+        fail(f"no statistics{' for ' + asked if asked else ''} (nothing scored yet, or a misspelt name)")
     if plot is not None:
         stats_view.plot(rows, plot)
     if as_json:

@@ -28,25 +28,28 @@ def make_request(model: str, data_shape: tuple[int, ...], num_timesteps: int, ba
     return request, (x0, t, candidates)
 
 
-def open_channels(target: str, count: int, token: str | None = None):
+def open_channels(target: str, count: int, token: str | None = None, tls_root_cert: bytes | None = None):
     """`count` grpc.aio channels to `target` (distinct, so they do not share one connection) and the call
-    metadata that carries `token` as a bearer token (None without one). No retries while measuring."""
+    metadata that carries `token` as a bearer token (None without one); TLS when `tls_root_cert` is given.
+    No retries while measuring."""
     from noiserater.client.channel import RaterChannel
 
-    rater_channel = RaterChannel(target, token=token, max_attempts=1, max_message_bytes=256 << 20)
+    rater_channel = RaterChannel(target, token=token, max_attempts=1, max_message_bytes=256 << 20,
+                                 tls_root_cert=tls_root_cert)
     channels = [rater_channel.aio_channel(("grpc.channel_id", i)) for i in range(count)]
     return channels, rater_channel.metadata
 
 
 async def measure_server(target: str, request, concurrency: int, candidates: int, windows: Windows,
-                         token: str | None = None, transport: str = "stream") -> Level:
+                         token: str | None = None, transport: str = "stream",
+                         tls_root_cert: bytes | None = None) -> Level:
     """One concurrency level against the server at `target`; `candidates` scored per request."""
     import grpc
 
     from noiserater.core.v1 import rater_service_pb2 as pb
     from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
 
-    channels, metadata = open_channels(target, min(MAX_CHANNELS, concurrency), token)
+    channels, metadata = open_channels(target, min(MAX_CHANNELS, concurrency), token, tls_root_cert)
     stubs = [pb_grpc.RaterServiceStub(c) for c in channels]
     done: list[tuple[float, float]] = []  # (finish time, latency)
     level = Level(concurrency)

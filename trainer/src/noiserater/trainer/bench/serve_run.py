@@ -53,6 +53,7 @@ class ServeSettings:
     target: str | None = None  # HOST:PORT of a batched server to measure; None: the bench starts one
     unbatched_target: str | None = None  # HOST:PORT of a server run with --max-batch 0; None: the bench starts one
     token_file: Path | None = None  # bearer token, for servers run with --auth-all
+    tls_ca: Path | None = None  # root certificate(s) of a --target server that serves TLS
     perf_analyzer: bool = False  # also measure every level with Triton's perf_analyzer
 
 
@@ -84,6 +85,10 @@ def run_serve(st: ServeSettings, say: Callable[[str], None] = lambda text: None)
         perf_analyzer.find()  # fail now, with what is missing, rather than after the sweep
     info = RaterSession(st.onnx, device="cpu").info
     token = st.token_file.read_text().strip() if st.token_file else None
+    tls_root_cert = st.tls_ca.read_bytes() if st.tls_ca else None
+    if tls_root_cert is not None and (st.perf_analyzer or st.target is None or st.unbatched_target is None):
+        raise ValueError("--tls-ca measures servers you started with TLS: give --target and --unbatched-target, "
+                         "without --perf-analyzer")
     request, (x0, t, candidates) = make_request(st.model, info.data_shape, info.num_timesteps, st.batch, st.k)
     small_request, small_arrays = make_request(st.model, info.data_shape, info.num_timesteps, st.small_batch, st.k,
                                                seed=1)
@@ -104,7 +109,7 @@ def run_serve(st: ServeSettings, say: Callable[[str], None] = lambda text: None)
             pid = started[kind].pid if kind in started else None
             meter = CpuMeter(pid)
             level = asyncio.run(measure_server(targets[kind], req, clients, candidates_per_request, windows, token,
-                                               st.transport))
+                                               st.transport, tls_root_cert))
             result = level.report()
             if level.requests:
                 result["client_cpu_us_per_request"] = meter.client_us_per_request(level.requests)
