@@ -47,7 +47,7 @@ def first_selection(**remote_kwargs) -> tuple[BaseException | None, dict[str, in
     """(what constructing a remote selector and its first select raised, or None; its counters)."""
     selector = None
     try:
-        selector = NoiseSelector.remote(k=4, timeout_s=2, **remote_kwargs)
+        selector = NoiseSelector.remote(num_candidates=4, timeout_s=2, **remote_kwargs)
         selector.select(*batch())
     except Exception as exc:  # any exception type will do: the point is that it is not silent
         return exc, selector.counters if selector is not None else {}
@@ -88,7 +88,7 @@ def test_tls_client_against_a_plaintext_server_raises(server, tmp_path):
 def outage(repo):
     """A remote selector that has been served once, whose server has then stopped."""
     running = ServerThread(ServerConfig(repository=repo, host="127.0.0.1", port=0, device="cpu")).start()
-    selector = NoiseSelector.remote(running.target, model="digits", k=4, timeout_s=2)
+    selector = NoiseSelector.remote(running.target, model="digits", num_candidates=4, timeout_s=2)
     try:
         selector.select(*batch())
         assert selector.counters["fallback_gaussian"] == 0
