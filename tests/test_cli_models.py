@@ -1,6 +1,7 @@
 """nrctl export / deploy --repository / models: the offline half of the user's day."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,9 +12,9 @@ from noiserater.core import repository, scoring
 from noiserater.trainer.stage1.rater import RATER_FILE, build_rater, save_rater
 
 
-def nrctl(*args, check=True):
+def nrctl(*args, check=True, env=None):
     proc = subprocess.run([sys.executable, "-m", "noiserater.cli.main", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"nrctl {args} failed: {proc.stderr}")
     return proc
@@ -54,7 +55,7 @@ def test_export_deploy_models(run_dir, tmp_path):
         (["export", "/nonexistent", "--out", "x.onnx"], "/nonexistent: no such file or folder"),
         (["deploy", "{bad}", "--name", "../escape", "--repository", "{tmp}"], "invalid model name"),
         (["deploy", "{bad}", "--name", "ok", "--repository", "{tmp}"], "model: onnxruntime cannot load it"),
-        (["deploy", "{bad}", "--name", "ok"], "exactly one of --repository"),
+        (["deploy", "{bad}", "--name", "ok", "--repository", "{tmp}", "--server", "localhost:1"], "not both"),
     ],
 )
 def test_errors_are_one_line(args, message, tmp_path):
@@ -82,8 +83,8 @@ def test_deploy_models_stats_on_a_server(tmp_path, rater_onnx):
     with ServerThread(config) as server:
         refused = nrctl("deploy", rater_onnx, "--name", "digits", "--server", server.target, check=False)
         assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
-        deployed = json.loads(nrctl("deploy", rater_onnx, "--name", "digits", "--server", server.target,
-                                    "--token-file", token, "--json").stdout)
+        deployed = json.loads(nrctl("deploy", rater_onnx, "--name", "digits", "--token-file", token, "--json",
+                                    env={"NOISERATER_SERVER": server.target}).stdout)  # the default server
         assert deployed == {"name": "digits", "version": 2, "server": server.target}
         listed = json.loads(nrctl("models", "--server", server.target, "--json").stdout)["models"]
         assert [(m["name"], m["default_version"], len(m["versions"])) for m in listed] == [("digits", 2, 2)]

@@ -101,7 +101,7 @@ def deploy(
     name: str = typer.Option(..., "--name", help="Model name in the repository."),
     repository: Path | None = typer.Option(None, "--repository", help="Write into this model repository folder."),
     server: str | None = typer.Option(None, "--server", envvar=SERVER_ENV, help="Upload to this rater server "
-                                      "HOST:PORT."),
+                                      f"HOST:PORT (the default, {DEFAULT_SERVER}, unless --repository is given)."),
     version: int = typer.Option(0, "--version", help="Version number; 0 = newest + 1."),
     token_file: Path | None = TokenFileOpt,
     token: str | None = TokenOpt,
@@ -112,8 +112,8 @@ def deploy(
     from noiserater.core import repository as repo
     from noiserater.core import scoring
 
-    if (repository is None) == (server is None):
-        fail("give exactly one of --repository DIR or --server HOST:PORT")
+    if repository is not None and server is not None:
+        fail("give one of --repository DIR or --server HOST:PORT, not both")
     data = model.read_bytes()
     if repository is not None:
         try:
