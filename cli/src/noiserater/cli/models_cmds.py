@@ -278,7 +278,10 @@ def stats(
     if as_json:
         emit_json({"timestep_buckets": TIMESTEP_BUCKETS, "buckets": rows})
         return
-    table("score statistics", stats_view.TABLE_COLUMNS, stats_view.table_rows(rows))
+    columns, cells, title = stats_view.TABLE_COLUMNS, stats_view.table_rows(rows), "score statistics"
+    if len({r["dataset"] for r in rows}) == 1:  # one dataset: named in the title, its column left out
+        columns, cells, title = columns[1:], [c[1:] for c in cells], f"score statistics of dataset {rows[0]['dataset']}"
+    table(title, columns, cells)
     if plot is not None:
         console.print(f"plot: {plot}")
 

@@ -69,8 +69,9 @@ def timesteps(r: dict[str, Any]) -> str:
 
 
 def table_rows(rows: Iterable[dict[str, Any]]) -> list[list[Any]]:
-    return [[r["dataset"], r["model"], r["version"], timesteps(r), r["count"], r["mean"], r["std"], r["min"],
-             r["max"]] for r in rows]
+    """The table's cells; scores to 4 significant digits, so nine columns fit an 80-column terminal."""
+    return [[r["dataset"], r["model"], r["version"], timesteps(r), r["count"],
+             *(f"{r[k]:.4g}" for k in ("mean", "std", "min", "max"))] for r in rows]
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

@@ -195,9 +195,8 @@ class ModelRegistry:
         loaded = ModelVersion(name, version, session, batcher, batching, sha256)
         fallback = loaded.cpu_fallback and self.config.device in ("auto", "cuda")
         self.metrics.cpu_fallback.labels(*labels).set(1 if fallback else 0)
-        if fallback:
-            log.warning("%s version %d runs on CPU (device=%s requested, CUDA unavailable)", name, version,
-                        self.config.device)
+        if fallback:  # said once per process by the device probe; per version only at debug level
+            log.debug("%s version %d runs on CPU (device=%s, CUDA unavailable)", name, version, self.config.device)
         model = self._models.setdefault(name, _Model(name))
         model.policy = settings.policy
         model.versions[version] = loaded  # the atomic swap
