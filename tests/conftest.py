@@ -61,3 +61,12 @@ def rater_onnx(tmp_path_factory) -> Path:
 def rater_onnx_v2(tmp_path_factory) -> Path:
     """A second rater with other weights, for version swaps."""
     return export_random_rater(tmp_path_factory.mktemp("rater2") / "model.onnx", seed=1)
+
+
+@pytest.fixture(scope="module")
+def channel(server):
+    """A plaintext channel to the module's `server` fixture (a support.server.ServerThread)."""
+    import grpc
+
+    with grpc.insecure_channel(server.target) as opened:
+        yield opened

@@ -46,12 +46,6 @@ def server(tmp_path_factory):
         yield running
 
 
-@pytest.fixture(scope="module")
-def channel(server):
-    with grpc.insecure_channel(server.target) as opened:
-        yield opened
-
-
 def tensor(dtype: int, shape: list[int], data: bytes = b"") -> tensor_pb2.Tensor:
     return tensor_pb2.Tensor(dtype=dtype, shape=shape, data=data)
 

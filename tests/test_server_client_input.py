@@ -38,12 +38,6 @@ def server(tmp_path_factory, rater_onnx):
 
 
 @pytest.fixture(scope="module")
-def channel(server):
-    with grpc.insecure_channel(server.target) as opened:
-        yield opened
-
-
-@pytest.fixture(scope="module")
 def stub(channel):
     return pb_grpc.RaterServiceStub(channel)
 

@@ -18,7 +18,7 @@ from noiserater.core.v1 import rater_service_pb2_grpc as pb_grpc
 from noiserater.server.batcher import DynamicBatcher
 from noiserater.server.config import ServerConfig
 from noiserater.server.metrics import ServerMetrics
-from noiserater.server.model_config import Batching, ModelConfigError, read_batching
+from noiserater.server.model_config import Batching, ModelConfigError, read_settings
 
 FLAGS = Batching(max_batch=8192, max_delay_ms=5.0, instances=1)
 
@@ -30,7 +30,7 @@ def write_config(model_dir, text: str):
 
 
 def test_fields_override_the_flags_and_the_rest_keep_them(tmp_path):
-    assert read_batching(tmp_path / "none", FLAGS) == FLAGS
+    assert read_settings(tmp_path / "none", FLAGS).batching == FLAGS
     full = write_config(tmp_path / "digits", """
         name: "digits"
         platform: "onnxruntime_onnx"
@@ -38,12 +38,13 @@ def test_fields_override_the_flags_and_the_rest_keep_them(tmp_path):
         dynamic_batching { max_queue_delay_microseconds: 1500 preferred_batch_size: [ 64, 16, 16 ] }
         instance_group [ { count: 2 }, { name: "more" } ]
     """)
-    assert read_batching(full, FLAGS) == Batching(max_batch=64, max_delay_ms=1.5, instances=3, preferred=(16, 64))
-    assert read_batching(write_config(tmp_path / "a", "instance_group [ { count: 4 } ]"), FLAGS) == Batching(
+    assert read_settings(full, FLAGS).batching == Batching(max_batch=64, max_delay_ms=1.5, instances=3,
+                                                           preferred=(16, 64))
+    assert read_settings(write_config(tmp_path / "a", "instance_group [ { count: 4 } ]"), FLAGS).batching == Batching(
         max_batch=8192, max_delay_ms=5.0, instances=4)
     # dynamic_batching without a delay means no delay, as in Triton; max_batch_size 0 switches batching off.
-    assert read_batching(write_config(tmp_path / "b", "max_batch_size: 0 dynamic_batching { }"), FLAGS) == Batching(
-        max_batch=0, max_delay_ms=0.0, instances=1)
+    off = write_config(tmp_path / "b", "max_batch_size: 0 dynamic_batching { }")
+    assert read_settings(off, FLAGS).batching == Batching(max_batch=0, max_delay_ms=0.0, instances=1)
 
 
 @pytest.mark.parametrize("text, fragment", [
@@ -61,7 +62,7 @@ def test_fields_override_the_flags_and_the_rest_keep_them(tmp_path):
 ])
 def test_a_bad_config_is_one_named_line(tmp_path, text, fragment):
     with pytest.raises(ModelConfigError) as err:
-        read_batching(write_config(tmp_path / "digits", text), FLAGS)
+        read_settings(write_config(tmp_path / "digits", text), FLAGS)
     message = str(err.value)
     assert message.startswith("config.pbtxt: ") and fragment in message and "\n" not in message
 

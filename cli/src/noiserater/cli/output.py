@@ -18,10 +18,6 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-class CliError(Exception):
-    """An expected failure: printed as one line, exit code 1."""
-
-
 def fail(message: str, code: int = 1) -> NoReturn:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)

@@ -113,11 +113,6 @@ def read_settings(model_dir: Path, defaults: Batching) -> ModelSettings:
     return ModelSettings(batching_of(parsed, model_dir.name, defaults), policy_of(parsed))
 
 
-def read_batching(model_dir: Path, defaults: Batching) -> Batching:
-    """The model's batching: `defaults` with what its config.pbtxt (if any) sets."""
-    return read_settings(model_dir, defaults).batching
-
-
 def policy_of(parsed: config_pb.ModelConfig) -> VersionPolicy:
     if not parsed.HasField("version_policy"):
         return VersionPolicy()
