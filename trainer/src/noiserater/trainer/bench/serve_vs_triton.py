@@ -2,8 +2,8 @@
 (`nrctl bench serve-vs-triton`).
 
 The bench starts both servers itself from one ONNX file:
-- rater-server with `--device cpu --intra-op-threads T --instances I --max-delay-ms D --max-batch M` (and any
-  extra flags);
+- rater-server with `--device cpu --intra-op-threads T --workers W --instances I/W --max-delay-ms D
+  --max-batch M` (and any extra flags): W processes sharing the port, I batches at once over all of them;
 - Triton through PyTriton (triton_env, triton_server.py): I instances per model, each its own onnxruntime
   session (CPU provider) with T intra-op threads, Triton's dynamic batcher with D of queue delay, M triples per
   run. Its `<model>_select` model runs rater-server's selection (SelectionPlan, top-1 of K) on the same
@@ -56,7 +56,8 @@ class CompareSettings:
     k: int = 8  # candidates per sample
     rounds: int = 3
     threads: int = 1  # onnxruntime intra-op threads per instance, both servers
-    instances: int = 2  # batches run at once, both servers
+    instances: int = 2  # batches run at once, both servers (rater-server: over all its workers)
+    workers: int = 2  # rater-server processes (--workers); each runs instances // workers batches at once
     max_delay_ms: float = 0.0
     max_batch: int = 8192  # triples per onnxruntime run
     transport: str = "unary"  # load generator: "unary" (SelectNoise / ModelInfer) or "stream"
@@ -67,9 +68,16 @@ class CompareSettings:
     baseline_args: tuple[str, ...] | None = None  # flags of a third side, rater-server as it was
     triton_env: Path | None = None  # the PyTriton environment (default: triton_env.default_env_dir())
 
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.instances % self.workers:
+            raise ValueError(f"--workers: {self.workers} does not divide --instances {self.instances} (the instances "
+                             "are spread over the workers, so both servers run as many batches at once)")
+
     def rater_flags(self, extra: tuple[str, ...]) -> list[str]:
-        return ["--device", "cpu", "--intra-op-threads", str(self.threads), "--instances", str(self.instances),
-                "--max-delay-ms", f"{self.max_delay_ms:g}", "--max-batch", str(self.max_batch), *extra]
+        """rater-server's flags; `extra` comes last, so it overrides them (argparse keeps the last value)."""
+        return ["--device", "cpu", "--intra-op-threads", str(self.threads), "--workers", str(self.workers),
+                "--instances", str(self.instances // self.workers), "--max-delay-ms", f"{self.max_delay_ms:g}",
+                "--max-batch", str(self.max_batch), *extra]
 
 
 @dataclass
@@ -263,7 +271,8 @@ def build_report(c: Comparison, command: str) -> dict:
                     "loadavg_per_round": [list(x) for x in c.round_loads]},
         "settings": {"onnx": str(st.onnx), "model": st.model, "concurrency": list(st.levels),
                      "samples_per_request": list(st.sizes), "k": st.k, "rounds": st.rounds,
-                     "intra_op_threads": st.threads, "instances": st.instances, "max_delay_ms": st.max_delay_ms,
+                     "intra_op_threads": st.threads, "instances": st.instances, "rater_server_workers": st.workers,
+                     "max_delay_ms": st.max_delay_ms,
                      "max_batch_triples": st.max_batch, "transport": st.transport, "tools": list(st.tools),
                      "warmup_s": st.warmup_s, "window_s": st.window_s},
         "servers": {side.name: {"command": side.command, "load_model": side.select_model,
@@ -330,7 +339,8 @@ def render_markdown(report: dict) -> str:
         f"    {report['command']}",
         "",
         f"Same machine ({m['cpus']} CPUs, load average {_f(m['loadavg_before'][0])} before, "
-        f"{_f(m['loadavg_after'][0])} after), same ONNX rater, same budget on both: {st['instances']} instances, "
+        f"{_f(m['loadavg_after'][0])} after), same ONNX rater, same budget on both: {st['instances']} instances "
+        f"(rater-server: {st['rater_server_workers']} worker processes sharing the port), "
         f"{st['intra_op_threads']} onnxruntime thread each (CPU provider), {_f(st['max_delay_ms'])} ms queue delay, "
         f"{st['max_batch_triples']} triples per run at most. K = {st['k']} candidates per sample; "
         f"{st['rounds']} rounds, the sides alternating within each; windows of {st['window_s']:g} s.",
