@@ -60,10 +60,12 @@ def open_channels(target: str, count: int, token: str | None = None, tls_root_ce
 
 async def measure_server(target: str, request, concurrency: int, candidates: int, windows: Windows,
                          token: str | None = None, transport: str = "stream",
-                         tls_root_cert: bytes | None = None) -> Level:
+                         tls_root_cert: bytes | None = None, channels: int = MAX_CHANNELS) -> Level:
     """One concurrency level against the server at `target`; `candidates` scored per request. `request` is a
     SelectNoiseRequest for the transports "stream" and "unary", a ModelInferRequest for "kserve" and
-    "kserve-stream"."""
+    "kserve-stream". The clients share `channels` connections (round robin); as many as clients gives each its
+    own, as separate client processes would have (a server whose processes share the port by connection sees
+    the load spread as it would be)."""
     import grpc
 
     from noiserater.core.inference import grpc_service_pb2_grpc as kserve_grpc
@@ -73,8 +75,8 @@ async def measure_server(target: str, request, concurrency: int, candidates: int
     if transport not in TRANSPORTS:
         raise ValueError(f"transport: {transport!r} is not one of {', '.join(TRANSPORTS)}")
     kserve = transport.startswith("kserve")
-    channels, metadata = open_channels(target, min(MAX_CHANNELS, concurrency), token, tls_root_cert)
-    stubs = [(kserve_grpc.GRPCInferenceServiceStub if kserve else pb_grpc.RaterServiceStub)(c) for c in channels]
+    opened, metadata = open_channels(target, max(1, min(channels, concurrency)), token, tls_root_cert)
+    stubs = [(kserve_grpc.GRPCInferenceServiceStub if kserve else pb_grpc.RaterServiceStub)(c) for c in opened]
     done: list[tuple[float, float]] = []  # (finish time, latency)
     level = Level(concurrency)
     stop = asyncio.Event()
@@ -131,6 +133,6 @@ async def measure_server(target: str, request, concurrency: int, candidates: int
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for channel in channels:
+        for channel in opened:
             await channel.close()
     return summarise(level, candidates, windows)

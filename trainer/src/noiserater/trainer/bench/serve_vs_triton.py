@@ -12,7 +12,9 @@ Optionally a third side, rater-server with other flags (`baseline_args`, e.g. be
 measure a change against its baseline in the same run.
 
 Two load generators, each at every concurrency level C and request size B (samples, K candidates each):
-- "load": the serving benchmark's own (serve_load), C closed-loop clients; against rater-server the SelectNoise
+- "load": the serving benchmark's own (serve_load), C closed-loop clients, each on its own connection as
+  separate client processes would be (rater-server's workers share the port by connection); against
+  rater-server the SelectNoise
   request of B x K (v1 API, unary or stream), against Triton the same arrays as a KServe ModelInfer (or
   ModelStreamInfer) of `<model>_select`: the same selection, each server's own protocol;
 - "perf_analyzer": Triton's own load generator (C++), KServe ModelInfer of the B x K triples to score against
@@ -192,10 +194,12 @@ def measure(st: CompareSettings, tool: str, side: Side, reader: StatsReader, arr
             kserve = make_kserve_request(model, {"x0": x0, "t": t.reshape(-1, 1), "candidates": candidates})
             transport = "kserve-stream" if st.transport == "stream" else "kserve"
             level_result = asyncio.run(measure_server(side.target, kserve, level, candidates_per_request,
-                                                      Windows(st.warmup_s, st.window_s, 1), transport=transport))
+                                                      Windows(st.warmup_s, st.window_s, 1), transport=transport,
+                                                      channels=level))
         else:
             level_result = asyncio.run(measure_server(side.target, request, level, candidates_per_request,
-                                                      Windows(st.warmup_s, st.window_s, 1), transport=st.transport))
+                                                      Windows(st.warmup_s, st.window_s, 1), transport=st.transport,
+                                                      channels=level))
         result = {"throughput": level_result.throughput, "requests_per_s": level_result.requests_per_s,
                   "p50_ms": level_result.p50_ms, "p99_ms": level_result.p99_ms, "errors": level_result.errors}
         if level_result.error_sample:
@@ -208,7 +212,7 @@ def measure(st: CompareSettings, tool: str, side: Side, reader: StatsReader, arr
         try:
             (row,) = perf_analyzer.run(side.target, model, inputs[(side.batch_axis, size)], [level],
                                        int(st.window_s * 1000), work / "perf_analyzer.csv", stability_percent=50,
-                                       max_trials=6, batch_size=batch)
+                                       max_trials=4, batch_size=batch)
         except RuntimeError as exc:
             return {"error": str(exc)}
         requests_per_s = row["Inferences/Second"] / batch
@@ -335,7 +339,6 @@ def render_markdown(report: dict) -> str:
         "",
         "Written by `nrctl bench serve-vs-triton`; regenerate with:",
         "",
-        f"    flock /work/bench.lock {report['command']}" if report["command"].startswith("nrctl") else
         f"    {report['command']}",
         "",
         f"Same machine ({m['cpus']} CPUs, load average {_f(m['loadavg_before'][0])} before, "
