@@ -5,8 +5,11 @@ PyTriton (the `nvidia-pytriton` wheel, which ships a `tritonserver` binary with 
 live in the project's environment: it needs numpy < 2, protobuf 6 and tritonclient 2.5x where the project
 pins numpy 2, protobuf 7 and tritonclient 2.41. So it gets a virtual environment of its own, by default next
 to the running one (`<venv>-pytriton`, about 0.7 GB), made from the same base interpreter with
-nvidia-pytriton and the project's onnxruntime-gpu version, the first time the bench needs it. The project's
-own code reaches it as a copy of noiserater.core (scoring and selection need numpy alone).
+nvidia-pytriton and the project's onnxruntime-gpu version, the first time the bench needs it (pip's own
+environment applies: PIP_NO_INDEX=1 PIP_FIND_LINKS=<wheelhouse> makes it offline). Where the running
+environment has no onnxruntime-gpu (an image with its own onnxruntime), the new environment sees the
+interpreter's packages and uses that onnxruntime. The project's own code reaches it as a copy of
+noiserater.core (scoring and selection need numpy alone).
 
 Two things the server needs that PyTriton does not arrange: its Python backend stub loads libpython, and
 must find the environment's own (LD_LIBRARY_PATH) when that interpreter is not the system's; and a
@@ -60,11 +63,15 @@ def ensure_env(env_dir: Path, say=lambda text: None) -> Path:
     if _env_works(python):
         return python
     base = getattr(sys, "_base_executable", "") or sys.executable
-    onnxruntime = f"onnxruntime-gpu=={metadata.version('onnxruntime-gpu')}"
-    say(f"creating the PyTriton environment {env_dir} (nvidia-pytriton=={PYTRITON_VERSION}, {onnxruntime}; "
-        "about a minute and 0.7 GB, once) ...")
-    steps = [[base, "-m", "venv", str(env_dir)],
-             [str(python), "-m", "pip", "install", "-q", f"nvidia-pytriton=={PYTRITON_VERSION}", onnxruntime]]
+    try:
+        onnxruntime = [f"onnxruntime-gpu=={metadata.version('onnxruntime-gpu')}"]
+        venv = [base, "-m", "venv", str(env_dir)]
+    except metadata.PackageNotFoundError:  # an interpreter with its own onnxruntime (a device image): reuse it
+        onnxruntime = []
+        venv = [base, "-m", "venv", "--system-site-packages", str(env_dir)]
+    say(f"creating the PyTriton environment {env_dir} (nvidia-pytriton=={PYTRITON_VERSION} "
+        f"{' '.join(onnxruntime)}; about a minute and 0.7 GB, once) ...")
+    steps = [venv, [str(python), "-m", "pip", "install", "-q", f"nvidia-pytriton=={PYTRITON_VERSION}", *onnxruntime]]
     for step in steps:
         done = subprocess.run(step, capture_output=True, text=True, timeout=1800)
         if done.returncode != 0:
