@@ -77,3 +77,25 @@ def test_a_worker_that_cannot_start_stops_the_server(repo):
     assert proc.returncode == 1
     assert "worker 1 exited with code 1 before it served" in errors
     assert not descendants(proc.pid)
+
+
+def test_run_slots_are_shared_between_workers(tmp_path):
+    """Two workers' batchers of one model version hold at most `instances` runs between them."""
+    import asyncio
+
+    from noiserater.server.shared_slots import SharedSlots
+
+    async def scenario() -> None:
+        first, second = (SharedSlots(tmp_path, ("digits", "1"), 2) for _ in range(2))  # as two processes would
+        held = [await first.acquire(), await first.acquire()]
+        assert sorted(held) == [0, 1]
+        waiting = asyncio.ensure_future(second.acquire())
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        first.release(1)
+        assert await asyncio.wait_for(waiting, 5) == 1
+        first.close()  # closing frees what a worker held, as its exit does
+        assert await asyncio.wait_for(second.acquire(), 5) == 0
+        second.close()
+
+    asyncio.run(scenario())

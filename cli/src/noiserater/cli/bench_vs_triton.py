@@ -38,8 +38,8 @@ def bench_serve_vs_triton(
     rounds: int = typer.Option(3, min=1, help="Rounds; each measures every cell on both sides, alternating."),
     threads: int = typer.Option(1, min=1, help="onnxruntime intra-op threads per instance, both servers."),
     instances: int = typer.Option(2, min=1, help="Instances (batches at once), both servers."),
-    workers: int = typer.Option(2, min=1, help="rater-server worker processes (--workers); the instances are spread "
-                                "over them."),
+    workers: int = typer.Option(2, min=1, help="rater-server worker processes (--workers); --instances counts over "
+                                "all of them."),
     max_delay_ms: float = typer.Option(0.0, min=0.0, help="Dynamic batcher queue delay, both servers."),
     max_batch: int = typer.Option(8192, min=1, help="Triples per onnxruntime run at most, both servers."),
     transport: Transport = typer.Option(Transport.unary, help="The load generator's calls: unary (SelectNoise / "
@@ -49,7 +49,7 @@ def bench_serve_vs_triton(
     window_s: float = typer.Option(2.0, help="Measurement window (s)."),
     server_args: str = typer.Option("", help="Extra rater-server flags."),
     baseline_args: str | None = typer.Option(None, help="Also measure a rater-server with these extra flags "
-                                             "(e.g. \"--workers 1 --instances 2\"): the after/before ratios of a "
+                                             "(e.g. \"--workers 1\"): the after/before ratios of a "
                                              "change, in the same run."),
     triton_env: Path | None = typer.Option(None, help="The PyTriton virtual environment, made when it does not "
                                            "work (default: beside the running one, <venv>-pytriton)."),

@@ -116,6 +116,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return Supervisor(config).run()
     if handshake is None:
         print(f"rater-server config: {config.describe()}", flush=True)
+    else:
+        from noiserater.server import shared_slots
+
+        shared_slots.configure(handshake.slots_dir)
     return asyncio.run(_serve(config, handshake))
 
 

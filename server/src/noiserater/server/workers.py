@@ -1,13 +1,14 @@
 """`--workers N`: N rater-server processes behind one port.
 
-One Python process serves gRPC from one event loop, so its front end (receiving, decoding, answering) uses
-one core at most; under many concurrent clients requests wait there, before the batcher has seen them, and
-batches stay small. With N workers the kernel spreads the incoming connections over N processes that each
-bind the port with SO_REUSEPORT, and each worker batches what reaches it. Every worker is a whole server
-(its own model sessions, batchers, `--instances` runs at once, statistics store and /metrics port:
---metrics-port + its index); share statistics through --redis-url. Since a deploy, unload or default change
-would reach one worker only, the admin RPCs are refused (FAILED_PRECONDITION) while N > 1: change the
-repository and restart instead.
+One Python process serves gRPC from one event loop, so its front end (receiving, decoding, answering) uses one
+core at most; under many concurrent clients requests wait there, before the batcher has seen them, and batches
+stay small. With N workers the kernel spreads the incoming connections over N processes that each bind the
+port with SO_REUSEPORT, and each worker batches what reaches it. Every worker is a whole server (its own model
+sessions, batchers, statistics store and /metrics port: --metrics-port + its index; share statistics through
+--redis-url), except that `--instances` counts a model version's runs in flight over all workers
+(shared_slots.py), so that more workers add front-end capacity, not onnxruntime runs. Since a deploy, unload
+or default change would reach one worker only, the admin RPCs are refused (FAILED_PRECONDITION) while N > 1:
+change the repository and restart instead.
 
 The supervisor (the process started by the user) starts the workers with its configuration in their
 environment (RATER_SERVER_*, so a Redis password stays out of argv), waits until every one has loaded its
@@ -21,14 +22,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from noiserater.server.config import ENV_PREFIX, ConfigError, ServerConfig
 
-WORKER_ENV = ENV_PREFIX + "WORKER"  # "<index>,<ready fd>,<go fd>" in a worker's environment
+WORKER_ENV = ENV_PREFIX + "WORKER"  # "<index>,<ready fd>,<go fd>,<shared slots dir>" in a worker's environment
 ADMIN_REFUSED = ("admin RPCs are refused while the server runs several workers (--workers), each with its own "
                  "models: change the repository and restart, or run one worker")
 
@@ -40,14 +44,15 @@ class WorkerHandshake:
     index: int
     ready_fd: int
     go_fd: int
+    slots_dir: Path  # the run slots shared by the workers (shared_slots.py)
 
     @classmethod
     def from_environment(cls) -> WorkerHandshake | None:
         raw = os.environ.get(WORKER_ENV)
         if not raw:
             return None
-        index, ready_fd, go_fd = (int(part) for part in raw.split(","))
-        return cls(index, ready_fd, go_fd)
+        index, ready_fd, go_fd, slots_dir = raw.split(",", 3)
+        return cls(int(index), int(ready_fd), int(go_fd), Path(slots_dir))
 
     def ready(self) -> None:
         os.write(self.ready_fd, b"r")
@@ -108,15 +113,24 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._signal)
         pipes = []
+        slots_dir = tempfile.mkdtemp(prefix="rater-server-slots-")
         for index in range(config.workers):
             ready_r, ready_w = os.pipe()
             go_r, go_w = os.pipe()
-            env = {**os.environ, **worker_environment(config, index), WORKER_ENV: f"{index},{ready_w},{go_r}"}
+            env = {**os.environ, **worker_environment(config, index),
+                   WORKER_ENV: f"{index},{ready_w},{go_r},{slots_dir}"}
             self.procs.append(subprocess.Popen([sys.executable, "-m", "noiserater.server.main", "serve"], env=env,
                                                pass_fds=(ready_w, go_r)))
             os.close(ready_w)
             os.close(go_r)
             pipes.append((ready_r, go_w))
+        try:
+            return self._serve(pipes)
+        finally:
+            shutil.rmtree(slots_dir, ignore_errors=True)
+
+    def _serve(self, pipes: list[tuple[int, int]]) -> int:
+        config = self.config
         try:
             for index, (ready_r, _) in enumerate(pipes):
                 if os.read(ready_r, 1) != b"r":  # the worker exited before it was ready

@@ -2,7 +2,7 @@
 (`nrctl bench serve-vs-triton`).
 
 The bench starts both servers itself from one ONNX file:
-- rater-server with `--device cpu --intra-op-threads T --workers W --instances I/W --max-delay-ms D
+- rater-server with `--device cpu --intra-op-threads T --workers W --instances I --max-delay-ms D
   --max-batch M` (and any extra flags): W processes sharing the port, I batches at once over all of them;
 - Triton through PyTriton (triton_env, triton_server.py): I instances per model, each its own onnxruntime
   session (CPU provider) with T intra-op threads, Triton's dynamic batcher with D of queue delay, M triples per
@@ -59,7 +59,7 @@ class CompareSettings:
     rounds: int = 3
     threads: int = 1  # onnxruntime intra-op threads per instance, both servers
     instances: int = 2  # batches run at once, both servers (rater-server: over all its workers)
-    workers: int = 2  # rater-server processes (--workers); each runs instances // workers batches at once
+    workers: int = 2  # rater-server processes (--workers)
     max_delay_ms: float = 0.0
     max_batch: int = 8192  # triples per onnxruntime run
     transport: str = "unary"  # load generator: "unary" (SelectNoise / ModelInfer) or "stream"
@@ -70,15 +70,10 @@ class CompareSettings:
     baseline_args: tuple[str, ...] | None = None  # flags of a third side, rater-server as it was
     triton_env: Path | None = None  # the PyTriton environment (default: triton_env.default_env_dir())
 
-    def __post_init__(self) -> None:
-        if self.workers < 1 or self.instances % self.workers:
-            raise ValueError(f"--workers: {self.workers} does not divide --instances {self.instances} (the instances "
-                             "are spread over the workers, so both servers run as many batches at once)")
-
     def rater_flags(self, extra: tuple[str, ...]) -> list[str]:
         """rater-server's flags; `extra` comes last, so it overrides them (argparse keeps the last value)."""
         return ["--device", "cpu", "--intra-op-threads", str(self.threads), "--workers", str(self.workers),
-                "--instances", str(self.instances // self.workers), "--max-delay-ms", f"{self.max_delay_ms:g}",
+                "--instances", str(self.instances), "--max-delay-ms", f"{self.max_delay_ms:g}",
                 "--max-batch", str(self.max_batch), *extra]
 
 
