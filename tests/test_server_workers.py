@@ -86,16 +86,18 @@ def test_run_slots_are_shared_between_workers(tmp_path):
     from noiserater.server.shared_slots import SharedSlots
 
     async def scenario() -> None:
-        first, second = (SharedSlots(tmp_path, ("digits", "1"), 2) for _ in range(2))  # as two processes would
-        held = [await first.acquire(), await first.acquire()]
-        assert sorted(held) == [0, 1]
-        waiting = asyncio.ensure_future(second.acquire())
+        first, second = (SharedSlots(tmp_path, ("digits", "1"), 2) for _ in range(2))  # as two workers would
+        held = [await first.acquire(), await second.acquire()]
+        waiting = [asyncio.ensure_future(first.acquire()), asyncio.ensure_future(second.acquire())]
         await asyncio.sleep(0.05)
-        assert not waiting.done()
-        first.release(1)
-        assert await asyncio.wait_for(waiting, 5) == 1
-        first.close()  # closing frees what a worker held, as its exit does
-        assert await asyncio.wait_for(second.acquire(), 5) == 0
+        assert not any(w.done() for w in waiting)
+        first.release(held[0])
+        await asyncio.wait(waiting, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.sleep(0.05)
+        assert sum(w.done() for w in waiting) == 1  # one slot came free: one waiter got it
+        second.release(held[1])
+        await asyncio.wait_for(asyncio.gather(*waiting), 5)
+        first.close()
         second.close()
 
     asyncio.run(scenario())

@@ -3,20 +3,21 @@ onnxruntime runs of a model version in flight over all workers, as Triton's inst
 process. A worker that gets more connections than another (the kernel spreads connections, not requests)
 can then use the slots the other leaves idle.
 
-A slot is an exclusive lock (flock) on one of `instances` files per model version in a directory that the
-supervisor makes; the kernel releases a dead worker's locks. A worker takes a slot before it forms a batch
-(so requests keep joining the batch while it waits) and frees it when the run has finished. Waiting polls
-every POLL_S: it happens only while every slot is running a batch, which takes longer than that.
+The slots of a model version are `instances` one-byte tokens in a named pipe (FIFO) in a directory that the
+supervisor makes: the worker that creates the pipe puts the tokens in, a worker takes one (a read, which the
+kernel gives to one reader only) before it forms a batch, so requests keep joining the batch while it waits,
+and puts it back (a write) when the run has finished. Waiting costs nothing: the event loop wakes when the
+pipe becomes readable. A worker that dies takes its tokens with it, which is why the supervisor stops the
+whole server when one worker exits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
 from pathlib import Path
 
-POLL_S = 0.0005
+TOKEN = b"s"
 _directory: Path | None = None  # set once in a worker process (configure); None: slots are per process
 
 
@@ -28,36 +29,46 @@ def configure(directory: Path | None) -> None:
 class SharedSlots:
     def __init__(self, directory: Path, labels: tuple[str, str], count: int):
         name, version = labels
-        self._fds = [os.open(directory / f"{name}.{version}.{i}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-                     for i in range(max(1, count))]
-        self._held: set[int] = set()  # a lock this process holds would be granted to it again: skip those
-
-    def _try(self) -> int | None:
-        for index, fd in enumerate(self._fds):
-            if index in self._held:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue
-            self._held.add(index)
-            return index
-        return None
+        path = directory / f"{name}.{version}.slots"
+        try:
+            os.mkfifo(path, 0o600)
+            created = True
+        except FileExistsError:
+            created = False
+        # Read and write ends in one descriptor: opening does not wait for a peer, and an empty pipe reads as
+        # EAGAIN (a writer exists), never as end of file.
+        self._fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+        if created:
+            os.write(self._fd, TOKEN * max(1, count))
 
     async def acquire(self) -> int:
-        """A free slot's index, once one is free."""
-        while (index := self._try()) is None:
-            await asyncio.sleep(POLL_S)
-        return index
+        """Take a slot, once one is free."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                if os.read(self._fd, 1):
+                    return 0
+            except BlockingIOError:
+                pass
+            readable = loop.create_future()
+            loop.add_reader(self._fd, _wake, readable)
+            try:
+                await readable
+            finally:
+                loop.remove_reader(self._fd)
 
-    def release(self, index: int) -> None:
-        self._held.discard(index)
-        fcntl.flock(self._fds[index], fcntl.LOCK_UN)
+    def release(self, _slot: int = 0) -> None:
+        os.write(self._fd, TOKEN)
 
     def close(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds, self._held = [], set()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _wake(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def shared_slots(labels: tuple[str, str], count: int) -> SharedSlots | None:
