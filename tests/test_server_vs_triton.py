@@ -78,7 +78,8 @@ def test_the_report_pairs_rounds_and_says_where_triton_is_ahead():
     assert summary["after_over_before_throughput_ratio_min"] == 2.0
     assert report["machine"]["loadavg_before"] == [1.0, 1.0, 1.0]
     markdown = vs.render_markdown(report)
-    assert "- load, 8 samples, 64 clients: throughput ratio 0.85, p99 ratio 2.50" in markdown
+    assert ("- load, 8 samples, 64 clients: throughput ratio 0.85 (rounds 0.90, -, 0.80); p99 ratio 2.50 (rounds "
+            "3.00, -, 2.00); requests per run 1.0 (rater-server) vs 1.0 (Triton)") in markdown
     assert "at least **0.85x**" in markdown and "nrctl bench serve-vs-triton --onnx r.onnx" in markdown
 
 
