@@ -61,6 +61,8 @@ async def audited(action: str, what: str, call: CallContext, work: Awaitable[Any
     who = f"peer={call.peer() or '-'} auth={'token' if call.authenticated() else 'none'}"
     try:
         if call.runtime.admin_refusal:
+            if asyncio.iscoroutine(work):
+                work.close()  # never started
             raise RpcError(call.runtime.admin_refusal, grpc.StatusCode.FAILED_PRECONDITION)
         result = await work
     except BaseException as exc:

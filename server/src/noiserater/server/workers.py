@@ -91,11 +91,12 @@ class Supervisor:
             if proc.poll() is None:
                 proc.send_signal(signum)
 
-    def _stop_all(self) -> None:
+    def _stop_all(self, signal_them: bool = True) -> None:
         self.stopping = True
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
+        if signal_them:
+            for proc in self.procs:
+                if proc.poll() is None:
+                    proc.terminate()
         deadline = time.monotonic() + self.config.grace_s + 30
         for proc in self.procs:
             try:
@@ -158,8 +159,9 @@ class Supervisor:
         return self._finish()
 
     def _finish(self) -> int:
-        """Wait for every worker to drain after the stop signal; the worst exit code."""
-        self._stop_all()
+        """Wait for every worker to drain after the stop signal (passed on already: a second one could reach a
+        worker that has left its event loop and kill it); the worst exit code."""
+        self._stop_all(signal_them=False)
         codes = [proc.returncode for proc in self.procs]
         print(f"rater-server stopped: {len(codes)} workers exited with codes {codes}", flush=True)
         return max((abs(code) for code in codes), default=0)
