@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from typer.core import TyperCommand
 
-from noiserater.cli.options import Denoiser, Layout, value
+from noiserater.cli.options import Denoiser, Layout, Objective, value
 from noiserater.cli.output import emit_json, fail, progress_bar, table
 
 DEFAULT_METHODS = "uniform,rater-argmax,rater-assign,immiscible,immiscible-knn,min-snr"
@@ -69,6 +69,17 @@ def resolve_rater(rater: Path, out_dir: Path, dataset: str) -> Path:
     return onnx_path
 
 
+def parse_nfe(text: str) -> tuple[int, ...]:
+    """--nfe: "1,2,4" -> (1, 2, 4); '' -> no sweep."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--nfe: expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise ValueError("--nfe: every number of function evaluations must be >= 1")
+    return values
+
+
 def cell(summary: dict, paired: dict | None, seeds: int) -> str:
     """mean ± std over seeds and the paired difference against uniform ± its standard error; with one seed
     there is no spread to show, so only the values."""
@@ -103,8 +114,20 @@ def bench_train(
     lr: float = typer.Option(1e-3),
     denoiser: Denoiser = typer.Option(Denoiser.auto, help="The denoiser trained per method and seed (auto: "
                                       "unet for images, mlp otherwise)."),
-    sample_steps: int | None = typer.Option(None, help="DDPM steps when sampling for frechet/swd (default all T)."),
-    no_quality: bool = typer.Option(False, "--no-quality", help="Skip sampling (no frechet / swd)."),
+    objective: Objective = typer.Option(Objective.eps, "--objective", help="eps: VP DDPM with eps-prediction; "
+                                        "flow: the linear interpolant with velocity prediction."),
+    nfe: str = typer.Option("1,2,4,8,16,32", "--nfe", help="The few-step sweep: numbers of function evaluations "
+                            "of the deterministic sampler (frechet@N, swd@N, straightness@N); '' for none."),
+    reference_nfe: int = typer.Option(100, "--reference-nfe", min=2, help="The sweep's high-NFE reference."),
+    sampler: str = typer.Option("", "--sampler", help="The sweep's sampler: ddim (eps) or euler / heun (flow); "
+                                "default the objective's deterministic one."),
+    sweep_count: int = typer.Option(2000, "--sweep-count", min=2, help="Starting noises of the sweep (the same "
+                                    "for every method and seed)."),
+    sample_steps: int | None = typer.Option(None, help="Also measure frechet/swd of ancestral DDPM samples with "
+                                            "this many steps against the training split (eps only)."),
+    eval_every: int = typer.Option(0, "--eval-every", min=0, help="Steps between points of the curves (0: about "
+                                   "20 points)."),
+    no_quality: bool = typer.Option(False, "--no-quality", help="Skip sampling (no frechet / swd / sweep)."),
     threads: int = typer.Option(0, help="torch threads per training (0: torch's default)."),
     jobs: int = typer.Option(1, min=1, help="Trainings run at once in worker processes (results are identical)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (progress stays on stderr)."),
@@ -128,9 +151,12 @@ def bench_train(
         data = load_dataset(dataset, key=key, value_range=data_range, layout=value(layout))
         out.mkdir(parents=True, exist_ok=True)
         onnx_path = resolve_rater(rater, out, dataset) if any(needs_rater(m) for m in method_list) else None
+        sweep = () if no_quality else parse_nfe(nfe)
         cfg = Stage2Config(steps=steps, batch_size=batch_size, lr=lr, k=k, temperature=temperature,
                            kanneal_end=kanneal_end, denoiser=value(denoiser), sample_steps=sample_steps,
-                           quality=not no_quality)
+                           quality=not no_quality and sample_steps is not None, objective=value(objective),
+                           nfe=sweep, reference_nfe=reference_nfe, sampler=sampler, sweep_count=sweep_count,
+                           eval_every=eval_every)
         if onnx_path is not None:  # train on the diffusion process the rater was meta-learned on
             cfg.num_timesteps, schedule = rater_schedule(onnx_path)
             cfg.schedule = schedule or cfg.schedule
@@ -152,7 +178,7 @@ def bench_train(
         emit_json({"out": str(out), "report": report, "paired_vs_uniform": details["paired_vs_uniform"],
                    "goal_met": details["goal_met"], "references": details["references"]})
         return
-    metrics = [m for m in ("val_loss", "frechet", "swd", "ms_per_step") if m in report[BASELINE]]
+    metrics = [m for m in ("val_loss", "frechet@4", "frechet", "swd", "ms_per_step") if m in report[BASELINE]]
     rows = [[m, *(cell(report[m][name], details["paired_vs_uniform"].get(m, {}).get(name), seeds)
                   for name in metrics)] for m in method_list]
     spread = "mean ± std; Δ: paired vs uniform ± SE" if seeds > 1 else "one seed: no error bars; Δ: vs uniform"

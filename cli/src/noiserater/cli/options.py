@@ -22,6 +22,11 @@ class Denoiser(StrEnum):
     unet = "unet"
 
 
+class Objective(StrEnum):  # noiserater.trainer.substrate.diffusion.OBJECTIVES
+    eps = "eps"
+    flow = "flow"
+
+
 class Transport(StrEnum):  # noiserater.client.transports.TRANSPORTS
     stream = "stream"
     unary = "unary"

@@ -30,10 +30,12 @@ from torch import nn
 from noiserater.client.sources import NoiseSource, SourceError, make_source
 from noiserater.trainer.stage2.metrics import EVAL_SEED, FixedEval, SampleQuality
 from noiserater.trainer.stage2.sources import Stage2Error
+from noiserater.trainer.stage2.sweep import NfeSweep
 from noiserater.trainer.stage2.variants import Wrap
 from noiserater.trainer.substrate.data import DataSplits
 from noiserater.trainer.substrate.denoisers import build_denoiser
-from noiserater.trainer.substrate.diffusion import NoiseSchedule, ddpm_sample, per_sample_loss
+from noiserater.trainer.substrate.diffusion import Schedule, ddpm_sample, make_schedule, per_sample_loss
+from noiserater.trainer.substrate.samplers import SamplerError, check_sampler
 
 __all__ = ["EvalContext", "Stage2Config", "Stage2Error", "Stage2Result", "build_source", "source_options",
            "steps_to_reach", "train_stage2"]
@@ -51,13 +53,19 @@ class Stage2Config:
     kanneal_end: float = 0.5  # rater-kanneal: K reaches 1 at this fraction of the run
     num_timesteps: int = 1000
     schedule: str = "linear"
+    objective: str = "eps"  # eps: VP DDPM, eps-prediction; flow: linear interpolant, velocity prediction
     denoiser: str = "auto"
     denoiser_kwargs: dict[str, Any] = field(default_factory=dict)
     eval_every: int = 0  # 0: about 20 points on the curve
     eval_repeats: int = 8  # fixed (t, eps) draws per held-out item
-    quality: bool = True  # draw samples and measure frechet / swd at the end
+    quality: bool = True  # eps only: draw ancestral samples and measure frechet / swd at the end
     sample_count: int = 0  # 0: as many samples as held-out items (so the metric's floor is comparable)
     sample_steps: int | None = None  # DDPM sampling steps (None: all T)
+    nfe: tuple[int, ...] = ()  # the few-step sweep (frechet@N, swd@N, straightness@N); () measures none
+    reference_nfe: int = 100  # the sweep's high-NFE reference
+    sampler: str = ""  # the sweep's sampler ("": the objective's deterministic one, DDIM or Euler)
+    sweep_count: int = 2000  # starting noises of the sweep, the same for every method and seed
+    primary_curve: bool = True  # with a sweep: the primary metric (frechet@4) at every evaluation point too
     device: str = "cpu"
     rater_threads: int = 1  # onnxruntime intra-op threads of the in-process rater (0: onnxruntime's default)
 
@@ -72,6 +80,7 @@ class Stage2Result:
     metrics: dict[str, float]
     config: dict[str, Any]
     denoiser: nn.Module | None = None
+    curve_primary: list[float] = field(default_factory=list)  # frechet@4 at curve_steps (with a sweep)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -83,25 +92,41 @@ class Stage2Result:
 class EvalContext:
     """Everything measured the same way for every method on one dataset (built once, shared by runs)."""
 
-    schedule: NoiseSchedule
+    schedule: Schedule
     val: FixedEval
     test: FixedEval
     quality: SampleQuality | None
+    sweep: NfeSweep | None = None
 
     @classmethod
     def build(cls, data: DataSplits, cfg: Stage2Config) -> EvalContext:
-        schedule = NoiseSchedule(cfg.num_timesteps, cfg.schedule)
+        schedule = build_schedule(cfg)
         val = FixedEval(data.val, schedule, repeats=cfg.eval_repeats)
         test = FixedEval(data.test, schedule, repeats=cfg.eval_repeats, seed=EVAL_SEED + 1)
-        quality = SampleQuality(data) if cfg.quality else None
-        return cls(schedule, val, test, quality)
+        ancestral = cfg.quality and cfg.objective == "eps"
+        quality = SampleQuality(data) if ancestral or cfg.nfe else None
+        sweep = None
+        if cfg.nfe:
+            sweep = NfeSweep.build(quality, data.data_shape, count=cfg.sweep_count, nfes=cfg.nfe,
+                                   reference_nfe=cfg.reference_nfe, sampler=cfg.sampler or None)
+        return cls(schedule, val, test, quality if ancestral or sweep else None, sweep)
+
+
+def build_schedule(cfg: Stage2Config) -> Schedule:
+    """The config's schedule for its objective; a bad objective, schedule or sampler is a Stage2Error."""
+    try:
+        schedule = make_schedule(cfg.num_timesteps, cfg.schedule, cfg.objective)
+        check_sampler(cfg.objective, cfg.sampler or None)
+    except (ValueError, SamplerError) as exc:
+        raise Stage2Error(str(exc)) from None
+    return schedule
 
 
 def _seeded(seed: int, stream: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed * 1000 + stream)
 
 
-def source_options(cfg: Stage2Config, seed: int, device: torch.device, schedule: NoiseSchedule, *,
+def source_options(cfg: Stage2Config, seed: int, device: torch.device, schedule: Schedule, *,
                    selector: Any = None, rater: str | Path | None = None) -> dict[str, Any]:
     """Everything a registered source may take; `make_source` passes each factory only those it names:
     `generator` (this run's noise stream), `num_candidates`, `temperature`, `kanneal_end`, `steps`, `seed`,
@@ -139,7 +164,7 @@ def train_stage2(data: DataSplits, method: str, steps: int, seed: int, selector:
         raise Stage2Error("steps: must be >= 1")
     device = torch.device(cfg.device)
     ctx = context or EvalContext.build(data, cfg)
-    schedule = NoiseSchedule(cfg.num_timesteps, cfg.schedule).to(device)
+    schedule = build_schedule(cfg).to(device)
 
     rng_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -155,7 +180,10 @@ def train_stage2(data: DataSplits, method: str, steps: int, seed: int, selector:
     train = data.train
     eval_every = cfg.eval_every or max(1, cfg.steps // 20)
 
+    sweep = ctx.sweep
+    track_primary = sweep is not None and cfg.primary_curve
     curve_steps, curve_val = [0], [ctx.val.loss(model)]
+    curve_primary = [sweep.primary(model, schedule)] if track_primary else []
     select_s = train_s = 0.0
     sq_norm = cosine = train_loss_ema = 0.0
     model.train()
@@ -186,6 +214,8 @@ def train_stage2(data: DataSplits, method: str, steps: int, seed: int, selector:
         if (step + 1) % eval_every == 0 or step + 1 == cfg.steps:
             curve_steps.append(step + 1)
             curve_val.append(ctx.val.loss(model))
+            if track_primary:
+                curve_primary.append(sweep.primary(model, schedule))
         if progress is not None:
             progress(1)
 
@@ -198,7 +228,9 @@ def train_stage2(data: DataSplits, method: str, steps: int, seed: int, selector:
         "noise_sq_norm_per_dim": sq_norm / cfg.steps,
         "noise_cosine_with_x0": cosine / cfg.steps,
     }
-    if ctx.quality is not None:
+    if sweep is not None:
+        metrics.update(sweep.measure(model, schedule))
+    if ctx.quality is not None and cfg.quality and cfg.objective == "eps":
         count = cfg.sample_count or ctx.quality.heldout_count
         gen = torch.Generator().manual_seed(EVAL_SEED + seed)
         model.eval()
@@ -206,7 +238,7 @@ def train_stage2(data: DataSplits, method: str, steps: int, seed: int, selector:
                               steps=cfg.sample_steps)
         metrics.update(ctx.quality.measure(samples.cpu()))
     return Stage2Result(method, seed, cfg.steps, curve_steps, curve_val, metrics, asdict(cfg),
-                        model if keep_model else None)
+                        model if keep_model else None, curve_primary)
 
 
 def steps_to_reach(curve_steps: list[int], curve_values: list[float], target: float) -> int | None:
