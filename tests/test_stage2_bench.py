@@ -152,7 +152,7 @@ def test_flow_objective_bench_with_an_ot_comparison(digits, tmp_path):
     """The flow objective through the harness: the sweep runs on the Euler sampler from the same starting
     noises for every method (uniform and min-snr share init and batches, so their 0-step primary values agree)."""
     cfg = Stage2Config(**{**TINY, "quality": False, "objective": "flow", "nfe": (1, 2), "reference_nfe": 4,
-                          "sweep_count": 32})
+                          "sweep_count": 128})
     runs = run_bench(digits, ["uniform", "min-snr"], [0, 1], 4, config=cfg)
     assert runs.runs["uniform"][0].curve_primary[0] == runs.runs["min-snr"][0].curve_primary[0]
     write_report(runs, tmp_path)

@@ -61,6 +61,9 @@ def immiscible_knn(x0: torch.Tensor, generator: torch.Generator, k: int) -> torc
     return candidates[torch.arange(x0.shape[0], device=x0.device), idx]
 
 
-def min_snr_weights(snr: torch.Tensor, gamma: float = MIN_SNR_GAMMA) -> torch.Tensor:
-    """Min-SNR-gamma weights for an eps-prediction loss: min(snr, gamma) / snr."""
+def min_snr_weights(snr: torch.Tensor, gamma: float = MIN_SNR_GAMMA, objective: str = "eps") -> torch.Tensor:
+    """Min-SNR-gamma weights: min(snr, gamma) / snr for an eps-prediction loss, and min(snr, gamma) / (snr + 1)
+    for a velocity loss (the v-prediction form; 0 at pure noise, where snr is 0)."""
+    if objective == "flow":
+        return torch.clamp(snr, max=gamma) / (snr + 1)
     return torch.clamp(snr, max=gamma) / snr

@@ -100,16 +100,18 @@ class ImmiscibleKnn(Gaussian):
 
 
 class MinSnr(Gaussian):
-    """Gaussian noise with Min-SNR-gamma loss weights min(snr(t), gamma) / snr(t)."""
+    """Gaussian noise with Min-SNR-gamma loss weights: min(snr(t), gamma) / snr(t) for eps prediction,
+    min(snr(t), gamma) / (snr(t) + 1) for the flow objective's velocity."""
 
     def __init__(self, generator: torch.Generator, snr: Callable[[torch.Tensor], torch.Tensor],
-                 gamma: float | None = None):
+                 gamma: float | None = None, objective: str = "eps"):
         super().__init__(generator)
         self.snr = snr
         self.gamma = peers.MIN_SNR_GAMMA if gamma is None else gamma
+        self.objective = objective
 
     def loss_weights(self, t: torch.Tensor) -> torch.Tensor | None:
-        return peers.min_snr_weights(self.snr(t), self.gamma)
+        return peers.min_snr_weights(self.snr(t), self.gamma, self.objective)
 
 
 register("uniform")(Gaussian)

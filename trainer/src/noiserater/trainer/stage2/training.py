@@ -130,10 +130,10 @@ def source_options(cfg: Stage2Config, seed: int, device: torch.device, schedule:
                    selector: Any = None, rater: str | Path | None = None) -> dict[str, Any]:
     """Everything a registered source may take; `make_source` passes each factory only those it names:
     `generator` (this run's noise stream), `num_candidates`, `temperature`, `kanneal_end`, `steps`, `seed`,
-    `threads`, `snr` (the schedule's snr(t)), `selector` and `rater`."""
+    `threads`, `snr` (the schedule's snr(t)), `objective`, `selector` and `rater`."""
     return {"generator": _seeded(seed, 2, device), "num_candidates": cfg.k, "temperature": cfg.temperature,
             "kanneal_end": cfg.kanneal_end, "steps": cfg.steps, "seed": seed, "threads": cfg.rater_threads,
-            "snr": schedule.snr, "selector": selector, "rater": rater}
+            "snr": schedule.snr, "objective": cfg.objective, "selector": selector, "rater": rater}
 
 
 def build_source(method: str, options: dict[str, Any], wrappers: Sequence[Wrap] = ()) -> NoiseSource:
