@@ -10,11 +10,13 @@ PACKAGES := core client trainer server cli
 venv: $(STAMP)
 
 # --no-deps on the project's own distributions: their inter-dependencies are satisfied by the
-# editable installs themselves and must never be looked up on a package index.
-$(STAMP): requirements-dev.txt $(addsuffix /pyproject.toml,$(PACKAGES))
+# editable installs themselves and must never be looked up on a package index. requirements-nodeps.txt
+# holds the packages whose declared dependencies would replace the pinned torch (it says which).
+$(STAMP): requirements-dev.txt requirements-nodeps.txt $(addsuffix /pyproject.toml,$(PACKAGES))
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps $(addprefix -e ./,$(PACKAGES))
 	touch $(STAMP)
 

@@ -107,9 +107,15 @@ def bench_train(
     steps: int = typer.Option(3000, min=1, help="Training steps per run (the same for every method)."),
     rater: Path | None = typer.Option(None, help="Rater run folder (rater.pt) or exported MODEL.onnx."),
     out: Path = typer.Option(..., help="Output folder for report.md, report.json, details.json, curves.png."),
-    k: int = typer.Option(8, min=1, help="Candidates per sample for the rater rules and immiscible-knn."),
+    k: int = typer.Option(8, min=1, help="Candidates per sample for the rater rules, immiscible-knn and "
+                         "model-aligned."),
     temperature: float = typer.Option(1.0, help="Softmax temperature of rater-sample."),
     kanneal_end: float = typer.Option(0.5, help="rater-kanneal: fraction of the run at which K reaches 1."),
+    ot_reg: float = typer.Option(0.05, "--ot-reg", min=0.0, help="ot-sinkhorn: entropic regularisation relative "
+                                 "to the mean squared distance (0: exact OT; larger: weaker coupling, towards "
+                                 "independent noise)."),
+    ot_subbatch: int = typer.Option(0, "--ot-subbatch", min=0, help="ot-subbatch: exact OT within sub-batches of "
+                                    "this many samples (1: independent noise; 0: the whole batch, as ot)."),
     batch_size: int = typer.Option(128, min=1),
     lr: float = typer.Option(1e-3),
     denoiser: Denoiser = typer.Option(Denoiser.auto, help="The denoiser trained per method and seed (auto: "
@@ -153,7 +159,8 @@ def bench_train(
         onnx_path = resolve_rater(rater, out, dataset) if any(needs_rater(m) for m in method_list) else None
         sweep = () if no_quality else parse_nfe(nfe)
         cfg = Stage2Config(steps=steps, batch_size=batch_size, lr=lr, k=k, temperature=temperature,
-                           kanneal_end=kanneal_end, denoiser=value(denoiser), sample_steps=sample_steps,
+                           kanneal_end=kanneal_end, ot_reg=ot_reg, ot_subbatch=ot_subbatch,
+                           denoiser=value(denoiser), sample_steps=sample_steps,
                            quality=not no_quality and sample_steps is not None, objective=value(objective),
                            nfe=sweep, reference_nfe=reference_nfe, sampler=sampler, sweep_count=sweep_count,
                            eval_every=eval_every)

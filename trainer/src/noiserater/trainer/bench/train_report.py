@@ -202,6 +202,9 @@ def render_markdown(report: dict[str, Any], details: dict[str, Any]) -> str:
         f"{cfg.get('objective', 'eps')} objective, {cfg['schedule']} schedule, T={cfg['num_timesteps']}.",
         f"- Rater: `{details['rater']}`; K={cfg['k']} candidates (also for immiscible-knn), "
         f"sample temperature {cfg['temperature']}, kanneal reaches K=1 at {cfg['kanneal_end']} of the run.",
+        *([f"- Coupling knobs: ot-sinkhorn regularisation {cfg.get('ot_reg')} x the batch's mean squared distance; "
+           f"ot-subbatch sub-batches of {cfg.get('ot_subbatch') or 'the whole batch'}."]
+          if {"ot-sinkhorn", "ot-subbatch"} & set(methods) else []),
         f"- val_loss / test_loss: {'velocity' if cfg.get('objective') == 'flow' else 'eps'}-MSE on the held-out "
         f"split with *Gaussian* noise, {cfg['eval_repeats']} fixed "
         "(t, eps) draws per item, the same draws for every method.",

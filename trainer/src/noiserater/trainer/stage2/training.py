@@ -51,6 +51,8 @@ class Stage2Config:
     k: int = 8  # candidates per sample for the rater's argmax/sample/kanneal and for immiscible-knn
     temperature: float = 1.0  # rater-sample's softmax temperature
     kanneal_end: float = 0.5  # rater-kanneal: K reaches 1 at this fraction of the run
+    ot_reg: float = 0.05  # ot-sinkhorn: entropic regularisation relative to the mean cost (0: exact OT)
+    ot_subbatch: int = 0  # ot-subbatch: exact OT within sub-batches of this size (1: independent; 0: whole batch)
     num_timesteps: int = 1000
     schedule: str = "linear"
     objective: str = "eps"  # eps: VP DDPM, eps-prediction; flow: linear interpolant, velocity prediction
@@ -127,13 +129,23 @@ def _seeded(seed: int, stream: int, device: torch.device) -> torch.Generator:
 
 
 def source_options(cfg: Stage2Config, seed: int, device: torch.device, schedule: Schedule, *,
-                   selector: Any = None, rater: str | Path | None = None) -> dict[str, Any]:
+                   selector: Any = None, rater: str | Path | None = None,
+                   model: nn.Module | None = None) -> dict[str, Any]:
     """Everything a registered source may take; `make_source` passes each factory only those it names:
     `generator` (this run's noise stream), `num_candidates`, `temperature`, `kanneal_end`, `steps`, `seed`,
-    `threads`, `snr` (the schedule's snr(t)), `objective`, `selector` and `rater`."""
+    `threads`, `snr` (the schedule's snr(t)), `objective`, `selector` and `rater`; the OT couplings' `ot_reg` and
+    `ot_subbatch`; `model` (the denoiser being trained) and `loss_fn` (x0, t, eps) -> [B], its per-sample
+    loss under this schedule without gradients, in whatever mode the loop has it in (None without a model)."""
+    loss_fn = None
+    if model is not None:
+        def loss_fn(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return per_sample_loss(model, schedule, x0, t, eps)
+
     return {"generator": _seeded(seed, 2, device), "num_candidates": cfg.k, "temperature": cfg.temperature,
             "kanneal_end": cfg.kanneal_end, "steps": cfg.steps, "seed": seed, "threads": cfg.rater_threads,
-            "snr": schedule.snr, "objective": cfg.objective, "selector": selector, "rater": rater}
+            "snr": schedule.snr, "objective": cfg.objective, "selector": selector, "rater": rater,
+            "ot_reg": cfg.ot_reg, "ot_subbatch": cfg.ot_subbatch, "model": model, "loss_fn": loss_fn}
 
 
 def build_source(method: str, options: dict[str, Any], wrappers: Sequence[Wrap] = ()) -> NoiseSource:
@@ -174,7 +186,7 @@ def train_stage2(data: DataSplits, method: str, steps: int, seed: int, selector:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     lr_at = lambda s: cfg.lr * (cfg.lr_final_fraction + (1 - cfg.lr_final_fraction)  # noqa: E731
                                 * 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
-    options = source_options(cfg, seed, device, schedule, selector=selector, rater=rater)
+    options = source_options(cfg, seed, device, schedule, selector=selector, rater=rater, model=model)
     source = build_source(method, options, wrappers)
     data_gen = _seeded(seed, 1, torch.device("cpu"))
     train = data.train
