@@ -38,6 +38,10 @@ class ServerMetrics:
         self.triples = Counter("nr_triples_scored", "(x0, t, eps) triples scored", ["model", "version"], registry=r)
         self.queue_depth = Gauge("nr_queue_depth", "Requests waiting in the batcher queue",
                                  ["model", "version"], registry=r)
+        # Read when scraped (the batcher sets a function, no cost per request): what a Pods metric of a
+        # HorizontalPodAutoscaler follows, since it grows without bound once a replica falls behind.
+        self.pending_triples = Gauge("nr_pending_triples", "(x0, t, eps) triples accepted and not yet answered "
+                                     "(queued or running)", ["model", "version"], registry=r)
         self.cpu_fallback = Gauge("nr_cpu_fallback",
                                   "1 for a loaded model version that runs on CPU although CUDA was requested or "
                                   "auto, else 0", ["model", "version"], registry=r)

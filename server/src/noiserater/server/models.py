@@ -378,6 +378,7 @@ class ModelRegistry:
         removed = [model.versions.pop(v) for v in targets]
         for v in targets:
             self.metrics.cpu_fallback.remove(model.name, str(v))
+            self.metrics.pending_triples.remove(model.name, str(v))
         if not model.versions and self._models.get(model.name) is model:
             del self._models[model.name]
         self.metrics.models_loaded.set(self.loaded_count())
