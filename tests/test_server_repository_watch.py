@@ -41,6 +41,12 @@ def test_an_admin_unload_is_not_undone_and_a_removed_model_is_unloaded(server, r
     assert loaded(server) == {"digits": [2]}
     poll(server)
     assert loaded(server) == {"digits": [2]} and server.server.metrics.repository_refused._value.get() == 0
+    # A repository folder that is gone (a volume not mounted) is an error of the scan, not an empty repository.
+    root = server.config.repository
+    root.rename(root.with_name("elsewhere"))
+    with pytest.raises(OSError, match="not a folder"):
+        poll(server)
+    assert loaded(server) == {"digits": [2]}
 
 
 def test_a_model_file_still_being_written_waits_for_the_next_scan(server, rater_onnx, monkeypatch):

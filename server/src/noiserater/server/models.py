@@ -242,15 +242,18 @@ class ModelRegistry:
             raise RpcError("; ".join(problems), grpc.StatusCode.FAILED_PRECONDITION)
         return sorted(set(self._models[name].versions) - before) if name in self._models else []
 
-    async def sync_from_disk(self, name: str, versions: list[int], only: set[int] | None) -> list[str]:
+    async def sync_from_disk(self, name: str, versions: list[int], only: set[int] | None) -> tuple[list[int],
+                                                                                                    list[str]]:
         """Bring a model in line with the repository, as the repository watch does after seeing it change:
         `versions` are its versions on disk now. Loads (validated, like a deploy) the versions of `only`
         (None: every version on disk) that its version policy selects and that are not loaded; unloads the
-        loaded versions that are no longer on disk or that the policy no longer selects. Returns the
-        problems."""
+        loaded versions that are no longer on disk or that the policy no longer selects. Returns the versions
+        it loaded and the problems."""
         async with self._deploy_lock:
+            before = self.loaded_versions(name)
             async with self.validator.session() as validation:
-                return await self._load_from_disk(name, versions, validation, only)
+                problems = await self._load_from_disk(name, versions, validation, only)
+            return sorted(self.loaded_versions(name) - before), problems
 
     def loaded_versions(self, name: str) -> set[int]:
         model = self._models.get(name)

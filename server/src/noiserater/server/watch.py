@@ -17,7 +17,8 @@ and version folders without a model file are not versions (`repository.scan`). O
 - a changed `config.pbtxt` loads the model as `RepositoryModelLoad` does (its policy applied again; loaded
   versions keep their batching).
 A version unloaded through the admin RPCs stays unloaded while its files do not change: the watch acts on
-changes of the repository, never on the difference between the repository and what is loaded.
+changes of the repository, never on the difference between the repository and what is loaded. A scan that
+cannot read the repository folder (a volume not mounted) changes nothing: one warning until it can again.
 
 A model file is read only when it looks the same twice, SETTLE_S apart, so that a file copied in place
 (rather than renamed into place, as every writer here does) is not read half-written; one that still
@@ -60,7 +61,10 @@ def signature(path: Path) -> FileSignature | None:
 
 
 def scan(root: Path) -> dict[str, ModelState]:
-    """Every model of the repository with its versions' and config's file signatures (blocking)."""
+    """Every model of the repository with its versions' and config's file signatures (blocking). A repository
+    folder that is not there (a volume not mounted) is an error, not a repository without models."""
+    if not Path(root).is_dir():
+        raise OSError(f"the repository {root} is not a folder (not mounted?); nothing is unloaded")
     found: dict[str, ModelState] = {}
     for name, versions in repository.scan(root).items():
         signed = {}
@@ -89,6 +93,7 @@ class RepositoryWatcher:
         return await asyncio.get_running_loop().run_in_executor(self.registry.loader, scan, self.root)
 
     async def baseline(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)  # as the load at start does
         self._seen = await self._scan()
 
     def start(self) -> None:
@@ -145,9 +150,9 @@ class RepositoryWatcher:
         if not wanted and not (gone & loaded) and not (config_changed and loaded):
             return
         on_disk = sorted(after.versions)
-        problems = await registry.sync_from_disk(name, on_disk, None if config_changed else wanted)
+        loaded_now, problems = await registry.sync_from_disk(name, on_disk, None if config_changed else wanted)
         now_loaded = registry.loaded_versions(name)
-        for version in sorted(wanted & now_loaded):
+        for version in loaded_now:
             log.info("repository: loaded %s version %d", name, version)
         refused = sorted(v for v in wanted - now_loaded if registry.failure(name, v))
         for version in refused:
