@@ -8,11 +8,12 @@ are retried on the next flush, and the failure is counted; requests never wait o
 
 Each flush is applied exactly once. A flush that failed may still have been applied (Redis ran it, the answer
 was lost or came after the timeout), so it is retried as it was, under the same sequence number, before
-anything newer is flushed. Every replica process has a random id and numbers its flushes 1, 2, 3...; the
-transaction that merges a flush skips it when the replica's ledger (`nr:flush:<replica id>`, a hash of `seq`,
-the last flush applied, and `scores`, the scores this replica has merged) says it was applied, and records it
-there otherwise. The ledger expires with the statistics (--stats-ttl-s), so only a flush retried after that
-long could count twice.
+anything newer is flushed. Every replica process has an id of its own (`new_replica_id`) and numbers its
+flushes 1, 2, 3...; the transaction that merges a flush skips it when the replica's ledger
+(`nr:flush:<replica id>`, a hash of `seq`, the last flush applied, and `scores`, the scores this replica has
+merged) says it was applied, and records it there otherwise. The ledger expires with the statistics
+(--stats-ttl-s), so only a flush retried after that long could count twice. The id is drawn when the
+recorder is made: a process that forks must make its recorders after the fork.
 
 Dataset ids come from clients, so the recorder keeps statistics for at most `max_datasets` of them (the
 ones this process has recorded since it started); a request for a further one is refused with
