@@ -23,7 +23,7 @@ TOKEN_ENV = "NOISERATER_TOKEN"
 DEFAULT_SERVER = "localhost:50051"
 TIMEOUT_S = 30.0
 
-ServerOpt = typer.Option(None, "--server", envvar=SERVER_ENV, show_default=DEFAULT_SERVER,
+ServerOpt = typer.Option([DEFAULT_SERVER], "--server", envvar=SERVER_ENV,
                          help="Rater server HOST:PORT; repeat it or separate by commas to address several replicas, "
                               "each on its own.")
 JsonOpt = typer.Option(False, "--json", help="Print JSON for machines instead of a table.")
