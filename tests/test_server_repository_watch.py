@@ -74,3 +74,24 @@ def test_a_model_file_still_being_written_waits_for_the_next_scan(server, rater_
     assert server.server.metrics.repository_refused._value.get() == 0
     poll(server)
     assert loaded(server)["digits"] == [1, 2] and server.server.metrics.repository_refused._value.get() == 0
+
+
+def test_a_version_this_server_deployed_is_not_validated_again(server, rater_onnx_v2, monkeypatch):
+    """DeployModel writes the version into the repository; the next scan finds it there, loaded already, and
+    leaves it alone: one validation, no reload."""
+    from noiserater.server import validate
+
+    checks = []
+    check = validate.ValidationSession.check
+
+    async def counted(self, data):
+        checks.append(len(data))
+        return await check(self, data)
+
+    monkeypatch.setattr(validate.ValidationSession, "check", counted)
+    registry = server.server.registry
+    deployed = server.call(registry.deploy("digits", rater_onnx_v2.read_bytes()))
+    poll(server)
+    poll(server)
+    assert deployed.version == 2 and loaded(server)["digits"] == [1, 2] and len(checks) == 1
+    assert registry.get("digits", 2) is deployed  # the very version the deploy activated, not a reload
