@@ -134,7 +134,7 @@ def test_a_replica_killed_mid_run_costs_no_selection_and_the_merged_statistics_s
                                       timeout_s=30, data_shape=D)
         with unary, stream, Drivers([unary] * 4 + [stream] * 2) as drivers:
             wait_until(lambda: drivers.served() >= 150 or drivers.errors, "150 selections")
-            (victim,) = [s for s in servers if s.requests_ok("SelectNoiseStream") > 0]
+            victim = next(s for s in servers if s.requests_ok("SelectNoiseStream") > 0)
             victim_id = victim.replica_id
             wait_until(lambda: int(store.hget(ledger_key(victim_id), "scores") or 0) > 0, "a flush of the victim")
             victim.signal(signal.SIGKILL)

@@ -60,6 +60,7 @@ log = logging.getLogger("rater-server.stats")
 
 PROBE_BATCH, PROBE_SEED = 64, 0
 LEDGER_PREFIX = "nr:flush"  # nr:flush:<replica id>: the flushes a replica process has applied (see the module doc)
+FINAL_FLUSH_TRIES = 3  # at shutdown
 RAW_LIMIT = 1 << 20  # scores kept raw before they are summarised (bounds memory while Redis is down)
 _DATASET = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # always fullmatch: `$` would let a final "\n" by
 
@@ -470,5 +471,8 @@ class StatsRecorder:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self.flush()
+        for attempt in range(FINAL_FLUSH_TRIES):  # what is not flushed now is lost with the process
+            if await self.flush():
+                break
+            await asyncio.sleep(0.1 * (attempt + 1))
         await self.store.close()
