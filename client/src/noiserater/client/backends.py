@@ -14,6 +14,7 @@ A remote failure is one of two kinds (`remote_failure`):
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -127,6 +128,7 @@ class RemoteBackend:
         self.info: scoring.RaterInfo | None = None
         self.problem: SelectorError | None = None  # a mistake the probe found, raised by the next selection
         self.requests = self.served = self.outages = 0
+        self._counts_lock = threading.Lock()  # selections may run on several threads at once
         self.breaker = CircuitBreaker(self._probe, channel.target, breaker_failures, probe_interval_s)
         try:
             self._connect()
@@ -230,17 +232,20 @@ class RemoteBackend:
             temperature=plan.temperature,
             seed=seed,
         )
-        self.requests += 1
+        with self._counts_lock:
+            self.requests += 1
         try:
             response = self.transport.select(request, self.channel.timeout_s)
         except (grpc.RpcError, RemoteError) as exc:
             failure = self._failure(exc)
             if isinstance(failure, ServerOutage):
-                self.outages += 1
+                with self._counts_lock:
+                    self.outages += 1
                 self.breaker.failed(str(failure))
             raise failure from None
         self.breaker.succeeded()
-        self.served += 1
+        with self._counts_lock:
+            self.served += 1
         self.version = response.model.version
         return np.array(codec.decode(response.indices, "indices"))
 
@@ -253,7 +258,9 @@ class RemoteBackend:
     def counts(self) -> dict[str, int]:
         """Selections sent to the server (`requests`), answered (`served`), failed by an outage (`outages`),
         and the breaker's state: `breaker_open` (1 while open), `breaker_trips`, `probes`."""
-        return {"requests": self.requests, "served": self.served, "outages": self.outages, **self.breaker.counts()}
+        with self._counts_lock:
+            mine = {"requests": self.requests, "served": self.served, "outages": self.outages}
+        return {**mine, **self.breaker.counts()}
 
     def health(self) -> dict[str, Any]:
         breaker = self.breaker

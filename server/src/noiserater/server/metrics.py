@@ -47,10 +47,16 @@ class ServerMetrics:
                                   "auto, else 0", ["model", "version"], registry=r)
         self.redis_flush_errors = Counter("nr_redis_flush_errors", "Failed statistics flushes to Redis",
                                           registry=r)
+        self.stats_flush_duplicates = Counter("nr_stats_flush_duplicates",
+                                              "Retried statistics flushes that the store had applied already "
+                                              "(skipped: each flush counts once)", registry=r)
         self.datasets_rejected = Counter("nr_datasets_rejected",
                                          "Requests refused because their dataset would exceed --max-datasets",
                                          registry=r)
         self.models_loaded = Gauge("nr_model_versions_loaded", "Model versions loaded and ready", registry=r)
+        self.repository_refused = Counter("nr_repository_versions_refused",
+                                          "Model versions the repository watch found and refused (failed "
+                                          "validation or loading)", registry=r)
 
 
 class _QuietHandler(WSGIRequestHandler):
