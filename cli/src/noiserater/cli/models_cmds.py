@@ -121,6 +121,7 @@ def export(
         fail(f"cannot export: {exc}")
     try:
         report = export_rater(rater, out, dataset=info.get("dataset", ""), schedule=info.get("schedule", ""),
+                              objective=info.get("objective") or "eps", meta_objective=info.get("meta_objective", ""),
                               provenance={"checkpoint": str(checkpoint.resolve()), **info.get("provenance", {})})
     except ParityError as exc:
         fail(f"export failed the parity check: {exc}")
@@ -135,6 +136,7 @@ def export(
     table(f"exported {out}", ["field", "value"], [
         ["data shape", report.metadata["noiserater.data_shape"]],
         ["timesteps", report.metadata["noiserater.num_timesteps"]],
+        ["objective", report.metadata["noiserater.objective"]],
         ["dataset", report.metadata["noiserater.dataset"] or "-"],
         ["size (bytes)", report.size_bytes],
         ["max |torch - onnx|", report.max_abs_diff],

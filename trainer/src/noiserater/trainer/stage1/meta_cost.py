@@ -24,14 +24,14 @@ from noiserater.trainer.stage1.rater import build_rater, default_rater_kind
 from noiserater.trainer.stage1.train import TrainConfig
 from noiserater.trainer.substrate.data import load_dataset
 from noiserater.trainer.substrate.denoisers import build_denoiser
-from noiserater.trainer.substrate.diffusion import NoiseSchedule, per_sample_loss
+from noiserater.trainer.substrate.diffusion import make_schedule, per_sample_loss
 
 
 def measure(dataset: str = "digits", repeats: int = 200, routes: tuple[str, ...] = ("fast", "exact"),
             cfg: TrainConfig | None = None) -> dict[str, float]:
     cfg = cfg or TrainConfig(dataset=dataset)
     data = load_dataset(dataset)
-    schedule = NoiseSchedule(cfg.num_timesteps, cfg.schedule)
+    schedule = make_schedule(cfg.num_timesteps, cfg.schedule, cfg.objective)
     torch.manual_seed(0)
     model = build_denoiser(data.data_shape, cfg.denoiser, num_timesteps=cfg.num_timesteps, **cfg.denoiser_kwargs)
     rater = build_rater(default_rater_kind(data.data_shape), data.data_shape, cfg.num_timesteps, **cfg.rater_kwargs)
