@@ -156,3 +156,26 @@ def test_served_local_and_remote_selection_agree_and_a_mismatch_fails_closed(flo
     with pytest.raises(SelectorError, match=r"objective: 'v' is not one of eps, flow"):
         NoiseSelector.local(flow_onnx, objective="v")
     assert NoiseSelector.local(legacy, objective="eps").info.objective == "eps"
+
+
+def test_cli_flags_reach_the_run_and_a_changed_objective_is_refused_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from noiserater.cli.main import app
+
+    runner = CliRunner()
+    out = str(tmp_path / "run")
+    first = runner.invoke(app, ["train-rater", "--dataset", "moons", "--out", out, "--population", "1", "--steps",
+                                "1", "--objective", "flow", "--meta-objective", "through-selection",
+                                "--selection-candidates", "3", "--selection-horizon", "2", "--device", "cpu",
+                                "--json"])
+    assert first.exit_code == 0, first.output
+    assert "objective=flow meta-objective=through-selection K=3 H=2" in first.stderr
+    saved = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())
+    assert (saved["objective"], saved["meta_objective"], saved["selection_candidates"],
+            saved["selection_horizon"]) == ("flow", "through-selection", 3, 2)
+    refused = runner.invoke(app, ["train-rater", "--out", out, "--objective", "eps", "--steps", "2"])
+    lines = refused.stderr.strip().splitlines()
+    assert refused.exit_code == 1 and len(lines) == 1 and "objective='eps' (run: 'flow')" in lines[0]
+    again = runner.invoke(app, ["train-rater", "--out", out, "--steps", "2", "--json"])  # the run's own settings
+    assert again.exit_code == 0 and json.loads(again.stdout)["resumed_from"] == 1, again.output
