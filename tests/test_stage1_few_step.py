@@ -15,7 +15,9 @@ from noiserater.trainer.stage1.grad_norm import grad_norm_regression, log_target
 from noiserater.trainer.stage1.rater import build_rater, load_rater
 from noiserater.trainer.stage1.through_selection import (
     AdamState,
+    assign_noise,
     select_noise,
+    sinkhorn,
     through_selection_gradient,
 )
 from noiserater.trainer.stage1.train import TrainConfig, read_metrics, train_rater
@@ -80,6 +82,28 @@ def test_the_selection_is_hard_forward_and_follows_the_scores():
     best = scores.argmax(dim=1)
     assert torch.equal(chosen.detach(), cands[torch.arange(6), best])  # exactly one candidate, no blend
     assert torch.equal(x0, batch[0][::k]) and torch.equal(t, batch[1][::k])
+
+
+def test_the_assignment_permutes_the_batchs_noises_and_its_gradient_reaches_the_rater():
+    model, rater, schedule = _setup("flow")
+    gen = torch.Generator().manual_seed(6)
+    batch = _grouped(12, 1, (64,), gen)
+    (x0, t, assigned), scores = assign_noise(rater, batch, 1.0, gen)
+    assert scores.shape == (12, 12)
+    matches = (assigned.detach()[:, None, :] == batch[2][None, :, :]).all(dim=2)  # [sample, noise]
+    assert torch.equal(matches.sum(dim=0), torch.ones(12, dtype=torch.long))  # each noise used exactly once
+    assert torch.equal(matches.sum(dim=1), torch.ones(12, dtype=torch.long))
+    plan = sinkhorn(torch.randn(12, 12, generator=gen))
+    assert torch.allclose(plan.sum(dim=0), torch.ones(12), atol=1e-5)
+    assert torch.allclose(plan.sum(dim=1), torch.ones(12), atol=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    named = dict(model.named_parameters())
+    val = (torch.rand(16, 64) * 2 - 1, torch.randint(0, 100, (16,)), torch.randn(16, 64))
+    through_selection_gradient(model, schedule, {n: p.detach() for n, p in named.items()}, AdamState.read(opt, named),
+                               rater, [batch, _grouped(12, 1, (64,), gen)], val, 1, 1.0, gen, assign=True)
+    grads = [p.grad for p in rater.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.norm()) for g in grads) > 0
 
 
 def test_the_differentiable_steps_are_torch_adams_steps():
@@ -149,6 +173,8 @@ def test_the_grad_norm_regression_falls_on_a_toy():
 @pytest.mark.parametrize("meta_objective, extra, logged", [
     ("through-selection", {"selection_candidates": 3, "selection_horizon": 2, "objective": "flow"},
      ("outer_loss_learned", "outer_loss_uniform", "choice_entropy", "inner_loss")),
+    ("through-assignment", {"selection_horizon": 2},
+     ("outer_loss_learned", "outer_loss_uniform", "choice_entropy", "inner_loss")),
     ("grad-norm", {}, ("grad_norm_mse", "grad_norm_corr", "inner_loss")),
 ])
 def test_a_tiny_run_of_each_exports(tmp_path, meta_objective, extra, logged):
@@ -171,7 +197,8 @@ def test_a_tiny_run_of_each_exports(tmp_path, meta_objective, extra, logged):
 
 
 def test_the_meta_objective_options_are_checked():
-    with pytest.raises(ValueError, match="--meta-objective must be one of soft-weights, through-selection, grad-norm"):
+    with pytest.raises(ValueError, match="--meta-objective must be one of soft-weights, through-selection, "
+                                         "through-assignment, grad-norm"):
         TrainConfig(meta_objective="maml").validate()
     with pytest.raises(ValueError, match="selection_candidates must be >= 2"):
         TrainConfig(meta_objective="through-selection", selection_candidates=1).validate()

@@ -24,6 +24,7 @@ class Objective(StrEnum):  # noiserater.trainer.substrate.diffusion.OBJECTIVES
 class MetaObjective(StrEnum):  # noiserater.trainer.stage1.train.META_OBJECTIVES
     soft_weights = "soft-weights"
     through_selection = "through-selection"
+    through_assignment = "through-assignment"
     grad_norm = "grad-norm"
 
 

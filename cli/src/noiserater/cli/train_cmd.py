@@ -48,12 +48,13 @@ def train_rater(
     meta_objective: MetaObjective = typer.Option(None, "--meta-objective", help="What the rater learns: "
                                                  "soft-weights (one virtual step, weighted loss), "
                                                  "through-selection (H real steps on its Gumbel-softmax "
-                                                 "picks) or grad-norm (log per-sample gradient norm, for "
+                                                 "picks), through-assignment (the same through the batch's "
+                                                 "assignment) or grad-norm (log per-sample gradient norm, for "
                                                  "importance-weighted selection).",
                                                  show_default="soft-weights, or the run's"),
     selection_candidates: int = typer.Option(None, "--selection-candidates", help="through-selection: K "
                                              "candidate noises per sample.", show_default="8"),
-    selection_horizon: int = typer.Option(None, "--selection-horizon", help="through-selection: H "
+    selection_horizon: int = typer.Option(None, "--selection-horizon", help="through-selection/-assignment: H "
                                           "differentiable Adam steps per meta step.", show_default="4"),
     device: Device = typer.Option(Device.auto, "--device", help="Where torch trains."),
     log_with: LogWith = typer.Option(LogWith.none, "--log-with", help="Also log the metrics to this tracker "
@@ -132,6 +133,8 @@ def _objectives(cfg) -> str:
         parts.append(f" meta-objective={cfg.meta_objective}")
         if cfg.meta_objective == "through-selection":
             parts.append(f" K={cfg.selection_candidates} H={cfg.selection_horizon}")
+        if cfg.meta_objective == "through-assignment":
+            parts.append(f" H={cfg.selection_horizon}")
     return "".join(parts)
 
 

@@ -8,9 +8,9 @@ soft weights, the meta-gradient by the chosen route into the rater (for "fast": 
 held-out forward/backward, two forwards for the directional derivative, the rater's backward), then the real
 Adam step that reuses the weighted gradient. Also timed: the rater scoring K = 8 candidates for every item of
 the batch (stage 2's selection cost). With --few-step also timed: one through-selection step (K candidates,
-H differentiable Adam steps, the rater's backward) and one grad-norm step (per-sample gradient norms, the
-rater's regression, the Adam step). The kinds of step are interleaved and the medians compared, so a busy
-machine slows both alike.
+H differentiable Adam steps, the rater's backward), one through-assignment step (the same over the batch's
+B x B assignment) and one grad-norm step (per-sample gradient norms, the rater's regression, the Adam
+step). The kinds of step are interleaved and the medians compared, so a busy machine slows both alike.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def measure(dataset: str = "digits", repeats: int = 200, routes: tuple[str, ...]
     med = {name: statistics.median(v) for name, v in runs.items()}
     out = {f"{name}_ms": 1e3 * v for name, v in med.items()}
     out["score_k8_over_plain"] = med["score_k8"] / med["plain"]  # rating K=8 candidates per item of the batch
-    for route in [*routes, *(("through_selection", "grad_norm") if few_step else ())]:
+    for route in [*routes, *(("through_selection", "through_assignment", "grad_norm") if few_step else ())]:
         out[f"{route}_over_plain"] = med[route] / med["plain"]
     out.update({"batch_size": cfg.batch_size, "val_batch_size": cfg.val_batch_size, "repeats": repeats,
                 "threads": torch.get_num_threads(), "dataset": dataset})
@@ -108,13 +108,14 @@ def _few_step_jobs(cfg, data, schedule, model, opt, rater, rater_opt, gen, batch
         return x0, t, torch.randn(x0.shape, generator=gen)
 
     selection_batches = [grouped() for _ in range(horizon)]
+    assignment_batches = [tuple(part[::k] for part in b) for b in selection_batches]
     named = dict(model.named_parameters())
 
-    def through_selection() -> None:
+    def through(batches, width, assign) -> None:
         rater_opt.zero_grad(set_to_none=True)
         adam = AdamState.read(opt, named)
         result = through_selection_gradient(model, schedule, {n: p.detach() for n, p in named.items()}, adam, rater,
-                                            selection_batches, val, k, cfg.tau, gen)
+                                            batches, val, width, cfg.tau, gen, assign=assign)
         rater_opt.step()
         result.adam.write(opt, named, result.theta)
 
@@ -126,7 +127,8 @@ def _few_step_jobs(cfg, data, schedule, model, opt, rater, rater_opt, gen, batch
             p.grad = step.mean_grad[name]
         opt.step()
 
-    return [("through_selection", through_selection), ("grad_norm", grad_norm)]
+    return [("through_selection", lambda: through(selection_batches, k, False)),
+            ("through_assignment", lambda: through(assignment_batches, 1, True)), ("grad_norm", grad_norm)]
 
 
 def main() -> None:

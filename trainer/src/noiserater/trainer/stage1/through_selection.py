@@ -16,10 +16,19 @@ and the moments are written back, and the next meta step starts from there (a ho
 The outer loss is the plain denoising loss on a batch of the val split with Gaussian noise at theta_H; its
 gradient reaches the rater through the relaxed choices of all H steps.
 
+The assignment variant (`assign=True`, meta-objective "through-assignment") differentiates through stage 2's
+rule "assign" instead: the B samples of a batch and the batch's B Gaussian noises are scored against each
+other (z_ij = r(x0_i, t_i, eps_j), B^2 triples); the forward pass is the permutation that maximises
+sum_i (z_i,pi(i) / tau + g_i,pi(i)) (the Hungarian method on Gumbel-perturbed scores, so the noises stay
+exactly the batch's: both marginals are kept), the backward pass the gradient of the doubly stochastic
+Sinkhorn plan of z / tau + g (`SINKHORN_ITERS` row and column normalisations in log space; Gumbel-Sinkhorn).
+Stage 2's rule "assign" is its unperturbed limit.
+
 Logged at evaluated steps: `outer_loss_learned` (that outer loss) against `outer_loss_uniform`, the same H
 Adam steps from the same state on the same pairs with the first (a plain Gaussian) candidate instead of the
-selected one; and `choice_entropy`, the mean entropy of softmax(z / tau) over the K candidates divided by
-log K (1: the rater cannot tell the candidates apart).
+selected one (for assignment: each sample's own noise); and `choice_entropy`, the mean entropy of
+softmax(z / tau) over each row's K candidates (B noises for assignment) divided by its log (1: the rater
+cannot tell the candidates apart).
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ from torch import nn
 
 from noiserater.trainer.stage1.meta import Batch, Params, _grad, _leaf, losses_at
 from noiserater.trainer.substrate.diffusion import Schedule
+
+SINKHORN_ITERS = 20
 
 
 @dataclass
@@ -102,6 +113,29 @@ def straight_through_choice(scores: torch.Tensor, tau: float, generator: torch.G
     return hard - soft.detach() + soft
 
 
+def sinkhorn(log_alpha: torch.Tensor, iters: int = SINKHORN_ITERS) -> torch.Tensor:
+    """The doubly stochastic matrix of `iters` alternating row and column normalisations of exp(log_alpha)."""
+    for _ in range(iters):
+        log_alpha = log_alpha - torch.logsumexp(log_alpha, dim=1, keepdim=True)
+        log_alpha = log_alpha - torch.logsumexp(log_alpha, dim=0, keepdim=True)
+    return log_alpha.exp()
+
+
+def straight_through_assignment(scores: torch.Tensor, tau: float, generator: torch.Generator | None = None
+                                ) -> torch.Tensor:
+    """[B, B] permutation matrix (row i takes noise j where it is 1; the forward value) maximising the
+    Gumbel-perturbed summed score, whose gradient is that of the Sinkhorn plan of scores / tau + Gumbel."""
+    from scipy.optimize import linear_sum_assignment
+
+    u = torch.rand(scores.shape, generator=generator, device=generator.device if generator is not None else "cpu")
+    perturbed = scores / tau - torch.log(-torch.log(u.to(scores.device, scores.dtype).clamp(1e-10, 1 - 1e-7)))
+    soft = sinkhorn(perturbed)
+    rows, cols = linear_sum_assignment(perturbed.detach().cpu().double().numpy(), maximize=True)
+    hard = torch.zeros_like(soft)
+    hard[torch.as_tensor(rows), torch.as_tensor(cols)] = 1.0
+    return hard - soft.detach() + soft
+
+
 def choice_entropy(scores: torch.Tensor, tau: float) -> float:
     """Mean entropy of softmax(scores / tau) over each row, divided by log K."""
     p = torch.softmax(scores.detach() / tau, dim=1)
@@ -118,6 +152,18 @@ class SelectionResult:
     scores: list[torch.Tensor]  # detached [B, K] per step
 
 
+def assign_noise(rater: nn.Module, batch: Batch, tau: float, generator: torch.Generator | None
+                 ) -> tuple[Batch, torch.Tensor]:
+    """From a batch of B rows (B pairs with one Gaussian noise each): the B pairs with the batch's noises
+    permuted over them by the straight-through assignment, and the [B, B] scores (row i = sample i)."""
+    x0, t, eps = batch
+    b = x0.shape[0]
+    scores = rater(x0.repeat_interleave(b, 0), t.repeat_interleave(b), eps.repeat(b, *([1] * (eps.dim() - 1))))
+    scores = scores.view(b, b)
+    y = straight_through_assignment(scores, tau, generator)
+    return (x0, t, (y @ eps.flatten(1)).view_as(eps)), scores
+
+
 def select_noise(rater: nn.Module, batch: Batch, k: int, tau: float, generator: torch.Generator | None
                  ) -> tuple[Batch, torch.Tensor]:
     """From a batch of B*K rows (B pairs, each repeated over K candidates, `MetaTrainer._batch` with
@@ -132,17 +178,19 @@ def select_noise(rater: nn.Module, batch: Batch, k: int, tau: float, generator: 
 
 def through_selection_gradient(model: nn.Module, schedule: Schedule, params: Params, adam: AdamState,
                                rater: nn.Module, batches: list[Batch], val_batch: Batch, k: int, tau: float,
-                               generator: torch.Generator | None = None, grad_scale: float = 1.0
-                               ) -> SelectionResult:
+                               generator: torch.Generator | None = None, grad_scale: float = 1.0,
+                               assign: bool = False) -> SelectionResult:
     """Accumulate grad_scale * dL_val(theta_H)/dphi into the rater's .grad: H = len(batches) differentiable
-    Adam steps of `model` from `params` (state `adam`, not modified) on the noise the rater selects."""
+    Adam steps of `model` from `params` (state `adam`, not modified) on the noise the rater selects (with
+    `assign`: the batch's noises as the rater assigns them; batches of B rows and k = 1)."""
     theta = _leaf(params)
     state = adam.copy()
     inner = 0.0
     all_scores = []
     entropy = 0.0
     for h, batch in enumerate(batches):
-        selected, scores = select_noise(rater, batch, k, tau, generator)
+        selected, scores = (assign_noise(rater, batch, tau, generator) if assign
+                            else select_noise(rater, batch, k, tau, generator))
         all_scores.append(scores.detach())
         entropy += choice_entropy(scores, tau) / len(batches)
         losses = losses_at(model, schedule, theta, selected)

@@ -8,6 +8,8 @@ phase of training) contributes a gradient for the rater and trains for real. Wha
 - "through-selection": the rater picks one of K candidate noises per sample (straight-through Gumbel-softmax)
   and the inner model takes H differentiable real Adam steps on the picks; the held-out loss after them is
   differentiated back to the rater (`noiserater.trainer.stage1.through_selection`);
+- "through-assignment": the same through stage 2's batch-level assignment (the batch's noises permuted over
+  its samples; Hungarian forward, Gumbel-Sinkhorn backward), so both marginals are kept;
 - "grad-norm": regression of the score on the log per-sample gradient norm, the proposal that minimises the
   variance of stage 2's importance-weighted rule (`noiserater.trainer.stage1.grad_norm`), then one plain
   Adam step.
@@ -80,8 +82,9 @@ RUN_FOLDERS = (PRETRAINED_DIR, TENSORBOARD_DIR)  # these folders
 EXISTING_MODES = ("check", "resume", "overwrite")
 MAY_CHANGE_ON_RESUME = ("steps", "device")  # a resumed run may be extended or moved
 LOGGERS = ("tensorboard",)
-SOFT_WEIGHTS, THROUGH_SELECTION, GRAD_NORM = "soft-weights", "through-selection", "grad-norm"
-META_OBJECTIVES = (SOFT_WEIGHTS, THROUGH_SELECTION, GRAD_NORM)
+SOFT_WEIGHTS, THROUGH_SELECTION, THROUGH_ASSIGNMENT, GRAD_NORM = (
+    "soft-weights", "through-selection", "through-assignment", "grad-norm")
+META_OBJECTIVES = (SOFT_WEIGHTS, THROUGH_SELECTION, THROUGH_ASSIGNMENT, GRAD_NORM)
 
 log = logging.getLogger("noiserater.trainer.stage1")
 
@@ -109,7 +112,7 @@ class TrainConfig:
     objective: str = "eps"  # what the inner models predict: "eps" or "flow" (velocity)
     meta_objective: str = SOFT_WEIGHTS  # one of META_OBJECTIVES (module docstring)
     selection_candidates: int = 8  # through-selection: K candidate noises per (x0, t)
-    selection_horizon: int = 4  # through-selection: H differentiable Adam steps per meta step
+    selection_horizon: int = 4  # through-selection/-assignment: H differentiable Adam steps per meta step
     denoiser: str = "auto"
     denoiser_kwargs: dict[str, Any] = field(default_factory=dict)
     rater: str = "auto"
@@ -252,7 +255,7 @@ class MetaTrainer:
         for i, member in enumerate(self.members):
             if self._reset_due(i):
                 self.members[i] = member = Member(self._fresh_denoiser(), cfg.inner_lr)
-            if cfg.meta_objective == THROUGH_SELECTION:
+            if cfg.meta_objective in (THROUGH_SELECTION, THROUGH_ASSIGNMENT):
                 self._through_selection_step(member, evaluate, record)
                 continue
             if cfg.meta_objective == GRAD_NORM:
@@ -298,9 +301,11 @@ class MetaTrainer:
         return out
 
     def _through_selection_step(self, member: Member, evaluate: bool, record: Callable[[str, float], None]) -> None:
-        """H differentiable Adam steps on the rater's picks; they become the member's real training."""
+        """H differentiable Adam steps on the rater's picks (or assignment); they become the member's real
+        training."""
         cfg = self.cfg
-        k = cfg.selection_candidates
+        assign = cfg.meta_objective == THROUGH_ASSIGNMENT
+        k = 1 if assign else cfg.selection_candidates
         batches = [self._batch(self.train_x, cfg.batch_size * k, k) for _ in range(cfg.selection_horizon)]
         val_batch = self._batch(self.val_x, cfg.val_batch_size)
         named = dict(member.model.named_parameters())
@@ -308,7 +313,7 @@ class MetaTrainer:
         adam = AdamState.read(member.opt, named)
         result = through_selection_gradient(member.model, self.schedule, params, adam, self.rater, batches,
                                             val_batch, k, cfg.tau, self.gen,
-                                            grad_scale=1.0 / (len(self.members) * self.world))
+                                            grad_scale=1.0 / (len(self.members) * self.world), assign=assign)
         if evaluate:
             record("outer_loss_learned", result.outer_loss)
             record("outer_loss_uniform", uniform_outer_loss(member.model, self.schedule, params, adam, batches,
