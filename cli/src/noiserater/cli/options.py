@@ -16,11 +16,6 @@ class MetaGrad(StrEnum):
     fast = "fast"
 
 
-class Objective(StrEnum):  # noiserater.trainer.substrate.diffusion.OBJECTIVES
-    eps = "eps"
-    flow = "flow"
-
-
 class MetaObjective(StrEnum):  # noiserater.trainer.stage1.train.META_OBJECTIVES
     soft_weights = "soft-weights"
     through_selection = "through-selection"
