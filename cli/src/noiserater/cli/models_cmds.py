@@ -121,6 +121,7 @@ def export(
         fail(f"cannot export: {exc}")
     try:
         report = export_rater(rater, out, dataset=info.get("dataset", ""), schedule=info.get("schedule", ""),
+                              objective=info.get("objective") or "eps", meta_objective=info.get("meta_objective", ""),
                               provenance={"checkpoint": str(checkpoint.resolve()), **info.get("provenance", {})})
     except ParityError as exc:
         fail(f"export failed the parity check: {exc}")
@@ -135,6 +136,7 @@ def export(
     table(f"exported {out}", ["field", "value"], [
         ["data shape", report.metadata["noiserater.data_shape"]],
         ["timesteps", report.metadata["noiserater.num_timesteps"]],
+        ["objective", report.metadata["noiserater.objective"]],
         ["dataset", report.metadata["noiserater.dataset"] or "-"],
         ["size (bytes)", report.size_bytes],
         ["max |torch - onnx|", report.max_abs_diff],
@@ -246,7 +248,8 @@ def models(
                                            "version is loaded to check it: ON_DISK, or INVALID with the reason)."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """List models and versions on a server (or in a repository folder)."""
+    """List models and versions on a server (or in a repository folder), each version with the objective its
+    rater was trained for (eps or flow)."""
     if repository is not None:
         rows = repository_rows(repository)
         if as_json:
@@ -259,7 +262,9 @@ def models(
     def listing(channel, target: str) -> dict:
         response = channel.call("ListModels", pb.ListModelsRequest())
         return {"models": [{"name": m.name, "default_version": m.default_version,
-                            "versions": [{"version": v.version, "state": v.state} for v in m.versions]}
+                            "versions": [{"version": v.version, "state": v.state,
+                                          "objective": _served_objective(channel, m.name, v.version)}
+                                         for v in m.versions]}
                            for m in response.models]}
 
     targets = server_targets(server)
@@ -270,10 +275,27 @@ def models(
 
 def models_table(title: str, rows: list[dict]) -> None:
     table(title, ["name", "versions", "default"], [
-        [m["name"], ", ".join(f"{v['version']} ({v['state']}{': ' + v['reason'] if v.get('reason') else ''})"
+        [m["name"], ", ".join(f"{v['version']} ({v['state']}{', ' + v['objective'] if v.get('objective') else ''}"
+                              f"{': ' + v['reason'] if v.get('reason') else ''})"
                               for v in m["versions"]), m["default_version"] or "-"]
         for m in rows
     ])
+
+
+def _served_objective(channel, name: str, version: int) -> str:
+    """The objective a served version was trained for, from its metadata ("" when it cannot be asked: a
+    version unloaded meanwhile)."""
+    import grpc
+
+    from noiserater.core import scoring
+    from noiserater.core.v1 import rater_service_pb2 as pb
+
+    try:
+        response = channel.call("GetModelMetadata",
+                                pb.GetModelMetadataRequest(model=pb.ModelRef(name=name, version=version)))
+    except grpc.RpcError:
+        return ""
+    return response.metadata.get(scoring.META_OBJECTIVE) or scoring.DEFAULT_OBJECTIVE
 
 
 def repository_rows(repository: Path) -> list[dict]:
@@ -290,8 +312,8 @@ def repository_rows(repository: Path) -> list[dict]:
         listed = []
         for version in versions:
             try:
-                RaterSession(repo.version_dir(repository, name, version) / repo.MODEL_FILE, device="cpu")
-                listed.append({"version": version, "state": "ON_DISK"})
+                session = RaterSession(repo.version_dir(repository, name, version) / repo.MODEL_FILE, device="cpu")
+                listed.append({"version": version, "state": "ON_DISK", "objective": session.info.objective})
             except (ScoringError, OSError) as exc:
                 listed.append({"version": version, "state": "INVALID", "reason": str(exc).splitlines()[0]})
         valid = [v["version"] for v in listed if v["state"] == "ON_DISK"]

@@ -61,7 +61,7 @@ def quickstart(
     rater, info = load_rater(work / "run" / "rater.pt")
     onnx_path = work / "digits.onnx"
     report = export_rater(rater, onnx_path, dataset="digits", schedule=info.get("schedule", ""),
-                          provenance=info.get("provenance", {}))
+                          objective=info.get("objective") or "eps", provenance=info.get("provenance", {}))
     say(f"    parity with torch: max |diff| = {report.max_abs_diff:.2e}")
 
     repository = work / "models"

@@ -74,11 +74,13 @@ def remote_failure(exc: grpc.RpcError | RemoteError, target: str, model: str) ->
 
 @dataclass(frozen=True)
 class Expectation:
-    """What the job expects of the model's data shape and timestep count; `source` says where it comes from."""
+    """What the job expects of the model's data shape, timestep count and training objective (None: anything);
+    `source` says where it comes from."""
 
     source: str
     data_shape: tuple[int, ...] | None = None
     num_timesteps: int | None = None
+    objective: str | None = None
 
     def check(self, info: scoring.RaterInfo, what: str) -> None:
         if self.data_shape is not None and tuple(self.data_shape) != tuple(info.data_shape):
@@ -87,6 +89,12 @@ class Expectation:
         if self.num_timesteps is not None and self.num_timesteps != info.num_timesteps:
             raise SelectorError(f"num_timesteps: {what} has {info.num_timesteps} timesteps, "
                                 f"not {self.num_timesteps} as {self.source} expects")
+        if self.objective is not None and self.objective != info.objective:
+            expected = scoring.TIME_CONVENTIONS.get(self.objective)
+            raise SelectorError(f"objective: {what} was trained for the {info.objective} objective "
+                                f"({info.time_convention}), not {self.objective}"
+                                f"{f' ({expected})' if expected else ''} as {self.source} expects; use a rater "
+                                f"trained with `nrctl train-rater --objective {self.objective}`")
 
 
 class LocalBackend:

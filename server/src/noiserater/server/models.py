@@ -41,7 +41,8 @@ log = logging.getLogger("rater-server.models")
 
 # Metadata every caller sees; the rest (and the full provenance) only an authenticated one.
 PUBLIC_METADATA = (scoring.META_DATA_SHAPE, scoring.META_NUM_TIMESTEPS, scoring.META_SCHEDULE, scoring.META_DATASET,
-                   scoring.META_FORMAT, scoring.META_EXPORTED_AT)
+                   scoring.META_FORMAT, scoring.META_EXPORTED_AT, scoring.META_OBJECTIVE,
+                   scoring.META_TIME_CONVENTION, scoring.META_META_OBJECTIVE)
 
 
 class ModelNotFoundError(RpcError, LookupError):
