@@ -161,3 +161,9 @@ def test_flow_objective_bench_with_an_ot_comparison(digits, tmp_path):
     with pytest.raises(Stage2Error, match="does not apply to the flow objective"):
         run_bench(digits, ["uniform"], [0], 2, config=Stage2Config(**{**TINY, "objective": "flow", "nfe": (1,),
                                                                        "sampler": "ddim"}))
+
+
+def test_a_rater_for_another_objective_is_refused(digits, rater_onnx):
+    with pytest.raises(Stage2Error, match=r"trained for the eps objective, the run uses flow \(--objective eps\)"):
+        run_bench(digits, ["uniform", "rater-argmax"], [0], 2, rater_onnx=rater_onnx,
+                  config=Stage2Config(**{**TINY, "objective": "flow", "quality": False}))

@@ -65,6 +65,7 @@ def resolve_rater(rater: Path, out_dir: Path, dataset: str) -> Path:
         raise ValueError(f"--rater: {exc}") from None
     onnx_path = out_dir / "rater.onnx"
     export_rater(model, onnx_path, dataset=info.get("dataset") or dataset, schedule=info.get("schedule", ""),
+                 objective=info.get("objective") or "eps", meta_objective=info.get("meta_objective", ""),
                  provenance={"checkpoint": str(source), **(info.get("provenance") or {})})
     return onnx_path
 
