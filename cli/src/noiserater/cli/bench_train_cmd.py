@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from typer.core import TyperCommand
 from noiserater.cli.options import Denoiser, Layout, Objective, value
 from noiserater.cli.output import emit_json, fail, progress_bar, table
 
+RUNS_LOG = "runs.jsonl"
 DEFAULT_METHODS = "uniform,rater-argmax,rater-assign,immiscible,immiscible-knn,min-snr"
 METHODS_HELP = ("Comma-separated names of registered noise sources{names}. uniform, the paired baseline, "
                 "always runs.")
@@ -107,7 +109,8 @@ def bench_train(
     seeds: int = typer.Option(3, min=1, help="Number of seeds (0..N-1), paired across methods."),
     steps: int = typer.Option(3000, min=1, help="Training steps per run (the same for every method)."),
     rater: Path | None = typer.Option(None, help="Rater run folder (rater.pt) or exported MODEL.onnx."),
-    out: Path = typer.Option(..., help="Output folder for report.md, report.json, details.json, curves.png."),
+    out: Path = typer.Option(..., help="Output folder for report.md, report.json, details.json, curves.png, and "
+                             "runs.jsonl (each run as it finishes)."),
     k: int = typer.Option(8, min=1, help="Candidates per sample for the rater rules, immiscible-knn and "
                          "model-aligned."),
     temperature: float = typer.Option(1.0, help="Softmax temperature of rater-sample."),
@@ -173,8 +176,13 @@ def bench_train(
         with progress_bar() as bar:
             task = bar.add_task("bench train", total=total, status="")
 
+            runs_log = out / RUNS_LOG
+            runs_log.write_text("")
+
             def on_run(result) -> None:
                 bar.update(task, status=f"{result.method} seed {result.seed}: val {result.metrics['val_loss']:.4f}")
+                with runs_log.open("a") as log:  # every finished run at once, so an interrupted bench keeps them
+                    log.write(json.dumps(result.to_dict()) + "\n")
 
             runs = run_bench(data, method_list, range(seeds), steps, rater_onnx=onnx_path, config=cfg,
                              progress=lambda n: bar.advance(task, n), on_run=on_run, jobs=jobs, plugins=plugin)
