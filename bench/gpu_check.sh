@@ -14,7 +14,20 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl "protobuf==7.36.2"
-# then run (device tool): carry [".whl"], timeout_s 420, command `bash bench/gpu_check.sh`.
+#   - rater-server against Triton Inference Server (`nrctl bench serve-vs-triton`, one round, both on
+#     onnxruntime's CPU provider) on the device's 16 cores, where no neighbours share them: written to
+#     $OUT/serve-vs-triton.json/.md. It needs nvidia-pytriton in a venv that the bench makes (with the image's
+#     own onnxruntime, --system-site-packages); the device reaches no index, so it installs from a wheelhouse
+#     .whl-triton carried along and is skipped (said in $OUT/serve-vs-triton.log) without one. Made here:
+#       echo /.whl-triton/ >> .git/info/exclude
+#       python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux_2_35_x86_64 --platform manylinux2014_x86_64 -d .whl-triton \
+#         "nvidia-pytriton==0.7.0" "numpy==1.26.4" "tritonclient[grpc,http]==2.73.0" "sh>=1.14" \
+#         "typing_inspect>=0.6" "mypy_extensions>=0.3" "wrapt>=1.11" "pyzmq>=23" "protobuf==6.33.6"
+#     (nvidia-pytriton alone is 53 MB: with numpy this is over the 64 MiB carry limit, so until the image ships
+#     PyTriton or reaches PyPI the step records why it was skipped). Without perf_analyzer in the image only
+#     the bench's own load generator runs.
+# then run (device tool): carry [".whl"] (and ".whl-triton"), timeout_s 600, command `bash bench/gpu_check.sh`.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -77,3 +90,13 @@ for device in ("cuda", "cpu"):
 print(json.dumps(result, indent=2, sort_keys=True))
 PY
 cat "$OUT/gpu_check.json" 2>/dev/null || tail -20 "$OUT/serve.log"
+if ls .whl-triton/*.whl >/dev/null 2>&1; then
+  tools=load,perf_analyzer
+  python3 -c "from noiserater.trainer.bench import perf_analyzer as p; p.find()" 2>/dev/null || tools=load
+  PIP_NO_INDEX=1 PIP_FIND_LINKS="$PWD/.whl-triton" timeout 300 python3 -m noiserater.cli.main bench serve-vs-triton \
+    --onnx docs/results/bench-digits/rater.onnx --rounds 1 --window-s 1 --tools "$tools" \
+    --triton-env /tmp/pytriton-env --out "$OUT/serve-vs-triton.json" > "$OUT/serve-vs-triton.log" 2>&1
+  tail -30 "$OUT/serve-vs-triton.md" 2>/dev/null || tail -5 "$OUT/serve-vs-triton.log"
+else
+  echo "serve-vs-triton skipped: no .whl-triton wheelhouse carried (see the header)" | tee "$OUT/serve-vs-triton.log"
+fi

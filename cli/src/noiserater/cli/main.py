@@ -21,7 +21,8 @@ from noiserater.cli.output import setup_logging
 DISTRIBUTION = "noiserater-cli"
 
 # bench subcommand -> the module whose register(typer_app) adds it, in the order `nrctl bench --help` lists them
-BENCH_COMMANDS = {"train": "noiserater.cli.bench_train_cmd", "serve": "noiserater.cli.bench_serve"}
+BENCH_COMMANDS = {"train": "noiserater.cli.bench_train_cmd", "serve": "noiserater.cli.bench_serve",
+                  "serve-vs-triton": "noiserater.cli.bench_vs_triton"}
 
 
 class LazyBenchGroup(TyperGroup):

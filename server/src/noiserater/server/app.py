@@ -30,6 +30,7 @@ from noiserater.server.service_v1 import RaterServicer
 from noiserater.server.stats import MemoryStatsStore, RedisStatsStore, StatsRecorder
 from noiserater.server.tls import check_server_pair
 from noiserater.server.watch import RepositoryWatcher
+from noiserater.server.workers import ADMIN_REFUSED
 
 log = logging.getLogger("rater-server")
 
@@ -85,6 +86,9 @@ def startup_warnings(config: ServerConfig) -> list[str]:
     if config.insecure_admin:
         warnings.append("--insecure-admin: the admin RPCs (deploy, unload, set default) need no token; anyone "
                         f"who can reach {config.host}:{config.port} can replace the served models")
+    if config.workers > 1 and not config.redis_url:
+        warnings.append(f"--workers {config.workers} without --redis-url: each worker keeps the statistics of the "
+                        "requests it served, and GetStats answers from one of them")
     if not config.tls_cert and not is_loopback(config.host):
         warnings.append(f"serving plaintext on {config.host}, which is not a loopback address: requests, "
                         "responses and bearer tokens cross the network unencrypted (use --tls-cert/--tls-key "
@@ -102,6 +106,8 @@ class RaterServer:
         self.config = config
         self.metrics = ServerMetrics()
         self.runtime = RpcRuntime(self.metrics, config.max_stream_in_flight)
+        if config.workers > 1:
+            self.runtime.admin_refusal = ADMIN_REFUSED
         # Inference runs (one per batch, or one per request with batching off) and model loading.
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="onnxruntime")
         self.registry = ModelRegistry(config, self.executor, self.metrics)
@@ -114,8 +120,10 @@ class RaterServer:
         self._metrics_http = None
         self._started = False
 
-    async def start(self) -> int:
-        """Load and warm up every model, then bind and serve. Returns the bound port."""
+    async def start(self, serving: bool = True) -> int:
+        """Load and warm up every model, then bind and serve. Returns the bound port. With `serving` False the
+        server takes calls but health does not report SERVING until `set_serving` (a worker waiting for its
+        siblings)."""
         config = self.config
         if config.tls_cert:
             check_server_pair(config.tls_cert, config.tls_key)
@@ -172,11 +180,15 @@ class RaterServer:
             log.info("statistics: flushing into Redis as replica %s", self.recorder.replica_id)
         if self.watcher is not None:
             self.watcher.start()
-        # Every model on disk is loaded and warmed up by now: the server is ready.
+        if serving:
+            await self.set_serving()
+        return self.port
+
+    async def set_serving(self) -> None:
+        """Report SERVING (health, /ready): every model on disk is loaded and warmed up by now."""
         for service in ("", V1_SERVICE, KSERVE_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._started = True
-        return self.port
 
     def ready(self) -> bool:
         """Whether the server takes inference requests: its models are loaded and it is not draining (read by

@@ -1,17 +1,17 @@
 """The dynamic batcher of one model version, after Triton's: concurrent requests' triples are merged into
 one onnxruntime run and the scores split back.
 
-A request is queued with `submit`; the batching task takes the oldest request, then keeps taking queued
-ones until the run would exceed `max_batch` triples or `max_delay_s` has passed since it started waiting,
-and runs the merged batch in a worker thread (off the event loop). While a run is in progress the next
-requests queue up, so under load batches form without waiting for the delay. A request larger than
-`max_batch` runs alone. With `preferred` run sizes (Triton's preferred_batch_size, in triples), a run
-that the queued requests make up exactly at one of them goes at once, cut back to the largest such size.
-Up to `instances` batches run at once (Triton's instance count): while all are busy, requests queue, so
-batches grow with load; a lone client's request is never held back for the delay. With batching off
-(`max_batch == 0`) every request runs on its own, concurrently in the thread pool, still bounded by
-`max_queue` requests in flight. Besides requests, the work accepted and not yet answered is bounded in
-triples (`max_queued_triples`), which is what memory grows with; a request arriving at an idle batcher is
+A request is queued with `submit`; the batching task takes the oldest request, then keeps taking queued ones
+until the run would exceed `max_batch` triples or `max_delay_s` has passed since it started waiting, and runs
+the merged batch in a worker thread (off the event loop). While a run is in progress the next requests queue
+up, so under load batches form without waiting for the delay. A request larger than `max_batch` runs alone.
+With `preferred` run sizes (Triton's preferred_batch_size, in triples), a run that the queued requests make up
+exactly at one of them goes at once, cut back to the largest such size. Up to `instances` batches run at once
+(Triton's instance count; with several worker processes, over all of them: shared_slots.py): while all are
+busy, requests queue, so batches grow with load; a lone client's request is never held back for the delay.
+With batching off (`max_batch == 0`) every request runs on its own, concurrently in the thread pool, still
+bounded by `max_queue` requests in flight. Besides requests, the work accepted and not yet answered is bounded
+in triples (`max_queued_triples`), which is what memory grows with; a request arriving at an idle batcher is
 always taken.
 
 Scores are checked after every run: a request whose rows came out NaN or Inf fails with
@@ -37,6 +37,7 @@ import numpy as np
 from noiserater.server.client_errors import RateLimitedLog
 from noiserater.server.metrics import ServerMetrics
 from noiserater.server.rpc import RpcError
+from noiserater.server.shared_slots import shared_slots
 
 log = logging.getLogger("rater-server.batcher")
 NON_FINITE_LOG = RateLimitedLog(log)
@@ -136,6 +137,7 @@ class DynamicBatcher:
         self._queued_triples = 0
         self._last_batch_requests = 1
         self._slots = asyncio.Semaphore(max(1, instances))
+        self._shared = shared_slots(labels, instances)  # the other workers' runs count too
         self._runs: set[asyncio.Task] = set()
         self._waiter: asyncio.Future | None = None
         self._pending = 0  # queued or running, i.e. accepted and not yet answered
@@ -206,6 +208,7 @@ class DynamicBatcher:
                 continue
             # With every instance busy, requests keep queueing: that is where batches grow under load.
             await self._slots.acquire()
+            shared = await self._shared.acquire() if self._shared is not None else None
             remaining = self._queue[0].enqueued + self.max_delay_s - time.perf_counter()
             # Only wait for company while traffic is concurrent: a lone client is never delayed.
             if remaining > 0 and self._last_batch_requests > 1 and not self._next_run()[1]:
@@ -214,7 +217,7 @@ class DynamicBatcher:
             self._queued_triples -= sum(job.size for job in batch)
             self._last_batch_requests = len(batch) if len(batch) > 1 or not self._queue else 2
             self._m_depth.set(len(self._queue))
-            task = asyncio.get_running_loop().create_task(self._run_in_slot(batch))
+            task = asyncio.get_running_loop().create_task(self._run_in_slot(batch, shared))
             self._runs.add(task)
             task.add_done_callback(self._runs.discard)
 
@@ -234,12 +237,14 @@ class DynamicBatcher:
             return best, True
         return count, count < len(self._queue) or size >= self.max_batch
 
-    async def _run_in_slot(self, batch: list[_Job]) -> None:
+    async def _run_in_slot(self, batch: list[_Job], shared: int | None = None) -> None:
         try:
             await self._run(batch)
         except Exception:  # _run answers its jobs itself; never let a failure stop the batcher
             log.exception("batch run failed")
         finally:
+            if shared is not None:
+                self._shared.release(shared)
             self._slots.release()
 
     def _timed_score(self, x0: np.ndarray, t: np.ndarray, eps: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -326,3 +331,5 @@ class DynamicBatcher:
             if not job.future.done():
                 job.future.set_exception(BatcherClosedError("model version was unloaded"))
         self._queue.clear()
+        if self._shared is not None and not self._runs:
+            self._shared.close()

@@ -93,6 +93,10 @@ class ServerConfig:
                                  valid=at_least(1))
     reuse_port: bool = option(False, "let several servers share --port (SO_REUSEPORT); off, a port in use is an "
                                      "error")
+    workers: int = option(1, "server processes sharing --port (SO_REUSEPORT), each with its own batchers, sessions "
+                             "and statistics (--instances counts over all); worker i serves /metrics on "
+                             "--metrics-port + i; more than one refuses the admin RPCs (default %(default)s)",
+                          valid=at_least(1))
     max_concurrent_rpcs: int = option(1024, "RPCs served at once (a stream counts as one); more get "
                                             "RESOURCE_EXHAUSTED; 0 = unlimited (default %(default)s)",
                                       valid=at_least(0))

@@ -106,13 +106,26 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from noiserater.server.workers import Supervisor, WorkerHandshake
+
     config = config_from_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(f"rater-server config: {config.describe()}", flush=True)
-    return asyncio.run(_serve(config))
+    handshake = WorkerHandshake.from_environment()
+    if config.workers > 1 and handshake is None:
+        print(f"rater-server config: {config.describe()}", flush=True)
+        return Supervisor(config).run()
+    if handshake is None:
+        print(f"rater-server config: {config.describe()}", flush=True)
+    else:
+        from noiserater.server import shared_slots
+
+        shared_slots.configure(handshake.slots_dir)
+    return asyncio.run(_serve(config, handshake))
 
 
-async def _serve(config) -> int:
+async def _serve(config, handshake=None) -> int:
+    """Serve until SIGTERM/SIGINT. A worker (`handshake`, see workers.py) reports SERVING only once the
+    supervisor says every worker is up."""
     from noiserater.server.app import RaterServer
 
     # onnxruntime runs in worker threads that need the GIL for a moment before and after each run; with
@@ -127,7 +140,7 @@ async def _serve(config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        port = await server.start()
+        port = await server.start(serving=handshake is None)
     except ConfigError:
         raise
     except Exception as exc:  # bind failure, bad TLS files, ...: one line, not a traceback
@@ -139,7 +152,14 @@ async def _serve(config) -> int:
     provider = {v.session.provider for v in versions}
     print(f"rater-server loaded {len(loaded)} model versions: {', '.join(loaded) or '-'} "
           f"(providers: {', '.join(sorted(provider)) or '-'})", flush=True)
-    print(f"rater-server listening on {config.host}:{port}", flush=True)
+    if handshake is None:
+        print(f"rater-server listening on {config.host}:{port}", flush=True)
+    else:
+        handshake.ready()
+        if await loop.run_in_executor(None, handshake.wait_go):
+            await server.set_serving()
+        else:  # the supervisor is gone
+            stop.set()
     await stop.wait()
     print(f"rater-server draining (grace {config.grace_s:g}s)", flush=True)
     await server.stop()

@@ -146,6 +146,7 @@ class RpcRuntime:
         self.draining = False
         # Says whether a call's metadata carries the bearer token; set when a token is configured.
         self.authenticate: Callable[[Any], bool] | None = None
+        self.admin_refusal = ""  # why the admin RPCs are refused (FAILED_PRECONDITION); empty: they are not
         self.max_stream_in_flight = max_stream_in_flight
         self._streams: set[asyncio.Event] = set()  # each open stream's wake-up, set when the drain starts
         self._last_arrival = 0.0

@@ -60,6 +60,8 @@ async def audited(action: str, what: str, call: CallContext, work: Awaitable[Any
     result says)."""
     who = f"peer={call.peer() or '-'} auth={'token' if call.authenticated() else 'none'}"
     try:
+        if call.runtime.admin_refusal:
+            raise RpcError(call.runtime.admin_refusal, grpc.StatusCode.FAILED_PRECONDITION)
         result = await work
     except BaseException as exc:
         code = status_of(exc) if isinstance(exc, Exception) else grpc.StatusCode.CANCELLED

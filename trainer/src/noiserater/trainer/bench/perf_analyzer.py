@@ -63,7 +63,8 @@ def find() -> tuple[str, dict[str, str]]:
 
 
 def write_input_data(path: Path, x0: np.ndarray, t: np.ndarray, eps: np.ndarray) -> Path:
-    """perf_analyzer's --input-data JSON: one request of N triples."""
+    """perf_analyzer's --input-data JSON: one request of N triples (for a batching model, N = 1 and without the
+    batch axis: x0 [*data], t [1], eps [*data])."""
     def tensor(a: np.ndarray) -> dict:
         return {"content": a.ravel().tolist(), "shape": list(a.shape)}
 
@@ -73,14 +74,18 @@ def write_input_data(path: Path, x0: np.ndarray, t: np.ndarray, eps: np.ndarray)
 
 def run(target: str, model: str, input_data: Path, concurrency: list[int], window_ms: int, csv_path: Path,
         streaming: bool = False, stability_percent: float = 15.0, max_trials: int = 5,
-        timeout_s: float = 600.0) -> list[dict[str, float]]:
-    """One perf_analyzer run over the concurrency levels; its CSV rows (latencies in microseconds)."""
+        timeout_s: float = 600.0, batch_size: int = 1) -> list[dict[str, float]]:
+    """One perf_analyzer run over the concurrency levels; its CSV rows (latencies in microseconds).
+    `batch_size` > 1 is for a model with Triton's batch axis (max_batch_size > 0): each request stacks that many
+    copies of `input_data`'s one element, and "Inferences/Second" counts elements, not requests."""
     binary, env = find()
     rows: list[dict[str, float]] = []
     for level in concurrency:
         args = [binary, "-m", model, "-u", target, "-i", "grpc", "--input-data", str(input_data),
                 "--concurrency-range", str(level), "-p", str(window_ms), "-s", str(stability_percent),
                 "-r", str(max_trials), "-f", str(csv_path)]
+        if batch_size != 1:
+            args += ["-b", str(batch_size)]
         if streaming:
             args.append("--streaming")
         done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout_s)
