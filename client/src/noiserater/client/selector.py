@@ -293,6 +293,11 @@ class NoiseSelector:
         return {**state, "fallback": fallback, "counters": self.counters}
 
     @property
+    def is_remote(self) -> bool:
+        """Whether selections go to a rater server (`NoiseSelector.remote`)."""
+        return isinstance(self.backend, RemoteBackend)
+
+    @property
     def session(self) -> scoring.RaterSession | None:
         """The in-process onnxruntime session (None for a remote selector)."""
         return getattr(self.backend, "session", None)

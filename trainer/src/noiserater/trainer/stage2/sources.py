@@ -47,13 +47,24 @@ def kanneal_schedule(k: int, steps: int, end_fraction: float) -> Callable[[int],
 
 class RaterSource:
     """Noise chosen by a NoiseSelector; with `k_schedule(step) -> K`, K per step, and plain Gaussian noise
-    from `generator` at the steps where K is 1 (`selected` says whether the last batch was chosen)."""
+    from `generator` at the steps where K is 1 (`selected` says whether the last batch was chosen).
+
+    `prefetch(x0, t, step)` starts the selection of a later `sample(x0, t, step)` (the very same tensors) in
+    the background when that pays and changes nothing: the selector is remote (its round trip then overlaps
+    training) and draws from a stream of its own (`seed=` or a generator other than torch's global one, whose
+    draws training's own random ops could reorder). Otherwise it does nothing and `sample` selects."""
 
     def __init__(self, selector: Any, generator: torch.Generator, k_schedule: Callable[[int], int] | None = None):
         self.selector = selector
         self.generator = generator
         self.k_schedule = k_schedule
         self.selected = False
+        self.prefetches = prefetch_pays(selector)
+
+    def prefetch(self, x0: torch.Tensor, t: torch.Tensor, step: int) -> None:
+        k = self.k_schedule(step) if self.k_schedule is not None else None
+        if self.prefetches and k != 1:
+            self.selector.prefetch(x0, t, num_candidates=k)
 
     def sample(self, x0: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         k = self.k_schedule(step) if self.k_schedule is not None else None
@@ -66,6 +77,21 @@ class RaterSource:
 
     def loss_weights(self, t: torch.Tensor) -> torch.Tensor | None:
         return None
+
+
+def prefetch_pays(selector: Any) -> bool:
+    """Whether `selector` is a remote NoiseSelector with a noise stream of its own (see `RaterSource`)."""
+    if not getattr(selector, "is_remote", False):
+        return False
+    generator = getattr(selector, "generator", None)
+    if generator is not None:
+        return all(generator is not default for default in _global_generators())
+    return getattr(selector, "seed", None) is not None
+
+
+def _global_generators() -> list[torch.Generator]:
+    cuda = list(torch.cuda.default_generators) if torch.cuda.is_available() else []
+    return [torch.default_generator, *cuda]
 
 
 def rater_selector(method: str, rule: str, selector: Any, rater: str | Path | None, num_candidates: int,

@@ -13,6 +13,9 @@ A method is the name of a source in `noiserater.client.sources.REGISTRY`: the pe
 `immiscible`, `immiscible-knn`, `min-snr`), the rater rules of `stage2.sources` (`rater-argmax`,
 `rater-sample`, `rater-assign`, `rater-kanneal`) and whatever else is registered. The loop only calls
 `source.sample(x0, t, step)` and `source.loss_weights(t)`; `source_options` are what every source is built from.
+A source that has `prefetch(x0, t, step)` (a remote rater's, see `stage2.sources.RaterSource`) is handed the
+next step's minibatch and timesteps right after this step's `sample`, so its selection overlaps this step's
+training; the loop then draws each minibatch one step early, in the same order, so results do not change.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class Stage2Config:
     sample_steps: int | None = None  # DDPM sampling steps (None: all T)
     device: str = "cpu"
     rater_threads: int = 1  # onnxruntime intra-op threads of the in-process rater (0: onnxruntime's default)
+    prefetch: bool = True  # hand the next minibatch to a source that has prefetch() (a remote rater's)
 
 
 @dataclass
@@ -155,17 +159,24 @@ def train_stage2(data: DataSplits, method: str, steps: int, seed: int, selector:
     train = data.train
     eval_every = cfg.eval_every or max(1, cfg.steps // 20)
 
+    def draw_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, train.shape[0], (cfg.batch_size,), generator=data_gen)
+        return train[idx].to(device), schedule.sample_timesteps(cfg.batch_size, generator=data_gen).to(device)
+
+    prefetch = getattr(source, "prefetch", None) if cfg.prefetch else None
+    upcoming = None  # the next step's (x0, t), drawn early for prefetch
     curve_steps, curve_val = [0], [ctx.val.loss(model)]
     select_s = train_s = 0.0
     sq_norm = cosine = train_loss_ema = 0.0
     model.train()
     for step in range(cfg.steps):
         t_start = time.perf_counter()
-        idx = torch.randint(0, train.shape[0], (cfg.batch_size,), generator=data_gen)
-        x0 = train[idx].to(device)
-        t = schedule.sample_timesteps(cfg.batch_size, generator=data_gen).to(device)
+        x0, t = upcoming if upcoming is not None else draw_batch()
         t_sel = time.perf_counter()
         eps = source.sample(x0, t, step)
+        if prefetch is not None and step + 1 < cfg.steps:
+            upcoming = draw_batch()
+            prefetch(*upcoming, step + 1)
         select_s += time.perf_counter() - t_sel
         losses = per_sample_loss(model, schedule, x0, t, eps)
         w = source.loss_weights(t)

@@ -1,0 +1,278 @@
+"""What a stage-2 training step pays for noise selection (`nrctl bench select`).
+
+Per denoiser (the MLP on `digits`, the UNet on `digits-image`) the bench times the real stage-2 step
+(`train_stage2`: minibatch, noise, forward, backward, gradient clipping, optimiser step; evaluation excluded)
+in four modes:
+
+- `uniform`: plain Gaussian noise (`torch.randn`), what the others are compared with;
+- `local`: argmax of K candidates scored in-process (`NoiseSelector.local`, onnxruntime with the same intra-op
+  threads as torch);
+- `remote`: the same selection asked of a rater-server that the bench starts on a free loopback port
+  (`NoiseSelector.remote` over its default stream transport), one request per step, waited for;
+- `remote_prefetch`: the same, with the next step's selection started during this step (stage 2's prefetch).
+
+Method: the same seed for every run (so every mode trains on the same minibatches and timesteps), one
+warm-up run per mode, then `rounds` rounds in which every mode runs `steps` steps in turn (the order
+rotating from round to round), so that load from other processes on the machine falls on all modes alike.
+A mode's figure is the mean of its rounds' ms/step; the ratios in `summary` are ratios of those means. The
+machine's load average (os.getloadavg) is recorded before and after.
+
+The rater is the one given per denoiser, or else an untrained rater of the default kind for the data (the
+cost of scoring does not depend on the weights), exported to ONNX as `nrctl export` does.
+
+    report = run_select_overhead(SelectSettings(rounds=3), progress=print)
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODES = ("uniform", "local", "remote", "remote_prefetch")
+DENOISERS = {"mlp": "digits", "unet": "digits-image"}  # denoiser -> the built-in dataset it trains on
+DEFAULT_STEPS = {"mlp": 300, "unet": 40}
+# The goals this bench reports against: (denoiser or None for every denoiser, summary ratio, bound).
+GOALS = ((None, "remote_prefetch_vs_local", 1.02), ("unet", "local_vs_uniform", 1.10))
+SEED = 0
+
+
+@dataclass
+class SelectSettings:
+    denoisers: tuple[str, ...] = ("mlp", "unet")
+    steps: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_STEPS))  # steps per run, per denoiser
+    rounds: int = 3
+    warmup_steps: int = 10
+    batch: int = 128
+    k: int = 8
+    threads: int = 1  # torch intra-op threads, and the in-process rater's onnxruntime intra-op threads
+    device: str = "cpu"  # where the denoiser trains
+    raters: dict[str, Path] = field(default_factory=dict)  # denoiser -> ONNX file (default: an untrained rater)
+    server_args: tuple[str, ...] = ("--device", "cpu", "--intra-op-threads", "1")
+
+    def check(self) -> None:
+        unknown = [d for d in self.denoisers if d not in DENOISERS]
+        if unknown or not self.denoisers:
+            raise ValueError(f"denoisers: {', '.join(unknown) or 'none given'} (choose from {', '.join(DENOISERS)})")
+        if self.rounds < 1 or self.batch < 1 or self.k < 2 or self.threads < 1:
+            raise ValueError("rounds, batch and threads must be >= 1, and K >= 2")
+        for denoiser in self.denoisers:
+            if self.steps.get(denoiser, 0) < 1:
+                raise ValueError(f"steps: {denoiser} needs at least one step per run")
+            rater = self.raters.get(denoiser)
+            if rater is not None and not Path(rater).is_file():
+                raise ValueError(f"rater for {denoiser}: no such file {rater}")
+
+
+@dataclass
+class _Bench:
+    """One denoiser's data, evaluation context, rater file and selectors."""
+
+    denoiser: str
+    data: Any
+    context: Any
+    config: Any
+    onnx: Path
+    local: Any = None
+    remote: Any = None
+
+
+def _export_untrained_rater(data_shape: tuple[int, ...], num_timesteps: int, dataset: str, path: Path) -> Path:
+    import torch
+
+    from noiserater.trainer.stage1.export import export_rater
+    from noiserater.trainer.stage1.rater import build_rater, default_rater_kind
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(SEED)
+    rater = build_rater(default_rater_kind(data_shape), data_shape, num_timesteps)
+    torch.random.set_rng_state(state)
+    export_rater(rater, path, dataset=dataset, schedule="linear", provenance={"untrained": True, "seed": SEED})
+    return path
+
+
+def _prepare(st: SelectSettings, denoiser: str, repository: Path) -> _Bench:
+    """Data, config and the rater file (copied into the server's repository as model `<dataset>` version 1)."""
+    import shutil
+
+    from noiserater.core.scoring import RaterSession
+    from noiserater.trainer.stage2.training import EvalContext, Stage2Config
+    from noiserater.trainer.substrate.data import load_dataset
+
+    dataset = DENOISERS[denoiser]
+    data = load_dataset(dataset)
+    target = repository / dataset / "1" / "model.onnx"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if denoiser in st.raters:
+        shutil.copyfile(st.raters[denoiser], target)
+    else:
+        _export_untrained_rater(data.data_shape, Stage2Config.num_timesteps, dataset, target)
+    info = RaterSession(target, device="cpu").info
+    if tuple(info.data_shape) != tuple(data.data_shape):
+        raise ValueError(f"rater for {denoiser}: data shape {list(info.data_shape)} is not {dataset}'s "
+                         f"{list(data.data_shape)}")
+    config = Stage2Config(steps=st.steps[denoiser], batch_size=st.batch, k=st.k, num_timesteps=info.num_timesteps,
+                          schedule=info.schedule or "linear", denoiser=denoiser, eval_every=st.steps[denoiser],
+                          eval_repeats=1, quality=False, device=st.device, rater_threads=st.threads)
+    return _Bench(denoiser, data, EvalContext.build(data, config), config, target)
+
+
+def _run(bench: _Bench, mode: str, steps: int, progress: Callable[[int], None] | None) -> dict[str, float]:
+    """One stage-2 run of `mode`: its ms/step and selection ms/step."""
+    from dataclasses import replace
+
+    from noiserater.trainer.stage2.training import train_stage2
+
+    selector = {"uniform": None, "local": bench.local}.get(mode, bench.remote)
+    config = replace(bench.config, steps=steps, eval_every=steps, prefetch=mode == "remote_prefetch")
+    result = train_stage2(bench.data, "uniform" if mode == "uniform" else "rater-argmax", steps, SEED,
+                          selector=selector, config=config, context=bench.context, progress=progress)
+    return {"ms_per_step": result.metrics["ms_per_step"],
+            "selection_ms_per_step": result.metrics["selection_ms_per_step"]}
+
+
+def _machine() -> dict[str, Any]:
+    import onnxruntime
+    import torch
+
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
+            "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _portable(command: list[str], repository: Path) -> list[str]:
+    """The server's command line as a user would type it: the script's name, no temporary path or port."""
+    out = [Path(command[0]).name]
+    for i, arg in enumerate(command[1:], start=1):
+        previous = command[i - 1]
+        out.append("REPOSITORY" if arg == str(repository) else "PORT" if previous == "--port" else arg)
+    return out
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def summarise(denoisers: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The summary ratios per denoiser, and the goals with whether each is met."""
+    summary: dict[str, Any] = {}
+    for name, entry in denoisers.items():
+        ms = {mode: entry["modes"][mode]["ms_per_step"] for mode in MODES}
+        summary[name] = {"local_vs_uniform": _ratio(ms["local"], ms["uniform"]),
+                         "remote_vs_local": _ratio(ms["remote"], ms["local"]),
+                         "remote_prefetch_vs_local": _ratio(ms["remote_prefetch"], ms["local"]),
+                         "remote_prefetch_vs_uniform": _ratio(ms["remote_prefetch"], ms["uniform"]),
+                         "ms_per_step": ms}
+    goals = {}
+    for only, key, bound in GOALS:
+        for name in summary:
+            if only in (None, name):
+                value = summary[name][key]
+                goals[f"{name}.{key}"] = {"at_most": bound, "value": value, "met": value <= bound}
+    return summary, goals
+
+
+def run_select_overhead(st: SelectSettings, progress: Callable[[str], None] | None = None,
+                        advance: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Measure every mode for every denoiser (see the module doc); the report as a dict. `progress(text)`
+    says what runs; `advance(n)` counts steps done (for a progress bar of `total_steps(st)`)."""
+    import torch
+
+    from noiserater.client.selector import NoiseSelector
+    from noiserater.trainer.bench.local_server import start_rater_server
+
+    st.check()
+    say = progress or (lambda text: None)
+    load_before = os.getloadavg()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(st.threads)
+    started = time.perf_counter()
+    rows: dict[str, dict[str, list[dict[str, float]]]] = {d: {m: [] for m in MODES} for d in st.denoisers}
+    try:
+        with ExitStack() as stack:
+            repository = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nr-select-bench-")))
+            benches = {d: _prepare(st, d, repository) for d in st.denoisers}
+            say(f"starting rater-server {' '.join(st.server_args)}")
+            server = start_rater_server(stack, repository, st.server_args)
+            for bench in benches.values():
+                dataset = DENOISERS[bench.denoiser]
+                bench.local = stack.enter_context(NoiseSelector.local(
+                    bench.onnx, num_candidates=st.k, seed=SEED, intra_op_threads=st.threads))
+                bench.remote = stack.enter_context(NoiseSelector.remote(
+                    server.target, model=dataset, dataset=dataset, num_candidates=st.k, seed=SEED))
+            for bench in benches.values():
+                for mode in MODES:
+                    say(f"warm-up {bench.denoiser} {mode}")
+                    _run(bench, mode, st.warmup_steps, advance)
+            for r in range(st.rounds):
+                order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]
+                for bench in benches.values():
+                    for mode in order:
+                        say(f"round {r + 1}/{st.rounds} {bench.denoiser} {mode}")
+                        rows[bench.denoiser][mode].append(_run(bench, mode, st.steps[bench.denoiser], advance))
+            fallbacks = {b.denoiser: {k: v for k, v in b.remote.counters.items()
+                                      if k in ("fallback_local", "fallback_gaussian", "outages")}
+                         for b in benches.values()}
+            server_command = server.command
+    finally:
+        torch.set_num_threads(threads_before)
+    denoisers = {}
+    for name, modes in rows.items():
+        denoisers[name] = {
+            "dataset": DENOISERS[name], "steps_per_run": st.steps[name], "remote_failures": fallbacks[name],
+            "rater": str(st.raters[name]) if name in st.raters else "untrained (default kind, seed 0)",
+            "modes": {mode: {"ms_per_step": sum(r["ms_per_step"] for r in runs) / len(runs),
+                             "rounds": [r["ms_per_step"] for r in runs],
+                             "selection_ms_per_step": sum(r["selection_ms_per_step"] for r in runs) / len(runs),
+                             "selection_rounds": [r["selection_ms_per_step"] for r in runs]}
+                      for mode, runs in modes.items()}}
+    summary, goals = summarise(denoisers)
+    settings = asdict(st)
+    settings["raters"] = {k: str(v) for k, v in st.raters.items()}
+    return {"settings": settings, "machine": {**_machine(), "loadavg_before": list(load_before),
+                                              "loadavg_after": list(os.getloadavg())},
+            "server_command": _portable(server_command, repository),
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            "denoisers": denoisers, "summary": summary, "goals": goals}
+
+
+def total_steps(st: SelectSettings) -> int:
+    """Training steps the bench runs in all (warm-up included)."""
+    return sum(len(MODES) * (st.warmup_steps + st.rounds * st.steps[d]) for d in st.denoisers)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report as a short Markdown page: the command, a table per denoiser, the goals."""
+    st = report["settings"]
+    lines = ["# Selection overhead per training step", "",
+             f"Command: `{report.get('command', '')}`", "",
+             f"Stage-2 steps, batch {st['batch']}, K = {st['k']}, {st['threads']} torch thread(s), "
+             f"{st['rounds']} interleaved rounds; denoiser on {st['device']}. Load average (1, 5, 15 min) "
+             f"before {fmt_load(report['machine']['loadavg_before'])}, after "
+             f"{fmt_load(report['machine']['loadavg_after'])} on {report['machine']['cpu_count']} CPUs. "
+             f"Server: `{' '.join(report['server_command'])}`.", ""]
+    for name, entry in report["denoisers"].items():
+        summary = report["summary"][name]
+        lines += [f"## {name} ({entry['dataset']}, {entry['steps_per_run']} steps per run)", "",
+                  "| mode | ms/step | per round | selection ms/step | vs uniform |", "|---|---|---|---|---|"]
+        for mode, row in entry["modes"].items():
+            rounds = ", ".join(f"{v:.2f}" for v in row["rounds"])
+            vs = _ratio(row["ms_per_step"], entry["modes"]["uniform"]["ms_per_step"])
+            lines.append(f"| {mode} | {row['ms_per_step']:.2f} | {rounds} | {row['selection_ms_per_step']:.2f} | "
+                         f"{vs:.3f}x |")
+        lines += ["", f"local vs uniform **{summary['local_vs_uniform']:.3f}x**, remote vs local "
+                      f"{summary['remote_vs_local']:.3f}x, remote with prefetch vs local "
+                      f"**{summary['remote_prefetch_vs_local']:.3f}x**.", ""]
+    lines += ["## Goals", ""]
+    for key, goal in report["goals"].items():
+        lines.append(f"- {key} at most {goal['at_most']}: {goal['value']:.3f} ({'met' if goal['met'] else 'not met'})")
+    return "\n".join(lines) + "\n"
+
+
+def fmt_load(load: list[float]) -> str:
+    return "/".join(f"{v:.2f}" for v in load)
