@@ -21,9 +21,9 @@ def bench_select(
     denoisers: str = typer.Option("mlp,unet", help="Comma-separated denoisers: mlp (trains on digits), unet "
                                   "(on digits-image)."),
     rounds: int = typer.Option(3, min=1, help="Interleaved rounds: every mode runs once per round, in turn."),
-    mlp_steps: int = typer.Option(300, min=1, help="Training steps per run of the MLP."),
-    unet_steps: int = typer.Option(40, min=1, help="Training steps per run of the UNet."),
-    warmup_steps: int = typer.Option(10, min=0, help="Steps of the one warm-up run per mode."),
+    mlp_steps: int = typer.Option(300, min=4, help="Training steps per run of the MLP."),
+    unet_steps: int = typer.Option(40, min=4, help="Training steps per run of the UNet."),
+    warmup_steps: int = typer.Option(10, min=4, help="Steps of the one warm-up run per mode."),
     batch: int = typer.Option(128, min=1, help="Batch size B of a training step."),
     k: int = typer.Option(8, min=2, help="Candidates K per sample."),
     threads: int = typer.Option(1, min=1, help="torch intra-op threads, and the in-process rater's onnxruntime "
@@ -65,11 +65,11 @@ def bench_select(
     if as_json:
         emit_json(report)
         return
-    rows = [[name, *(f"{s['ms_per_step'][m]:.2f}" for m in ("uniform", "local", "remote", "remote_prefetch")),
-             f"{s['local_vs_uniform']:.3f}x", f"{s['remote_prefetch_vs_local']:.3f}x"]
-            for name, s in report["summary"].items()]
+    modes = list(next(iter(report["summary"].values()))["ms_per_step"])
+    rows = [[name, *(f"{s['ms_per_step'][m]:.2f}" for m in modes), f"{s['local_vs_uniform']:.3f}x",
+             f"{s['remote_prefetch_vs_local']:.3f}x"] for name, s in report["summary"].items()]
     table(f"ms per training step (B={batch}, K={k}, {threads} thread(s), mean of {rounds} rounds)",
-          ["denoiser", "uniform", "local", "remote", "remote+prefetch", "local/uniform", "prefetch/local"], rows)
+          ["denoiser", *(m.replace("_prefetch", "+pf") for m in modes), "local/unif", "remote+pf/local"], rows)
     for key, goal in report["goals"].items():
         typer.echo(f"{key} at most {goal['at_most']}: {goal['value']:.3f} ({'met' if goal['met'] else 'not met'})")
     if out is not None:

@@ -35,12 +35,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-MODES = ("uniform", "local", "remote", "remote_prefetch")
+from noiserater.trainer.bench.cpu import process_cpu_s
+
+MODES = ("uniform", "local", "local_prefetch", "remote", "remote_prefetch")
 DENOISERS = {"mlp": "digits", "unet": "digits-image"}  # denoiser -> the built-in dataset it trains on
 DEFAULT_STEPS = {"mlp": 300, "unet": 40}
 # The goals this bench reports against: (denoiser or None for every denoiser, summary ratio, bound).
 GOALS = ((None, "remote_prefetch_vs_local", 1.02), ("unet", "local_vs_uniform", 1.10))
 SEED = 0
+MIN_STEPS = 4  # a run is timed over its steps 1 .. N-2
 
 
 @dataclass
@@ -62,9 +65,11 @@ class SelectSettings:
             raise ValueError(f"denoisers: {', '.join(unknown) or 'none given'} (choose from {', '.join(DENOISERS)})")
         if self.rounds < 1 or self.batch < 1 or self.k < 2 or self.threads < 1:
             raise ValueError("rounds, batch and threads must be >= 1, and K >= 2")
+        if self.warmup_steps < MIN_STEPS:
+            raise ValueError(f"warmup_steps: at least {MIN_STEPS}")
         for denoiser in self.denoisers:
-            if self.steps.get(denoiser, 0) < 1:
-                raise ValueError(f"steps: {denoiser} needs at least one step per run")
+            if self.steps.get(denoiser, 0) < MIN_STEPS:
+                raise ValueError(f"steps: {denoiser} needs at least {MIN_STEPS} steps per run")
             rater = self.raters.get(denoiser)
             if rater is not None and not Path(rater).is_file():
                 raise ValueError(f"rater for {denoiser}: no such file {rater}")
@@ -123,18 +128,46 @@ def _prepare(st: SelectSettings, denoiser: str, repository: Path) -> _Bench:
     return _Bench(denoiser, data, EvalContext.build(data, config), config, target)
 
 
-def _run(bench: _Bench, mode: str, steps: int, progress: Callable[[int], None] | None) -> dict[str, float]:
-    """One stage-2 run of `mode`: its ms/step and selection ms/step."""
+def _run(bench: _Bench, mode: str, steps: int, advance: Callable[[int], None] | None,
+         server_pid: int | None) -> dict[str, float]:
+    """One stage-2 run of `mode`, timed over its steps 1 .. steps-2 (the first step's warm-up and the final
+    evaluation left out): wall ms/step, this process's CPU ms/step (all its threads), the server's CPU ms/step,
+    and the selection's wall ms/step inside the loop."""
     from dataclasses import replace
 
     from noiserater.trainer.stage2.training import train_stage2
 
-    selector = {"uniform": None, "local": bench.local}.get(mode, bench.remote)
-    config = replace(bench.config, steps=steps, eval_every=steps, prefetch=mode == "remote_prefetch")
-    result = train_stage2(bench.data, "uniform" if mode == "uniform" else "rater-argmax", steps, SEED,
-                          selector=selector, config=config, context=bench.context, progress=progress)
-    return {"ms_per_step": result.metrics["ms_per_step"],
+    selector = bench.local if mode.startswith("local") else bench.remote if mode.startswith("remote") else None
+    config = replace(bench.config, steps=steps, eval_every=steps,
+                     prefetch="all" if mode.endswith("_prefetch") else "off")
+    marks: list[tuple[float, float, float]] = []
+
+    def tick(n: int) -> None:
+        if len(marks) in (0, steps - 2):  # after step 0, and after step steps-2
+            server_s = process_cpu_s(server_pid) if server_pid else 0.0
+            marks.append((time.perf_counter(), time.process_time(), server_s))
+        else:
+            marks.append(marks[-1])
+        if advance is not None:
+            advance(n)
+
+    result = train_stage2(bench.data, "uniform" if selector is None else "rater-argmax", steps, SEED,
+                          selector=selector, config=config, context=bench.context, progress=tick)
+    (wall0, cpu0, server0), (wall1, cpu1, server1) = marks[0], marks[steps - 2]
+    per_step = 1000 / max(1, steps - 2)
+    return {"ms_per_step": (wall1 - wall0) * per_step, "cpu_ms_per_step": (cpu1 - cpu0) * per_step,
+            "server_cpu_ms_per_step": (server1 - server0) * per_step,
             "selection_ms_per_step": result.metrics["selection_ms_per_step"]}
+
+
+def _mode_entry(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """A mode's figures: per figure the mean over rounds, and the rounds' values (`rounds` for ms/step)."""
+    entry: dict[str, Any] = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        entry[key] = sum(values) / len(values)
+        entry["rounds" if key == "ms_per_step" else key.removesuffix("_ms_per_step") + "_rounds"] = values
+    return entry
 
 
 def _machine() -> dict[str, Any]:
@@ -167,6 +200,7 @@ def summarise(denoisers: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
                          "remote_vs_local": _ratio(ms["remote"], ms["local"]),
                          "remote_prefetch_vs_local": _ratio(ms["remote_prefetch"], ms["local"]),
                          "remote_prefetch_vs_uniform": _ratio(ms["remote_prefetch"], ms["uniform"]),
+                         "local_prefetch_vs_uniform": _ratio(ms["local_prefetch"], ms["uniform"]),
                          "ms_per_step": ms}
     goals = {}
     for only, key, bound in GOALS:
@@ -208,13 +242,14 @@ def run_select_overhead(st: SelectSettings, progress: Callable[[str], None] | No
             for bench in benches.values():
                 for mode in MODES:
                     say(f"warm-up {bench.denoiser} {mode}")
-                    _run(bench, mode, st.warmup_steps, advance)
+                    _run(bench, mode, st.warmup_steps, advance, server.pid)
             for r in range(st.rounds):
                 order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]
                 for bench in benches.values():
                     for mode in order:
                         say(f"round {r + 1}/{st.rounds} {bench.denoiser} {mode}")
-                        rows[bench.denoiser][mode].append(_run(bench, mode, st.steps[bench.denoiser], advance))
+                        rows[bench.denoiser][mode].append(
+                            _run(bench, mode, st.steps[bench.denoiser], advance, server.pid))
             fallbacks = {b.denoiser: {k: v for k, v in b.remote.counters.items()
                                       if k in ("fallback_local", "fallback_gaussian", "outages")}
                          for b in benches.values()}
@@ -226,11 +261,7 @@ def run_select_overhead(st: SelectSettings, progress: Callable[[str], None] | No
         denoisers[name] = {
             "dataset": DENOISERS[name], "steps_per_run": st.steps[name], "remote_failures": fallbacks[name],
             "rater": str(st.raters[name]) if name in st.raters else "untrained (default kind, seed 0)",
-            "modes": {mode: {"ms_per_step": sum(r["ms_per_step"] for r in runs) / len(runs),
-                             "rounds": [r["ms_per_step"] for r in runs],
-                             "selection_ms_per_step": sum(r["selection_ms_per_step"] for r in runs) / len(runs),
-                             "selection_rounds": [r["selection_ms_per_step"] for r in runs]}
-                      for mode, runs in modes.items()}}
+            "modes": {mode: _mode_entry(runs) for mode, runs in modes.items()}}
     summary, goals = summarise(denoisers)
     settings = asdict(st)
     settings["raters"] = {k: str(v) for k, v in st.raters.items()}
@@ -259,15 +290,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     for name, entry in report["denoisers"].items():
         summary = report["summary"][name]
         lines += [f"## {name} ({entry['dataset']}, {entry['steps_per_run']} steps per run)", "",
-                  "| mode | ms/step | per round | selection ms/step | vs uniform |", "|---|---|---|---|---|"]
+                  "| mode | ms/step | per round | vs uniform | CPU ms/step | server CPU ms/step | selection ms/step |",
+                  "|---|---|---|---|---|---|---|"]
         for mode, row in entry["modes"].items():
             rounds = ", ".join(f"{v:.2f}" for v in row["rounds"])
             vs = _ratio(row["ms_per_step"], entry["modes"]["uniform"]["ms_per_step"])
-            lines.append(f"| {mode} | {row['ms_per_step']:.2f} | {rounds} | {row['selection_ms_per_step']:.2f} | "
-                         f"{vs:.3f}x |")
+            lines.append(f"| {mode} | {row['ms_per_step']:.2f} | {rounds} | {vs:.3f}x | {row['cpu_ms_per_step']:.2f} | "
+                         f"{row['server_cpu_ms_per_step']:.2f} | {row['selection_ms_per_step']:.2f} |")
         lines += ["", f"local vs uniform **{summary['local_vs_uniform']:.3f}x**, remote vs local "
                       f"{summary['remote_vs_local']:.3f}x, remote with prefetch vs local "
-                      f"**{summary['remote_prefetch_vs_local']:.3f}x**.", ""]
+                      f"**{summary['remote_prefetch_vs_local']:.3f}x**, local with prefetch vs uniform "
+                      f"{summary['local_prefetch_vs_uniform']:.3f}x.", ""]
     lines += ["## Goals", ""]
     for key, goal in report["goals"].items():
         lines.append(f"- {key} at most {goal['at_most']}: {goal['value']:.3f} ({'met' if goal['met'] else 'not met'})")

@@ -13,9 +13,12 @@ A method is the name of a source in `noiserater.client.sources.REGISTRY`: the pe
 `immiscible`, `immiscible-knn`, `min-snr`), the rater rules of `stage2.sources` (`rater-argmax`,
 `rater-sample`, `rater-assign`, `rater-kanneal`) and whatever else is registered. The loop only calls
 `source.sample(x0, t, step)` and `source.loss_weights(t)`; `source_options` are what every source is built from.
-A source that has `prefetch(x0, t, step)` (a remote rater's, see `stage2.sources.RaterSource`) is handed the
-next step's minibatch and timesteps right after this step's `sample`, so its selection overlaps this step's
+A source that has `prefetch(x0, t, step)` (a rater's, see `stage2.sources.RaterSource`) is handed the next
+step's minibatch and timesteps right after this step's `sample`, so its selection overlaps this step's
 training; the loop then draws each minibatch one step early, in the same order, so results do not change.
+`Stage2Config.prefetch` says which selections start early: "remote" (the default: a rater server's, whose
+round trip then costs the step nothing), "all" (an in-process rater's too, on a thread of its own: worth it
+when a core is free, or when the denoiser trains on a GPU) or "off".
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from torch import nn
 
 from noiserater.client.sources import NoiseSource, SourceError, make_source
 from noiserater.trainer.stage2.metrics import EVAL_SEED, FixedEval, SampleQuality
-from noiserater.trainer.stage2.sources import Stage2Error
+from noiserater.trainer.stage2.sources import PREFETCH, Stage2Error
 from noiserater.trainer.stage2.variants import Wrap
 from noiserater.trainer.substrate.data import DataSplits
 from noiserater.trainer.substrate.denoisers import build_denoiser
@@ -63,7 +66,7 @@ class Stage2Config:
     sample_steps: int | None = None  # DDPM sampling steps (None: all T)
     device: str = "cpu"
     rater_threads: int = 1  # onnxruntime intra-op threads of the in-process rater (0: onnxruntime's default)
-    prefetch: bool = True  # hand the next minibatch to a source that has prefetch() (a remote rater's)
+    prefetch: str = "remote"  # which selections start a step early: remote, all (in-process too) or off
 
 
 @dataclass
@@ -109,10 +112,10 @@ def source_options(cfg: Stage2Config, seed: int, device: torch.device, schedule:
                    selector: Any = None, rater: str | Path | None = None) -> dict[str, Any]:
     """Everything a registered source may take; `make_source` passes each factory only those it names:
     `generator` (this run's noise stream), `num_candidates`, `temperature`, `kanneal_end`, `steps`, `seed`,
-    `threads`, `snr` (the schedule's snr(t)), `selector` and `rater`."""
+    `threads`, `snr` (the schedule's snr(t)), `selector`, `rater` and `prefetch`."""
     return {"generator": _seeded(seed, 2, device), "num_candidates": cfg.k, "temperature": cfg.temperature,
             "kanneal_end": cfg.kanneal_end, "steps": cfg.steps, "seed": seed, "threads": cfg.rater_threads,
-            "snr": schedule.snr, "selector": selector, "rater": rater}
+            "snr": schedule.snr, "selector": selector, "rater": rater, "prefetch": cfg.prefetch}
 
 
 def build_source(method: str, options: dict[str, Any], wrappers: Sequence[Wrap] = ()) -> NoiseSource:
@@ -141,6 +144,8 @@ def train_stage2(data: DataSplits, method: str, steps: int, seed: int, selector:
     cfg = Stage2Config(**{**asdict(config or Stage2Config()), "steps": int(steps)})
     if cfg.steps < 1:
         raise Stage2Error("steps: must be >= 1")
+    if cfg.prefetch not in PREFETCH:
+        raise Stage2Error(f"prefetch: {cfg.prefetch!r} is not one of {', '.join(PREFETCH)}")
     device = torch.device(cfg.device)
     ctx = context or EvalContext.build(data, cfg)
     schedule = NoiseSchedule(cfg.num_timesteps, cfg.schedule).to(device)
@@ -163,7 +168,7 @@ def train_stage2(data: DataSplits, method: str, steps: int, seed: int, selector:
         idx = torch.randint(0, train.shape[0], (cfg.batch_size,), generator=data_gen)
         return train[idx].to(device), schedule.sample_timesteps(cfg.batch_size, generator=data_gen).to(device)
 
-    prefetch = getattr(source, "prefetch", None) if cfg.prefetch else None
+    prefetch = getattr(source, "prefetch", None) if cfg.prefetch != "off" else None
     upcoming = None  # the next step's (x0, t), drawn early for prefetch
     curve_steps, curve_val = [0], [ctx.val.loss(model)]
     select_s = train_s = 0.0
