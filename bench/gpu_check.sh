@@ -8,13 +8,16 @@
 #     1024 x 8 run over that of 1 x 8 runs: what merging small requests can gain at most, the figure
 #     `nrctl bench serve` reports as batching_gain_bound); skipped with a reason when onnxruntime there
 #     has no CUDA provider
-#     (the device image ships CPU onnxruntime, and onnxruntime-gpu is larger than the 64 MiB carry limit).
+#     (the device image ships CPU onnxruntime, and onnxruntime-gpu is larger than the 64 MiB carry limit);
+#   - what a stage-2 step pays for noise selection with the denoiser on the GPU: `nrctl bench select
+#     --device cuda` (uniform, in-process, remote and prefetched selection, interleaved rounds; the rater
+#     scores on CPU there) -> $OUT/select-overhead-cuda.json and .md.
 # The device image has python3 3.12 with torch, onnx, onnxruntime, grpcio, typer, rich, tqdm, scipy,
 # scikit-learn; protobuf may be older than our gencode (7.35), so carry a wheel made here first:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl "protobuf==7.36.2"
-# then run (device tool): carry [".whl"], timeout_s 420, command `bash bench/gpu_check.sh`.
+# then run (device tool): carry [".whl"], timeout_s 600, command `bash bench/gpu_check.sh`.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -49,6 +52,7 @@ if all("median_seconds_per_step" in result.get(f"stage1_{d}", {}) for d in ("cud
 import onnxruntime as ort
 result["onnxruntime"] = {"version": ort.__version__, "providers": ort.get_available_providers()}
 from noiserater.core import scoring
+from noiserater.core.selection import SelectionPlan
 from noiserater.trainer.stage1.export import export_rater
 from noiserater.trainer.stage1.rater import load_rater
 rater, _ = load_rater("/tmp/run-cpu/rater.pt")
@@ -64,7 +68,7 @@ for device in ("cuda", "cpu"):
         x0 = rng.standard_normal((batch, 64), dtype=np.float32)
         t = rng.integers(0, 1000, batch)
         cand = rng.standard_normal((batch, 8, 64), dtype=np.float32)
-        triples = scoring.expand_candidates(x0, t, cand)
+        triples = SelectionPlan(8).triples(x0, t, cand)
         for _ in range(10):
             session.score(*triples)
         start, runs = time.perf_counter(), 0
@@ -76,4 +80,7 @@ for device in ("cuda", "cpu"):
 (out / "gpu_check.json").write_text(json.dumps(result, indent=2, sort_keys=True))
 print(json.dumps(result, indent=2, sort_keys=True))
 PY
+timeout 200 python3 -m noiserater.cli.main bench select --device cuda --rounds 3 --mlp-steps 200 --unet-steps 60 \
+  --out "$OUT/select-overhead-cuda.json" > "$OUT/select-overhead.log" 2>&1 || tail -5 "$OUT/select-overhead.log"
 cat "$OUT/gpu_check.json" 2>/dev/null || tail -20 "$OUT/serve.log"
+cat "$OUT/select-overhead-cuda.md" 2>/dev/null

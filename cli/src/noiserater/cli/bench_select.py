@@ -15,11 +15,14 @@ import typer
 
 from noiserater.cli.options import Device, value
 from noiserater.cli.output import emit_json, fail, progress_bar, table
+from noiserater.trainer.bench.select_overhead import MODES
 
 
 def bench_select(
     denoisers: str = typer.Option("mlp,unet", help="Comma-separated denoisers: mlp (trains on digits), unet "
                                   "(on digits-image)."),
+    modes: str = typer.Option(",".join(MODES), help="Comma-separated modes (uniform always runs); the remote ones "
+                              "start a rater-server."),
     rounds: int = typer.Option(3, min=1, help="Interleaved rounds: every mode runs once per round, in turn."),
     mlp_steps: int = typer.Option(300, min=4, help="Training steps per run of the MLP."),
     unet_steps: int = typer.Option(40, min=4, help="Training steps per run of the UNet."),
@@ -46,7 +49,8 @@ def bench_select(
 
     names = tuple(d.strip() for d in denoisers.split(",") if d.strip())
     raters = {name: path for name, path in (("mlp", rater_mlp), ("unet", rater_unet)) if path is not None}
-    settings = SelectSettings(denoisers=names, steps={"mlp": mlp_steps, "unet": unet_steps}, rounds=rounds,
+    settings = SelectSettings(denoisers=names, modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
+                              steps={"mlp": mlp_steps, "unet": unet_steps}, rounds=rounds,
                               warmup_steps=warmup_steps, batch=batch, k=k, threads=threads, device=value(device),
                               raters=raters, server_args=tuple(shlex.split(server_args)))
     try:
@@ -65,11 +69,13 @@ def bench_select(
     if as_json:
         emit_json(report)
         return
-    modes = list(next(iter(report["summary"].values()))["ms_per_step"])
-    rows = [[name, *(f"{s['ms_per_step'][m]:.2f}" for m in modes), f"{s['local_vs_uniform']:.3f}x",
-             f"{s['remote_prefetch_vs_local']:.3f}x"] for name, s in report["summary"].items()]
+    shown = list(next(iter(report["summary"].values()))["ms_per_step"])
+    ratios = [key for key in ("local_vs_uniform", "remote_prefetch_vs_local") if key in report["summary"][names[0]]]
+    rows = [[name, *(f"{s['ms_per_step'][m]:.2f}" for m in shown), *(f"{s[key]:.3f}x" for key in ratios)]
+            for name, s in report["summary"].items()]
     table(f"ms per training step (B={batch}, K={k}, {threads} thread(s), mean of {rounds} rounds)",
-          ["denoiser", *(m.replace("_prefetch", "+pf") for m in modes), "local/unif", "remote+pf/local"], rows)
+          ["denoiser", *(m.replace("_prefetch", "+pf") for m in shown),
+           *(key.replace("_vs_", "/").replace("_prefetch", "+pf") for key in ratios)], rows)
     for key, goal in report["goals"].items():
         typer.echo(f"{key} at most {goal['at_most']}: {goal['value']:.3f} ({'met' if goal['met'] else 'not met'})")
     if out is not None:

@@ -2,14 +2,19 @@
 
 Per denoiser (the MLP on `digits`, the UNet on `digits-image`) the bench times the real stage-2 step
 (`train_stage2`: minibatch, noise, forward, backward, gradient clipping, optimiser step; evaluation excluded)
-in four modes:
+in these modes (`modes` picks some; uniform always runs):
 
 - `uniform`: plain Gaussian noise (`torch.randn`), what the others are compared with;
 - `local`: argmax of K candidates scored in-process (`NoiseSelector.local`, onnxruntime with the same intra-op
   threads as torch);
 - `remote`: the same selection asked of a rater-server that the bench starts on a free loopback port
   (`NoiseSelector.remote` over its default stream transport), one request per step, waited for;
-- `remote_prefetch`: the same, with the next step's selection started during this step (stage 2's prefetch).
+- `remote_prefetch`: the same, with the next step's selection started during this step (stage 2's default
+  for a remote selector, `Stage2Config.prefetch`);
+- `local_prefetch`: in-process selection started a step early on a thread of its own (`prefetch="all"`).
+
+Next to the wall-clock ms/step, each run records the CPU time per step of this process (all its threads) and
+of the server, which say what a mode costs when no core is free.
 
 Method: the same seed for every run (so every mode trains on the same minibatches and timesteps), one
 warm-up run per mode, then `rounds` rounds in which every mode runs `steps` steps in turn (the order
@@ -43,12 +48,17 @@ DEFAULT_STEPS = {"mlp": 300, "unet": 40}
 # The goals this bench reports against: (denoiser or None for every denoiser, summary ratio, bound).
 GOALS = ((None, "remote_prefetch_vs_local", 1.02), ("unet", "local_vs_uniform", 1.10))
 SEED = 0
+SUMMARY_RATIOS = {"local_vs_uniform": ("local", "uniform"), "remote_vs_local": ("remote", "local"),
+                  "remote_prefetch_vs_local": ("remote_prefetch", "local"),
+                  "remote_prefetch_vs_uniform": ("remote_prefetch", "uniform"),
+                  "local_prefetch_vs_uniform": ("local_prefetch", "uniform")}
 MIN_STEPS = 4  # a run is timed over its steps 1 .. N-2
 
 
 @dataclass
 class SelectSettings:
     denoisers: tuple[str, ...] = ("mlp", "unet")
+    modes: tuple[str, ...] = MODES
     steps: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_STEPS))  # steps per run, per denoiser
     rounds: int = 3
     warmup_steps: int = 10
@@ -65,6 +75,11 @@ class SelectSettings:
             raise ValueError(f"denoisers: {', '.join(unknown) or 'none given'} (choose from {', '.join(DENOISERS)})")
         if self.rounds < 1 or self.batch < 1 or self.k < 2 or self.threads < 1:
             raise ValueError("rounds, batch and threads must be >= 1, and K >= 2")
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown or not self.modes:
+            raise ValueError(f"modes: {', '.join(unknown) or 'none given'} (choose from {', '.join(MODES)})")
+        if "uniform" not in self.modes:
+            self.modes = ("uniform", *self.modes)
         if self.warmup_steps < MIN_STEPS:
             raise ValueError(f"warmup_steps: at least {MIN_STEPS}")
         for denoiser in self.denoisers:
@@ -195,17 +210,13 @@ def summarise(denoisers: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     """The summary ratios per denoiser, and the goals with whether each is met."""
     summary: dict[str, Any] = {}
     for name, entry in denoisers.items():
-        ms = {mode: entry["modes"][mode]["ms_per_step"] for mode in MODES}
-        summary[name] = {"local_vs_uniform": _ratio(ms["local"], ms["uniform"]),
-                         "remote_vs_local": _ratio(ms["remote"], ms["local"]),
-                         "remote_prefetch_vs_local": _ratio(ms["remote_prefetch"], ms["local"]),
-                         "remote_prefetch_vs_uniform": _ratio(ms["remote_prefetch"], ms["uniform"]),
-                         "local_prefetch_vs_uniform": _ratio(ms["local_prefetch"], ms["uniform"]),
-                         "ms_per_step": ms}
+        ms = {mode: row["ms_per_step"] for mode, row in entry["modes"].items()}
+        summary[name] = {key: _ratio(ms[a], ms[b]) for key, (a, b) in SUMMARY_RATIOS.items() if a in ms and b in ms}
+        summary[name]["ms_per_step"] = ms
     goals = {}
     for only, key, bound in GOALS:
         for name in summary:
-            if only in (None, name):
+            if only in (None, name) and key in summary[name]:
                 value = summary[name][key]
                 goals[f"{name}.{key}"] = {"at_most": bound, "value": value, "met": value <= bound}
     return summary, goals
@@ -226,40 +237,46 @@ def run_select_overhead(st: SelectSettings, progress: Callable[[str], None] | No
     threads_before = torch.get_num_threads()
     torch.set_num_threads(st.threads)
     started = time.perf_counter()
-    rows: dict[str, dict[str, list[dict[str, float]]]] = {d: {m: [] for m in MODES} for d in st.denoisers}
+    modes = st.modes
+    remote = any(m.startswith("remote") for m in modes)
+    rows: dict[str, dict[str, list[dict[str, float]]]] = {d: {m: [] for m in modes} for d in st.denoisers}
+    server = server_command = None
     try:
         with ExitStack() as stack:
             repository = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nr-select-bench-")))
             benches = {d: _prepare(st, d, repository) for d in st.denoisers}
-            say(f"starting rater-server {' '.join(st.server_args)}")
-            server = start_rater_server(stack, repository, st.server_args)
+            if remote:
+                say(f"starting rater-server {' '.join(st.server_args)}")
+                server = start_rater_server(stack, repository, st.server_args)
+                server_command = _portable(server.command, repository)
             for bench in benches.values():
                 dataset = DENOISERS[bench.denoiser]
                 bench.local = stack.enter_context(NoiseSelector.local(
                     bench.onnx, num_candidates=st.k, seed=SEED, intra_op_threads=st.threads))
-                bench.remote = stack.enter_context(NoiseSelector.remote(
-                    server.target, model=dataset, dataset=dataset, num_candidates=st.k, seed=SEED))
+                if server is not None:
+                    bench.remote = stack.enter_context(NoiseSelector.remote(
+                        server.target, model=dataset, dataset=dataset, num_candidates=st.k, seed=SEED))
+            server_pid = server.pid if server is not None else None
             for bench in benches.values():
-                for mode in MODES:
+                for mode in modes:
                     say(f"warm-up {bench.denoiser} {mode}")
-                    _run(bench, mode, st.warmup_steps, advance, server.pid)
+                    _run(bench, mode, st.warmup_steps, advance, server_pid)
             for r in range(st.rounds):
-                order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]
+                order = modes[r % len(modes):] + modes[:r % len(modes)]
                 for bench in benches.values():
                     for mode in order:
                         say(f"round {r + 1}/{st.rounds} {bench.denoiser} {mode}")
                         rows[bench.denoiser][mode].append(
-                            _run(bench, mode, st.steps[bench.denoiser], advance, server.pid))
-            fallbacks = {b.denoiser: {k: v for k, v in b.remote.counters.items()
-                                      if k in ("fallback_local", "fallback_gaussian", "outages")}
-                         for b in benches.values()}
-            server_command = server.command
+                            _run(bench, mode, st.steps[bench.denoiser], advance, server_pid))
+            failures = {b.denoiser: {k: v for k, v in b.remote.counters.items()
+                                     if k in ("fallback_local", "fallback_gaussian", "outages")}
+                        for b in benches.values() if b.remote is not None}
     finally:
         torch.set_num_threads(threads_before)
     denoisers = {}
     for name, modes in rows.items():
         denoisers[name] = {
-            "dataset": DENOISERS[name], "steps_per_run": st.steps[name], "remote_failures": fallbacks[name],
+            "dataset": DENOISERS[name], "steps_per_run": st.steps[name], "remote_failures": failures.get(name, {}),
             "rater": str(st.raters[name]) if name in st.raters else "untrained (default kind, seed 0)",
             "modes": {mode: _mode_entry(runs) for mode, runs in modes.items()}}
     summary, goals = summarise(denoisers)
@@ -267,14 +284,14 @@ def run_select_overhead(st: SelectSettings, progress: Callable[[str], None] | No
     settings["raters"] = {k: str(v) for k, v in st.raters.items()}
     return {"settings": settings, "machine": {**_machine(), "loadavg_before": list(load_before),
                                               "loadavg_after": list(os.getloadavg())},
-            "server_command": _portable(server_command, repository),
+            "server_command": server_command,
             "wall_seconds": round(time.perf_counter() - started, 1),
             "denoisers": denoisers, "summary": summary, "goals": goals}
 
 
 def total_steps(st: SelectSettings) -> int:
     """Training steps the bench runs in all (warm-up included)."""
-    return sum(len(MODES) * (st.warmup_steps + st.rounds * st.steps[d]) for d in st.denoisers)
+    return sum(len(st.modes) * (st.warmup_steps + st.rounds * st.steps[d]) for d in st.denoisers)
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -285,8 +302,8 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"Stage-2 steps, batch {st['batch']}, K = {st['k']}, {st['threads']} torch thread(s), "
              f"{st['rounds']} interleaved rounds; denoiser on {st['device']}. Load average (1, 5, 15 min) "
              f"before {fmt_load(report['machine']['loadavg_before'])}, after "
-             f"{fmt_load(report['machine']['loadavg_after'])} on {report['machine']['cpu_count']} CPUs. "
-             f"Server: `{' '.join(report['server_command'])}`.", ""]
+             f"{fmt_load(report['machine']['loadavg_after'])} on {report['machine']['cpu_count']} CPUs."
+             + (f" Server: `{' '.join(report['server_command'])}`." if report["server_command"] else ""), ""]
     for name, entry in report["denoisers"].items():
         summary = report["summary"][name]
         lines += [f"## {name} ({entry['dataset']}, {entry['steps_per_run']} steps per run)", "",
@@ -297,10 +314,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             vs = _ratio(row["ms_per_step"], entry["modes"]["uniform"]["ms_per_step"])
             lines.append(f"| {mode} | {row['ms_per_step']:.2f} | {rounds} | {vs:.3f}x | {row['cpu_ms_per_step']:.2f} | "
                          f"{row['server_cpu_ms_per_step']:.2f} | {row['selection_ms_per_step']:.2f} |")
-        lines += ["", f"local vs uniform **{summary['local_vs_uniform']:.3f}x**, remote vs local "
-                      f"{summary['remote_vs_local']:.3f}x, remote with prefetch vs local "
-                      f"**{summary['remote_prefetch_vs_local']:.3f}x**, local with prefetch vs uniform "
-                      f"{summary['local_prefetch_vs_uniform']:.3f}x.", ""]
+        ratios = ", ".join(f"{key.replace('_vs_', ' vs ').replace('_', ' ')} {value:.3f}x"
+                           for key, value in summary.items() if key != "ms_per_step")
+        lines += ["", f"Ratios of the means: {ratios}.", ""]
     lines += ["## Goals", ""]
     for key, goal in report["goals"].items():
         lines.append(f"- {key} at most {goal['at_most']}: {goal['value']:.3f} ({'met' if goal['met'] else 'not met'})")
