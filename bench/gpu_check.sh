@@ -11,12 +11,13 @@
 #     (the device image ships CPU onnxruntime, and onnxruntime-gpu is larger than the 64 MiB carry limit);
 #   - what a stage-2 step pays for noise selection with the denoiser on the GPU: `nrctl bench select
 #     --device cuda` (uniform, in-process, remote and prefetched selection, interleaved rounds; the rater
-#     scores on CPU there) -> $OUT/select-overhead-cuda.json and .md.
+#     scores on CPU there) -> $OUT/select-overhead-cuda.json (its Markdown on stdout).
 # The device image has python3 3.12 with torch, onnx, onnxruntime, grpcio, typer, rich, tqdm, scipy,
 # scikit-learn; protobuf may be older than our gencode (7.35), so carry a wheel made here first:
-#   echo /.whl/ >> .git/info/exclude
+#   echo /.whl/ >> .git/info/exclude; v=$(.venv/bin/python -c 'import grpc; print(grpc.__version__)')
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl "protobuf==7.36.2"
+#     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl "protobuf==7.36.2" \
+#     "grpcio==$v" "grpcio-health-checking==$v" "grpcio-reflection==$v" redis prometheus-client
 # then run (device tool): carry [".whl"], timeout_s 600, command `bash bench/gpu_check.sh`.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
@@ -80,7 +81,12 @@ for device in ("cuda", "cpu"):
 (out / "gpu_check.json").write_text(json.dumps(result, indent=2, sort_keys=True))
 print(json.dumps(result, indent=2, sort_keys=True))
 PY
-timeout 200 python3 -m noiserater.cli.main bench select --device cuda --rounds 3 --mlp-steps 200 --unet-steps 60 \
-  --out "$OUT/select-overhead-cuda.json" > "$OUT/select-overhead.log" 2>&1 || tail -5 "$OUT/select-overhead.log"
+# The remote modes start a rater-server, which needs grpcio-health-checking, grpcio-reflection, redis and
+# prometheus-client (carry their wheels in .whl too); without them the bench measures the in-process modes.
+select="python3 -m noiserater.cli.main bench select --device cuda --rounds 3 --mlp-steps 200 --unet-steps 60"
+timeout 200 $select --out /tmp/select-overhead-cuda.json > /tmp/select-overhead.log 2>&1 ||
+  timeout 120 $select --modes uniform,local,local_prefetch --out /tmp/select-overhead-cuda.json \
+    >> /tmp/select-overhead.log 2>&1 || tail -5 /tmp/select-overhead.log
+cp /tmp/select-overhead-cuda.json "$OUT/" 2>/dev/null  # $OUT brings back 8 files at most: the .md is printed
 cat "$OUT/gpu_check.json" 2>/dev/null || tail -20 "$OUT/serve.log"
-cat "$OUT/select-overhead-cuda.md" 2>/dev/null
+cat /tmp/select-overhead-cuda.md 2>/dev/null
