@@ -55,7 +55,8 @@ def test_bench_select_without_a_server_and_its_errors(tmp_path):
     report = json.loads(out.read_text())
     assert set(report["denoisers"]["mlp"]["modes"]) == {"uniform", "local"} and report["server_command"] is None
     assert report["denoisers"]["mlp"]["rater"].startswith("untrained")
-    assert set(report["summary"]["mlp"]) == {"local_vs_uniform", "ms_per_step"}
+    assert set(report["summary"]["mlp"]) == {"local_vs_uniform", "ms_per_step", "cpu", "cpu_ms_per_step"}
+    assert set(report["summary"]["mlp"]["cpu"]) == {"local_vs_uniform"}
     bad = subprocess.run([str(NRCTL), "bench", "select", "--modes", "remote,sometimes"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [

@@ -20,7 +20,11 @@ Method: the same seed for every run (so every mode trains on the same minibatche
 warm-up run per mode, then `rounds` rounds in which every mode runs `steps` steps in turn (the order
 rotating from round to round), so that load from other processes on the machine falls on all modes alike.
 A mode's figure is the mean of its rounds' ms/step; the ratios in `summary` are ratios of those means. The
-machine's load average (os.getloadavg) is recorded before and after.
+machine's load average (os.getloadavg) is recorded before and after. `summary[...]["cpu"]` holds the same
+ratios of CPU time per step (this process's and the server's together, `cpu_ms_per_step`): what a mode
+costs when no core is free. On a machine busier than its cores, wall time measures the scheduler's share
+as much as the work (a mode whose work runs in a second process, the server, gets a second share), so read
+the wall ratios next to the load average and the CPU ratios.
 
 The rater is the one given per denoiser, or else an untrained rater of the default kind for the data (the
 cost of scoring does not depend on the weights), exported to ONNX as `nrctl export` does.
@@ -211,8 +215,12 @@ def summarise(denoisers: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     summary: dict[str, Any] = {}
     for name, entry in denoisers.items():
         ms = {mode: row["ms_per_step"] for mode, row in entry["modes"].items()}
+        cpu = {mode: row["cpu_ms_per_step"] + row["server_cpu_ms_per_step"] for mode, row in entry["modes"].items()}
         summary[name] = {key: _ratio(ms[a], ms[b]) for key, (a, b) in SUMMARY_RATIOS.items() if a in ms and b in ms}
+        summary[name]["cpu"] = {key: _ratio(cpu[a], cpu[b]) for key, (a, b) in SUMMARY_RATIOS.items()
+                                if a in cpu and b in cpu}
         summary[name]["ms_per_step"] = ms
+        summary[name]["cpu_ms_per_step"] = cpu
     goals = {}
     for only, key, bound in GOALS:
         for name in summary:
@@ -309,14 +317,19 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"## {name} ({entry['dataset']}, {entry['steps_per_run']} steps per run)", "",
                   "| mode | ms/step | per round | vs uniform | CPU ms/step | server CPU ms/step | selection ms/step |",
                   "|---|---|---|---|---|---|---|"]
-        for mode, row in entry["modes"].items():
+        for mode in (m for m in MODES if m in entry["modes"]):
+            row = entry["modes"][mode]
             rounds = ", ".join(f"{v:.2f}" for v in row["rounds"])
             vs = _ratio(row["ms_per_step"], entry["modes"]["uniform"]["ms_per_step"])
             lines.append(f"| {mode} | {row['ms_per_step']:.2f} | {rounds} | {vs:.3f}x | {row['cpu_ms_per_step']:.2f} | "
                          f"{row['server_cpu_ms_per_step']:.2f} | {row['selection_ms_per_step']:.2f} |")
-        ratios = ", ".join(f"{key.replace('_vs_', ' vs ').replace('_', ' ')} {value:.3f}x"
-                           for key, value in summary.items() if key != "ms_per_step")
-        lines += ["", f"Ratios of the means: {ratios}.", ""]
+        def words(ratios: dict[str, float]) -> str:
+            return ", ".join(f"{key.replace('_vs_', ' vs ').replace('_', ' ')} {value:.3f}x"
+                             for key, value in ratios.items())
+
+        wall = {k: v for k, v in summary.items() if k in SUMMARY_RATIOS}
+        lines += ["", f"Ratios of the means, wall time: {words(wall)}. CPU time (this process + the server): "
+                      f"{words(summary['cpu'])}.", ""]
     lines += ["## Goals", ""]
     for key, goal in report["goals"].items():
         lines.append(f"- {key} at most {goal['at_most']}: {goal['value']:.3f} ({'met' if goal['met'] else 'not met'})")

@@ -1,0 +1,89 @@
+"""Selection's cost per training step with the client and core packages of two commits, in one run: `nrctl bench
+select` (this tree's bench, trainer, server and CLI) alternates between the `before` packages and this tree's,
+one round per run, the order flipping from pair to pair, so load from other processes falls on both alike.
+Writes JSON with each side's ms/step per mode (mean over the pairs, and per pair), the summary ratios per side,
+and the paired after/before ratio per mode. Not a test.
+
+    mkdir -p /tmp/before && git archive BEFORE client core | tar -x -C /tmp/before
+    flock /work/bench.lock .venv/bin/python bench/select_before_after.py --before /tmp/before --pairs 3 \
+        --out docs/results/select-overhead-before-after.json
+
+The `before` packages must have what this tree's stage 2 asks of a selector (`is_remote`, to prefetch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SIDES = ("before", "after")
+
+
+def pythonpath(client_core: Path) -> str:
+    return os.pathsep.join([str(client_core / "core/src"), str(client_core / "client/src"),
+                            *(str(ROOT / d / "src") for d in ("trainer", "server", "cli"))])
+
+
+def where_imported(env: dict[str, str]) -> dict[str, str]:
+    """The files the core and client packages load from under `env` (to check which side runs)."""
+    code = ("import json, noiserater.core.codec as c, noiserater.client.selector as s; "
+            "print(json.dumps({'core': c.__file__, 'client': s.__file__}))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", type=Path, required=True, help="a folder holding client/ and core/ of BEFORE")
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("bench_args", nargs="*", help="more `nrctl bench select` flags (after --)")
+    args = parser.parse_args()
+    envs = {side: {**os.environ, "PYTHONPATH": pythonpath(tree)}
+            for side, tree in (("before", args.before.resolve()), ("after", ROOT))}
+    imported = {side: where_imported(env) for side, env in envs.items()}
+    command = [sys.executable, "-m", "noiserater.cli.main", "bench", "select", "--rounds", "1", *args.bench_args]
+    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    loads = [os.getloadavg()]
+    with tempfile.TemporaryDirectory() as tmp:
+        for pair in range(args.pairs):
+            for side in SIDES if pair % 2 == 0 else SIDES[::-1]:
+                out = Path(tmp) / f"{side}-{pair}.json"
+                print(f"pair {pair + 1}/{args.pairs}: {side}", file=sys.stderr, flush=True)
+                subprocess.run([*command, "--out", str(out)], env=envs[side], check=True, stdout=subprocess.DEVNULL)
+                runs[side].append(json.loads(out.read_text()))
+                loads.append(os.getloadavg())
+    report: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "bench_command": command[2:],
+                    "imported_from": imported, "pairs": args.pairs, "loadavg_between_runs": loads, "denoisers": {}}
+    for name in runs["after"][0]["denoisers"]:
+        modes = list(runs["after"][0]["denoisers"][name]["modes"])
+        entry: dict = {}
+        for side in SIDES:
+            per_pair = {m: [r["denoisers"][name]["modes"][m]["ms_per_step"] for r in runs[side]] for m in modes}
+            means = {m: sum(v) / len(v) for m, v in per_pair.items()}
+            entry[side] = {"ms_per_step": means, "per_pair": per_pair,
+                           "cpu_ms_per_step": {m: sum(r["denoisers"][name]["modes"][m]["cpu_ms_per_step"]
+                                                      for r in runs[side]) / len(runs[side]) for m in modes},
+                           "ratios": {"local_vs_uniform": means["local"] / means["uniform"],
+                                      "remote_vs_local": means["remote"] / means["local"],
+                                      "remote_prefetch_vs_local": means["remote_prefetch"] / means["local"],
+                                      "local_prefetch_vs_uniform": means["local_prefetch"] / means["uniform"]}}
+        entry["after_vs_before_per_mode"] = {m: entry["after"]["ms_per_step"][m] / entry["before"]["ms_per_step"][m]
+                                             for m in modes}
+        report["denoisers"][name] = entry
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    for name, entry in report["denoisers"].items():
+        for side in SIDES:
+            ratios = ", ".join(f"{k} {v:.3f}" for k, v in entry[side]["ratios"].items())
+            print(f"{name} {side}: {ratios}")
+
+
+if __name__ == "__main__":
+    main()
