@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDES = ("before", "after")
+RATIOS = (("local", "uniform"), ("remote", "local"), ("remote_prefetch", "local"), ("local_prefetch", "uniform"))
 
 
 def pythonpath(client_core: Path) -> str:
@@ -36,6 +37,10 @@ def where_imported(env: dict[str, str]) -> dict[str, str]:
             "print(json.dumps({'core': c.__file__, 'client': s.__file__}))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
+
+
+def ratios(per_mode: dict[str, float]) -> dict[str, float]:
+    return {f"{a}_vs_{b}": per_mode[a] / per_mode[b] for a, b in RATIOS if a in per_mode and b in per_mode}
 
 
 def main() -> None:
@@ -65,24 +70,25 @@ def main() -> None:
         modes = list(runs["after"][0]["denoisers"][name]["modes"])
         entry: dict = {}
         for side in SIDES:
-            per_pair = {m: [r["denoisers"][name]["modes"][m]["ms_per_step"] for r in runs[side]] for m in modes}
+            rows = [r["denoisers"][name]["modes"] for r in runs[side]]
+            per_pair = {m: [row[m]["ms_per_step"] for row in rows] for m in modes}
             means = {m: sum(v) / len(v) for m, v in per_pair.items()}
-            entry[side] = {"ms_per_step": means, "per_pair": per_pair,
-                           "cpu_ms_per_step": {m: sum(r["denoisers"][name]["modes"][m]["cpu_ms_per_step"]
-                                                      for r in runs[side]) / len(runs[side]) for m in modes},
-                           "ratios": {"local_vs_uniform": means["local"] / means["uniform"],
-                                      "remote_vs_local": means["remote"] / means["local"],
-                                      "remote_prefetch_vs_local": means["remote_prefetch"] / means["local"],
-                                      "local_prefetch_vs_uniform": means["local_prefetch"] / means["uniform"]}}
+            # CPU per step of the training process and the server together
+            cpu = {m: sum(row[m]["cpu_ms_per_step"] + row[m]["server_cpu_ms_per_step"] for row in rows) / len(rows)
+                   for m in modes}
+            entry[side] = {"ms_per_step": means, "per_pair": per_pair, "cpu_ms_per_step": cpu,
+                           "ratios": ratios(means), "cpu_ratios": ratios(cpu)}
         entry["after_vs_before_per_mode"] = {m: entry["after"]["ms_per_step"][m] / entry["before"]["ms_per_step"][m]
                                              for m in modes}
+        entry["after_vs_before_per_mode_cpu"] = {
+            m: entry["after"]["cpu_ms_per_step"][m] / entry["before"]["cpu_ms_per_step"][m] for m in modes}
         report["denoisers"][name] = entry
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     for name, entry in report["denoisers"].items():
         for side in SIDES:
-            ratios = ", ".join(f"{k} {v:.3f}" for k, v in entry[side]["ratios"].items())
-            print(f"{name} {side}: {ratios}")
+            for kind in ("ratios", "cpu_ratios"):
+                print(f"{name} {side} {kind}: " + ", ".join(f"{k} {v:.3f}" for k, v in entry[side][kind].items()))
 
 
 if __name__ == "__main__":
