@@ -98,11 +98,15 @@ class Expectation:
 
 
 class LocalBackend:
+    """Scores in this process. onnxruntime's threads do not spin between selections: the training step that
+    runs between them needs the cores."""
+
     def __init__(self, onnx_path: str | Path, device: str = "cpu", intra_op_threads: int = 0):
         path = Path(onnx_path)
         if not path.is_file():
             raise SelectorError(f"rater file not found: {path}")
-        self.session = scoring.RaterSession(path, device=device, intra_op_threads=intra_op_threads)
+        self.session = scoring.RaterSession(path, device=device, intra_op_threads=intra_op_threads,
+                                            allow_spinning=False)
         self.version = 0
 
     def choose(self, plan: SelectionPlan, x0, t, candidates, seed) -> np.ndarray:
@@ -229,17 +233,12 @@ class RemoteBackend:
             raise self.problem
         if self.breaker.is_open:
             raise ServerOutage(self.outage)
-        request = self._pb.SelectNoiseRequest(
-            model=self.model_ref,
-            dataset=self.dataset,
-            x0=codec.encode(x0),
-            t=codec.encode(t),
-            candidates=codec.encode(candidates),
-            keep=plan.keep,
-            rule=plan.rule.to_proto(),
-            temperature=plan.temperature,
-            seed=seed,
-        )
+        request = self._pb.SelectNoiseRequest(model=self.model_ref, dataset=self.dataset, keep=plan.keep,
+                                              rule=plan.rule.to_proto(), temperature=plan.temperature, seed=seed)
+        # Filled in place: a Tensor message built first would be copied, bytes and all, into the request.
+        codec.encode_into(request.x0, x0)
+        codec.encode_into(request.t, t)
+        codec.encode_into(request.candidates, candidates)
         with self._counts_lock:
             self.requests += 1
         try:

@@ -121,6 +121,14 @@ def _like(eps: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _gather(candidates: torch.Tensor, chosen: np.ndarray) -> torch.Tensor:
+    """candidates[b, chosen[b]] for every b, as one index_select over the [B * K, ...] rows (a copy of the
+    same values, cheaper than advanced indexing with two index tensors)."""
+    batch, num = candidates.shape[:2]
+    rows = torch.from_numpy(chosen).to(candidates.device) + torch.arange(0, batch * num, num, device=candidates.device)
+    return candidates.reshape(batch * num, *candidates.shape[2:]).index_select(0, rows)
+
+
 def distributed_rank() -> int | None:
     """This process's rank when torch.distributed is initialised, else None."""
     dist = torch.distributed
@@ -185,7 +193,8 @@ class NoiseSelector:
         self._counts = {"selections": 0, "fallback_local": 0, "fallback_gaussian": 0}
         self._unreported = 0
         self._reported_at = -LOG_EVERY_S
-        self.last_stats: dict[str, float] = {}
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # the last selection's (eps, x0)
+        self._last_stats: dict[str, float] | None = None
         self._generators: dict[str, torch.Generator] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._pending: tuple[int, int, Future] | None = None
@@ -307,6 +316,11 @@ class NoiseSelector:
         return {**state, "fallback": fallback, "counters": self.counters}
 
     @property
+    def is_remote(self) -> bool:
+        """Whether selections go to a rater server (`NoiseSelector.remote`)."""
+        return isinstance(self.backend, RemoteBackend)
+
+    @property
     def session(self) -> scoring.RaterSession | None:
         """The in-process onnxruntime session (None for a remote selector)."""
         return getattr(self.backend, "session", None)
@@ -426,15 +440,23 @@ class NoiseSelector:
             perm = torch.from_numpy(indices[:, 0]).to(candidates.device)
             eps = candidates[:, 0][perm]
         else:
-            idx = torch.from_numpy(indices[:, 0]).to(candidates.device)
-            eps = candidates[torch.arange(candidates.shape[0], device=candidates.device), idx]
+            eps = _gather(candidates, indices[:, 0])
         return self._count(_like(eps, x0), x0)
 
     def _count(self, eps: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         with self._lock:
             self._counts["selections"] += 1
-        self.last_stats = selection_stats(eps, x0)
+        self._last, self._last_stats = (eps, x0), None
         return eps
+
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """`selection_stats` of the last selection (empty before the first). Computed when first read, so a
+        training loop that never reads it pays nothing (and, on a GPU, waits for nothing); read from the
+        selection's own tensors, so edits made to them in place before the read show in it."""
+        if self._last_stats is None:
+            self._last_stats = selection_stats(*self._last) if self._last is not None else {}
+        return self._last_stats
 
     @_accepts_k
     def select(self, x0: torch.Tensor, t: torch.Tensor | Sequence[int], *,

@@ -218,15 +218,20 @@ class RaterSession:
     """An onnxruntime session over an exported rater: validated signature, metadata, `score()`.
 
     `device`: "cpu", "cuda" (DeviceUnavailableError when no GPU can be used) or "auto" (see
-    `default_providers`); `provider` is the execution provider the session runs on.
+    `default_providers`); `provider` is the execution provider the session runs on. `allow_spinning`: whether
+    onnxruntime's intra-op threads (when there are several) spin on a core between runs, waiting for the next
+    one (onnxruntime's default; lower latency for a server) or sleep (better next to other work, such as the
+    training step of the process that selects). Neither changes a score.
     """
 
     def __init__(self, model: bytes | str | Path, device: str = "auto", intra_op_threads: int = 0,
-                 graph_optimization: str = "all"):
+                 graph_optimization: str = "all", allow_spinning: bool = True):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
+        if not allow_spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

@@ -13,6 +13,12 @@ A method is the name of a source in `noiserater.client.sources.REGISTRY`: the pe
 `immiscible`, `immiscible-knn`, `min-snr`), the rater rules of `stage2.sources` (`rater-argmax`,
 `rater-sample`, `rater-assign`, `rater-kanneal`) and whatever else is registered. The loop only calls
 `source.sample(x0, t, step)` and `source.loss_weights(t)`; `source_options` are what every source is built from.
+A source that has `prefetch(x0, t, step)` (a rater's, see `stage2.sources.RaterSource`) is handed the next
+step's minibatch and timesteps right after this step's `sample`, so its selection overlaps this step's
+training; the loop then draws each minibatch one step early, in the same order, so results do not change.
+`Stage2Config.prefetch` says which selections start early: "remote" (the default: a rater server's, whose
+round trip then costs the step nothing), "all" (an in-process rater's too, on a thread of its own: worth it
+when a core is free, or when the denoiser trains on a GPU) or "off".
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from torch import nn
 
 from noiserater.client.sources import NoiseSource, SourceError, make_source
 from noiserater.trainer.stage2.metrics import EVAL_SEED, FixedEval, SampleQuality
-from noiserater.trainer.stage2.sources import Stage2Error
+from noiserater.trainer.stage2.sources import PREFETCH, Stage2Error
 from noiserater.trainer.stage2.sweep import NfeSweep
 from noiserater.trainer.stage2.variants import Wrap
 from noiserater.trainer.substrate.data import DataSplits
@@ -70,6 +76,7 @@ class Stage2Config:
     primary_curve: bool = True  # with a sweep: the primary metric (frechet@4) at every evaluation point too
     device: str = "cpu"
     rater_threads: int = 1  # onnxruntime intra-op threads of the in-process rater (0: onnxruntime's default)
+    prefetch: str = "remote"  # which selections start a step early: remote, all (in-process too) or off
 
 
 @dataclass
@@ -133,8 +140,8 @@ def source_options(cfg: Stage2Config, seed: int, device: torch.device, schedule:
                    model: nn.Module | None = None) -> dict[str, Any]:
     """Everything a registered source may take; `make_source` passes each factory only those it names:
     `generator` (this run's noise stream), `num_candidates`, `temperature`, `kanneal_end`, `steps`, `seed`,
-    `threads`, `snr` (the schedule's snr(t)), `objective`, `selector` and `rater`; the OT couplings' `ot_reg` and
-    `ot_subbatch`; `model` (the denoiser being trained) and `loss_fn` (x0, t, eps) -> [B], its per-sample
+    `threads`, `snr` (the schedule's snr(t)), `objective`, `selector`, `rater` and `prefetch`; the OT couplings'
+    `ot_reg` and `ot_subbatch`; `model` (the denoiser being trained) and `loss_fn` (x0, t, eps) -> [B], its per-sample
     loss under this schedule without gradients, in whatever mode the loop has it in (None without a model)."""
     loss_fn = None
     if model is not None:
@@ -145,7 +152,8 @@ def source_options(cfg: Stage2Config, seed: int, device: torch.device, schedule:
     return {"generator": _seeded(seed, 2, device), "num_candidates": cfg.k, "temperature": cfg.temperature,
             "kanneal_end": cfg.kanneal_end, "steps": cfg.steps, "seed": seed, "threads": cfg.rater_threads,
             "snr": schedule.snr, "objective": cfg.objective, "selector": selector, "rater": rater,
-            "ot_reg": cfg.ot_reg, "ot_subbatch": cfg.ot_subbatch, "model": model, "loss_fn": loss_fn}
+            "ot_reg": cfg.ot_reg, "ot_subbatch": cfg.ot_subbatch, "model": model, "loss_fn": loss_fn,
+            "prefetch": cfg.prefetch}
 
 
 def build_source(method: str, options: dict[str, Any], wrappers: Sequence[Wrap] = ()) -> NoiseSource:
@@ -174,6 +182,8 @@ def train_stage2(data: DataSplits, method: str, steps: int, seed: int, selector:
     cfg = Stage2Config(**{**asdict(config or Stage2Config()), "steps": int(steps)})
     if cfg.steps < 1:
         raise Stage2Error("steps: must be >= 1")
+    if cfg.prefetch not in PREFETCH:
+        raise Stage2Error(f"prefetch: {cfg.prefetch!r} is not one of {', '.join(PREFETCH)}")
     device = torch.device(cfg.device)
     ctx = context or EvalContext.build(data, cfg)
     schedule = build_schedule(cfg).to(device)
@@ -194,6 +204,12 @@ def train_stage2(data: DataSplits, method: str, steps: int, seed: int, selector:
 
     sweep = ctx.sweep
     track_primary = sweep is not None and cfg.primary_curve
+    def draw_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, train.shape[0], (cfg.batch_size,), generator=data_gen)
+        return train[idx].to(device), schedule.sample_timesteps(cfg.batch_size, generator=data_gen).to(device)
+
+    prefetch = getattr(source, "prefetch", None) if cfg.prefetch != "off" else None
+    upcoming = None  # the next step's (x0, t), drawn early for prefetch
     curve_steps, curve_val = [0], [ctx.val.loss(model)]
     curve_primary = [sweep.primary(model, schedule)] if track_primary else []
     select_s = train_s = 0.0
@@ -201,11 +217,12 @@ def train_stage2(data: DataSplits, method: str, steps: int, seed: int, selector:
     model.train()
     for step in range(cfg.steps):
         t_start = time.perf_counter()
-        idx = torch.randint(0, train.shape[0], (cfg.batch_size,), generator=data_gen)
-        x0 = train[idx].to(device)
-        t = schedule.sample_timesteps(cfg.batch_size, generator=data_gen).to(device)
+        x0, t = upcoming if upcoming is not None else draw_batch()
         t_sel = time.perf_counter()
         eps = source.sample(x0, t, step)
+        if prefetch is not None and step + 1 < cfg.steps:
+            upcoming = draw_batch()
+            prefetch(*upcoming, step + 1)
         select_s += time.perf_counter() - t_sel
         losses = per_sample_loss(model, schedule, x0, t, eps)
         w = source.loss_weights(t)
