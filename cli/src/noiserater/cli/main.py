@@ -21,7 +21,8 @@ from noiserater.cli.output import setup_logging
 DISTRIBUTION = "noiserater-cli"
 
 # bench subcommand -> the module whose register(typer_app) adds it, in the order `nrctl bench --help` lists them
-BENCH_COMMANDS = {"train": "noiserater.cli.bench_train_cmd", "serve": "noiserater.cli.bench_serve"}
+BENCH_COMMANDS = {"train": "noiserater.cli.bench_train_cmd", "serve": "noiserater.cli.bench_serve",
+                  "variance": "noiserater.cli.bench_variance_cmd"}
 
 
 class LazyBenchGroup(TyperGroup):
@@ -67,7 +68,8 @@ def main(
     """NoiseRater: meta-learn a noise rater, export it, serve it, and measure whether it pays off."""
     setup_logging()
 
-bench_app = typer.Typer(help="Benchmarks that write reports (efficacy of training; serving throughput).",
+bench_app = typer.Typer(help="Benchmarks that write reports (efficacy of training; serving throughput; the "
+                        "gradient variance noise selection could remove).",
                         no_args_is_help=True, cls=LazyBenchGroup)
 app.add_typer(bench_app, name="bench")
 
