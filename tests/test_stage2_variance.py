@@ -121,6 +121,7 @@ def test_parts_and_ceiling_match_the_closed_form():
     assert g["eps_norm_var"] == pytest.approx(norm_var, rel=0.1)
     assert g["is_noise"]["ratio"] == pytest.approx(total / (total - norm_var), rel=0.05)
     assert g["is_noise_k"]["4"]["reduction"] == pytest.approx(0.75 * g["eps_norm_var"])
+    assert g["eps_removed"]["ratio"] == pytest.approx(total / (total - 4 * sigma**2), rel=0.05)
 
 
 def test_cli_trains_saves_reloads_and_reports(tmp_path):

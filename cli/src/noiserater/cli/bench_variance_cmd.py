@@ -109,6 +109,7 @@ def show(result: dict) -> None:
                  f"{g['is_noise']['ratio']:.4g} ± {se['ratio']:.2g}"]]
     ceilings += [[f"best of K = {kk}, reweighted", f"{v['min_total']:.4g}", f"{v['ratio']:.4g}"]
                  for kk, v in g["is_noise_k"].items()]
+    ceilings.append(["(eps part removed)", f"{g['eps_removed']['min_total']:.4g}", f"{g['eps_removed']['ratio']:.4g}"])
     ceilings.append(["(IS over t, x0, eps)", f"{g['is_joint']['min_total']:.4g}", f"{g['is_joint']['ratio']:.4g}"])
     table("ceiling of any unbiased noise selection", ["scheme", "min variance", "total / min"], ceilings)
     table("by range of t", ["t", "eps share", "of all eps", "total / min", "mean loss"],

@@ -18,7 +18,10 @@ sample, one chosen with probability ∝ w and weighted by mean(w) / w (self-norm
 moment given the candidates is mean(w) * mean(||g||^2 / w) >= mean(||g||)^2 (Cauchy-Schwarz, equal for w = ||g||),
 whose expectation is (E||g||)^2 + Var(||g||) / K: the eps part falls by at most (1 - 1/K) E Var_eps(||g||).
 Selection that is not reweighted (a rater's argmax) changes E[g] and so the objective; these ceilings do not
-describe it. For context, importance sampling over (t, x0, eps) jointly could reach (E||g||)^2 - ||Eg||^2.
+describe it. Schemes that couple the noises of several samples (antithetic pairs, assigning noises to items)
+are not importance sampling and are not bounded by these ceilings; the most any of them could do is remove
+the whole eps part, `total / (t + x0)` (`eps_removed`). For context, importance sampling over (t, x0, eps)
+jointly could reach (E||g||)^2 - ||Eg||^2.
 
 The design is balanced and nested: n_t timesteps stratified over [0, T) (one uniform draw in each of n_t equal
 strata), for each an independent draw of n_x0 training items (uniform, with replacement), for each pair n_eps
@@ -186,6 +189,7 @@ def summarise(per_t: Sequence[dict[str, float]], gram: torch.Tensor, b: int, c: 
             "is_noise": ceiling(norm_var),
             "is_noise_k": {str(k): ceiling((1 - 1 / k) * norm_var) for k in ks},
             "is_joint": {"min_total": joint_min, "ratio": _ratio(total, joint_min)},
+            "eps_removed": ceiling(grad["eps"]),
         },
         "loss": {**{p: loss[p] for p in PARTS}, "total": sum(loss[p] for p in PARTS), "mean": loss_mean,
                  "fractions": _fractions(loss)},
@@ -458,7 +462,9 @@ def markdown(result: dict[str, Any]) -> str:
     for k, v in g["is_noise_k"].items():
         lines.append(f"| best of K = {k} candidates, resampled and reweighted | {v['min_total']:.4g} | "
                      f"{_num(v['ratio'])} |")
-    lines += [f"| (context) over (t, x0, eps) jointly | {g['is_joint']['min_total']:.4g} | "
+    lines += [f"| (limit of any noise-side scheme, couplings included) eps part removed | "
+              f"{g['eps_removed']['min_total']:.4g} | {_num(g['eps_removed']['ratio'])} |",
+              f"| (context) over (t, x0, eps) jointly | {g['is_joint']['min_total']:.4g} | "
               f"{_num(g['is_joint']['ratio'])} |", "",
               "Per range of t (the t part of a range is the spread of E[g|t] within it):", "",
               "| t | eps share of the range's variance | share of all eps variance | ceiling ratio in the range "
