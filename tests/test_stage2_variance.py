@@ -145,6 +145,10 @@ def test_cli_trains_saves_reloads_and_reports(tmp_path):
     wrong = CliRunner().invoke(app, ["bench", "variance", *args, "--model-from", str(tmp_path / "a"),
                                      "--objective", "flow", "--out", str(tmp_path / "c")])
     assert wrong.exit_code == 1 and "trained for eps" in wrong.output and "Traceback" not in wrong.output
+    flow = CliRunner().invoke(app, ["bench", "variance", *args, "--objective", "flow", "--steps", "2", "--json",
+                                    "--out", str(tmp_path / "e")])
+    assert flow.exit_code == 0, flow.output
+    assert json.loads(flow.stdout)["design"]["objective"] == "flow"
     missing = CliRunner().invoke(app, ["bench", "variance", "--model-from", str(tmp_path / "nope"), "--out",
                                        str(tmp_path / "d")])
     assert missing.exit_code == 1 and "no denoiser.pt" in missing.output

@@ -59,7 +59,6 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from noiserater.trainer.stage2.sources import Stage2Error
 from noiserater.trainer.stage2.training import Stage2Config, train_stage2
 from noiserater.trainer.substrate.data import DataSplits
 from noiserater.trainer.substrate.denoisers import build_denoiser
@@ -368,26 +367,13 @@ def measure_variance(model: nn.Module, schedule: Schedule, train: torch.Tensor, 
 # ------------------------------------------------------------------------------------- the model it measures
 
 
-def stage2_objectives() -> tuple[str, ...]:
-    """The objectives `train_stage2` can train: eps always, flow once its config names an objective."""
-    if "objective" in {f.name for f in dataclasses.fields(Stage2Config)}:
-        from noiserater.trainer.substrate.diffusion import OBJECTIVES
-
-        return OBJECTIVES
-    return ("eps",)
-
-
 def train_denoiser(data: DataSplits, objective: str, steps: int, seed: int, *, config: Stage2Config | None = None,
                    progress: Callable[[int], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """A denoiser trained by stage 2 on uniform (Gaussian) noise for `objective`, and what describes it (the
     record `save_denoiser` keeps). Sampling quality is not measured (`quality` off) unless `config` asks."""
-    if objective not in stage2_objectives():
-        raise Stage2Error(f"objective {objective!r}: stage 2 here trains only {', '.join(stage2_objectives())}")
     cfg = config or Stage2Config(quality=False)
     kind = cfg.denoiser if cfg.denoiser != "auto" else ("unet" if len(data.data_shape) == 3 else "mlp")
-    cfg = dataclasses.replace(cfg, denoiser=kind)
-    if "objective" in {f.name for f in dataclasses.fields(Stage2Config)}:
-        cfg = dataclasses.replace(cfg, objective=objective)
+    cfg = dataclasses.replace(cfg, denoiser=kind, objective=objective)
     result = train_stage2(data, "uniform", steps, seed, config=cfg, keep_model=True, progress=progress)
     info = {"dataset": data.name, "objective": objective, "steps": int(steps), "seed": int(seed),
             "denoiser": cfg.denoiser, "denoiser_kwargs": dict(cfg.denoiser_kwargs),
