@@ -47,16 +47,17 @@ class ToySchedule:
 
 def test_group_moments_match_a_direct_computation_across_chunks():
     gen = torch.Generator().manual_seed(0)
-    values, groups = torch.randn(23, 4, generator=gen), torch.randint(0, 3, (23,), generator=gen)
-    moments = GroupMoments(3, 4)
-    for lo in (0, 5, 6, 17):  # uneven chunks, some missing a group
-        hi = {0: 5, 5: 6, 6: 17, 17: 23}[lo]
-        moments.add(values[lo:hi], groups[lo:hi])
+    values, groups = torch.randn(23, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (23,), generator=gen)
+    moments = GroupMoments(3, [1, 3])
+    for lo, hi in ((0, 5), (5, 6), (6, 17), (17, 23)):  # uneven chunks, some missing a group
+        moments.add([values[lo:hi, :1], values[lo:hi, 1:]], groups[lo:hi])
+    means = torch.stack([values[groups == k].mean(0) for k in range(3)])
     for k in range(3):
-        mine = values[groups == k].to(torch.float64)
+        mine = values[groups == k]
         assert moments.count[k] == len(mine)
-        assert torch.allclose(moments.mean[k], mine.mean(0))
+        assert torch.allclose(torch.cat([m[k] for m in moments.means]), mine.mean(0))
         assert math.isclose(moments.m2[k], float((mine - mine.mean(0)).pow(2).sum()), rel_tol=1e-12)
+    assert math.isclose(moments.spread_of_means(), float((means - means.mean(0)).pow(2).sum()), rel_tol=1e-12)
 
 
 def test_timesteps_are_one_per_stratum():

@@ -38,7 +38,7 @@ def bench_variance(
     n_eps: int = typer.Option(16, "--n-eps", min=2, help="Gaussian noises per (item, timestep)."),
     buckets: int = typer.Option(10, min=1, help="Equal ranges of t in the breakdown (at most --n-t)."),
     k: str = typer.Option("2,4,8,16", "--k", help="Candidates per sample for the K-candidate ceilings."),
-    chunk: int = typer.Option(128, min=1, help="Per-sample gradients computed at once (bounds memory)."),
+    chunk: int = typer.Option(32, min=1, help="Per-sample gradients computed at once (bounds memory)."),
     batch_size: int = typer.Option(128, min=1, help="Training batch size."),
     lr: float = typer.Option(1e-3, help="Training learning rate."),
     denoiser: Denoiser = typer.Option(Denoiser.auto, help="The denoiser trained (auto: unet for images, mlp "

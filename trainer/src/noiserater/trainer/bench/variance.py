@@ -51,7 +51,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,7 @@ class VarianceConfig:
     n_eps: int = 16  # noises per (item, timestep)
     buckets: int = 10  # equal ranges of t in the breakdown
     k: Sequence[int] = (2, 4, 8, 16)  # candidates per sample for the K-candidate ceilings
-    chunk: int = 128  # per-sample gradients held at once (memory: chunk x parameters x 4 bytes, a few times)
+    chunk: int = 32  # per-sample gradients held at once (memory: about 2 x chunk x parameters x 4 bytes)
     seed: int = 0
 
     def check(self) -> None:
@@ -95,37 +95,41 @@ class VarianceConfig:
 # ---------------------------------------------------------------------------------------------- the estimators
 
 
-@dataclass
 class GroupMoments:
-    """Per-group count, mean and sum of squared deviations of vectors, merged chunk by chunk (Chan et al.), so
-    a group's spread is computed from deviations, never as a difference of large sums: identical vectors give
-    exactly zero."""
+    """Per-group count, mean and sum of squared deviations of vectors given as column blocks (a model's
+    parameters), merged chunk by chunk (Chan et al.): a group's spread comes from deviations, never from a
+    difference of large sums, so identical vectors give exactly zero. Everything is float64; the temporaries
+    are one block (one parameter tensor of one chunk) in size, small enough for the allocator to reuse."""
 
-    groups: int
-    dim: int
-    count: torch.Tensor = field(init=False)
-    mean: torch.Tensor = field(init=False)
-    m2: torch.Tensor = field(init=False)
+    def __init__(self, groups: int, widths: Sequence[int]):
+        self.groups = groups
+        self.count = torch.zeros(groups, dtype=torch.float64)
+        self.means = [torch.zeros(groups, w, dtype=torch.float64) for w in widths]
+        self.m2 = torch.zeros(groups, dtype=torch.float64)
 
-    def __post_init__(self) -> None:
-        self.count = torch.zeros(self.groups, dtype=torch.float64)
-        self.mean = torch.zeros(self.groups, self.dim, dtype=torch.float64)
-        self.m2 = torch.zeros(self.groups, dtype=torch.float64)
-
-    def add(self, values: torch.Tensor, group: torch.Tensor) -> None:
-        values = values.reshape(len(group), self.dim).to(torch.float64)
+    def add(self, blocks: Sequence[torch.Tensor], group: torch.Tensor) -> None:
+        """Rows of `blocks` ([n, width] each, float32) belong to the groups `group` ([n])."""
         n_b = torch.bincount(group, minlength=self.groups).to(torch.float64)
-        sums = torch.zeros_like(self.mean).index_add_(0, group, values)
         present = n_b > 0
-        mean_b = torch.where(present[:, None], sums / n_b.clamp(min=1)[:, None], 0.0)
-        m2_b = torch.zeros_like(self.m2).index_add_(0, group, (values - mean_b[group]).pow(2).sum(1))
-        n_a = self.count
-        n = n_a + n_b
-        delta = mean_b - self.mean
+        n = self.count + n_b
         weight = torch.where(present, n_b / n.clamp(min=1), 0.0)
-        self.m2 += m2_b + delta.pow(2).sum(1) * n_a * weight
-        self.mean += delta * weight[:, None]
+        m2_b = torch.zeros_like(self.m2)
+        between = torch.zeros_like(self.m2)
+        for block, mean in zip(blocks, self.means, strict=True):
+            block = block.reshape(len(group), -1).to(torch.float64, copy=True)  # changed in place below
+            sums = torch.zeros(self.groups, block.shape[1], dtype=torch.float64).index_add_(0, group, block)
+            mean_b = sums / n_b.clamp(min=1)[:, None]
+            deviation = block.sub_(mean_b[group])
+            m2_b.index_add_(0, group, deviation.pow_(2).sum(1, dtype=torch.float64))
+            delta = torch.where(present[:, None], mean_b - mean, 0.0)
+            between += delta.pow(2).sum(1)
+            mean += delta * weight[:, None]
+        self.m2 += m2_b + between * self.count * weight
         self.count = n
+
+    def spread_of_means(self) -> float:
+        """Sum over groups of the squared distance of the group's mean to the mean of the group means."""
+        return sum(float((m - m.mean(0)).pow(2).sum()) for m in self.means)
 
 
 def nested_parts(ss_a: float, ss_b: float, ss_e: float, a: int, b: int, c: int) -> dict[str, float]:
@@ -268,8 +272,10 @@ def stratified_timesteps(n: int, num_timesteps: int, generator: torch.Generator)
     return t.clamp(max=num_timesteps - 1)
 
 
-def per_sample_gradients(model: nn.Module, schedule: Schedule) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """f(x0, t, eps) -> ([n, parameters] flattened per-sample gradients of `per_sample_loss`, [n] losses)."""
+def per_sample_gradients(model: nn.Module,
+                         schedule: Schedule) -> Callable[..., tuple[list[torch.Tensor], torch.Tensor]]:
+    """f(x0, t, eps) -> (per-sample gradients of `per_sample_loss`, one [n, numel] block per parameter in
+    `model.parameters()` order, [n] losses)."""
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
 
@@ -281,7 +287,7 @@ def per_sample_gradients(model: nn.Module, schedule: Schedule) -> Callable[..., 
 
     def run(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         grads, losses = batched(params, x0, t, eps)
-        return torch.cat([g.reshape(len(x0), -1) for g in grads.values()], dim=1), losses
+        return [g.reshape(len(x0), -1) for g in grads.values()], losses
 
     return run
 
@@ -311,7 +317,8 @@ def measure_variance(model: nn.Module, schedule: Schedule, train: torch.Tensor, 
     gen = torch.Generator().manual_seed(cfg.seed)
     timesteps = stratified_timesteps(a, T, gen)
     grads_of = per_sample_gradients(model, schedule)
-    dim = sum(p.numel() for p in model.parameters())
+    widths = [p.numel() for p in model.parameters()]
+    dim = sum(widths)
     means = torch.zeros(a, dim, dtype=torch.float32)  # E[g | t_i] estimates, for the t part and the jackknife
     per_t: list[dict[str, float]] = []
     started = time.perf_counter()
@@ -320,26 +327,25 @@ def measure_variance(model: nn.Module, schedule: Schedule, train: torch.Tensor, 
         x0 = train[torch.randint(0, len(train), (b,), generator=gen)].repeat_interleave(c, dim=0)
         eps = torch.randn(x0.shape, generator=gen)
         t = torch.full((b * c,), t_value, dtype=torch.long)
-        g_mom, n_mom, l_mom = GroupMoments(b, dim), GroupMoments(b, 1), GroupMoments(b, 1)
+        g_mom, n_mom, l_mom = GroupMoments(b, widths), GroupMoments(b, [1]), GroupMoments(b, [1])
         sq_norm = 0.0
         for lo in range(0, b * c, cfg.chunk):
             sl = slice(lo, lo + cfg.chunk)
             g, loss = grads_of(x0[sl].to(device), t[sl].to(device), eps[sl].to(device))
-            g, loss = g.detach().cpu(), loss.detach().cpu()
-            norms = g.to(torch.float64).norm(dim=1)
+            g, loss = [block.detach().cpu() for block in g], loss.detach().cpu()
+            squares = sum(block.to(torch.float64, copy=True).pow_(2).sum(1) for block in g)
             g_mom.add(g, cell[sl])
-            n_mom.add(norms, cell[sl])
-            l_mom.add(loss, cell[sl])
-            sq_norm += float(norms.pow(2).sum())
+            n_mom.add([squares.sqrt()], cell[sl])
+            l_mom.add([loss.to(torch.float64)], cell[sl])
+            sq_norm += float(squares.sum())
             if progress is not None:
                 progress(len(loss))
-        grad_mean = g_mom.mean.mean(0)
-        means[i] = grad_mean.to(torch.float32)
-        n_means, l_means = n_mom.mean[:, 0], l_mom.mean[:, 0]
+        means[i] = torch.cat([m.mean(0) for m in g_mom.means]).to(torch.float32)
+        n_means, l_means = n_mom.means[0][:, 0], l_mom.means[0][:, 0]
         per_t.append({
             "t": t_value,
             "ss_e": float(g_mom.m2.sum()),
-            "ss_b": c * float((g_mom.mean - grad_mean).pow(2).sum()),
+            "ss_b": c * g_mom.spread_of_means(),
             "mean_sq_norm": sq_norm / (b * c),
             "norm_var": float(n_mom.m2.sum()) / (b * (c - 1)),
             "norm_mean": float(n_means.mean()),
