@@ -8,10 +8,13 @@
 #     1024 x 8 run over that of 1 x 8 runs: what merging small requests can gain at most, the figure
 #     `nrctl bench serve` reports as batching_gain_bound); skipped with a reason when onnxruntime there
 #     has no CUDA provider
-#     (the device image ships CPU onnxruntime, and onnxruntime-gpu is larger than the 64 MiB carry limit).
+#     (the device image ships CPU onnxruntime, and onnxruntime-gpu is larger than the 64 MiB carry limit);
+#   - what a stage-2 step pays for noise selection with the denoiser on the GPU: `nrctl bench select
+#     --device cuda` (uniform, in-process, remote and prefetched selection, interleaved rounds; the rater
+#     scores on CPU there) -> $OUT/select-overhead-cuda.json (its Markdown on stdout).
 # The device image has python3 3.12 with torch, onnx, onnxruntime, grpcio, typer, rich, tqdm, scipy,
 # scikit-learn; protobuf may be older than our gencode (7.35), so carry a wheel made here first:
-#   echo /.whl/ >> .git/info/exclude
+#   echo /.whl/ >> .git/info/exclude; v=$(.venv/bin/python -c 'import grpc; print(grpc.__version__)')
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl "protobuf==7.36.2"
 #   - rater-server against Triton Inference Server (`nrctl bench serve-vs-triton`, one round, both on
@@ -62,6 +65,7 @@ if all("median_seconds_per_step" in result.get(f"stage1_{d}", {}) for d in ("cud
 import onnxruntime as ort
 result["onnxruntime"] = {"version": ort.__version__, "providers": ort.get_available_providers()}
 from noiserater.core import scoring
+from noiserater.core.selection import SelectionPlan
 from noiserater.trainer.stage1.export import export_rater
 from noiserater.trainer.stage1.rater import load_rater
 rater, _ = load_rater("/tmp/run-cpu/rater.pt")
@@ -77,7 +81,7 @@ for device in ("cuda", "cpu"):
         x0 = rng.standard_normal((batch, 64), dtype=np.float32)
         t = rng.integers(0, 1000, batch)
         cand = rng.standard_normal((batch, 8, 64), dtype=np.float32)
-        triples = scoring.expand_candidates(x0, t, cand)
+        triples = SelectionPlan(8).triples(x0, t, cand)
         for _ in range(10):
             session.score(*triples)
         start, runs = time.perf_counter(), 0
@@ -89,6 +93,13 @@ for device in ("cuda", "cpu"):
 (out / "gpu_check.json").write_text(json.dumps(result, indent=2, sort_keys=True))
 print(json.dumps(result, indent=2, sort_keys=True))
 PY
+# The remote modes start a rater-server, which needs grpcio-health-checking, grpcio-reflection, redis and
+# prometheus-client (carry their wheels in .whl too); without them the bench measures the in-process modes.
+select="python3 -m noiserater.cli.main bench select --device cuda --rounds 3 --mlp-steps 200 --unet-steps 60"
+timeout 200 $select --out /tmp/select-overhead-cuda.json > /tmp/select-overhead.log 2>&1 ||
+  timeout 120 $select --modes uniform,local,local_prefetch --out /tmp/select-overhead-cuda.json \
+    >> /tmp/select-overhead.log 2>&1 || tail -5 /tmp/select-overhead.log
+cp /tmp/select-overhead-cuda.json "$OUT/" 2>/dev/null  # $OUT brings back 8 files at most: the .md is printed
 cat "$OUT/gpu_check.json" 2>/dev/null || tail -20 "$OUT/serve.log"
 if ls .whl-triton/*.whl >/dev/null 2>&1; then
   tools=load,perf_analyzer
@@ -100,3 +111,4 @@ if ls .whl-triton/*.whl >/dev/null 2>&1; then
 else
   echo "serve-vs-triton skipped: no .whl-triton wheelhouse carried (see the header)" | tee "$OUT/serve-vs-triton.log"
 fi
+cat /tmp/select-overhead-cuda.md 2>/dev/null

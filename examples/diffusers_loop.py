@@ -1,13 +1,28 @@
-"""A diffusers training loop (UNet2DModel + DDPMScheduler.add_noise) whose noise comes from a NoiseSelector.
+"""A diffusers training loop whose noise comes from a NoiseSelector, for either objective:
+
+- eps: UNet2DModel + DDPMScheduler.add_noise, the UNet predicts the noise;
+- flow: UNet2DModel + FlowMatchEulerDiscreteScheduler's sigmas, x_t = (1 - sigma) x0 + sigma * noise (what its
+  `scale_noise` computes), the UNet predicts the velocity noise - x0 (the SD3 / Flux training recipe).
 
 The one-line change against a stock diffusers loop is marked below: `torch.randn_like(x0)` becomes
 `selector.select(x0, t)`. Everything else is the usual loop, plus `check_rater`, which stops before the first
-step when the rater's data shape, timesteps or noise schedule do not fit the UNet and the scheduler.
+step when the rater's data shape, timesteps, objective or noise schedule do not fit the UNet and the scheduler.
+
+The rater's timestep t is an integer in [0, T). For eps it is the DDPM timestep itself. For flow the rater
+was trained with noise level s = (t + 1) / T, and FlowMatchEulerDiscreteScheduler's sigmas are noise levels
+of the same interpolant, so a sigma maps to t = round(sigma * T) - 1 (`rater_timesteps`); its own timesteps,
+sigma * T, are what the UNet is conditioned on. With the scheduler's defaults (shift 1) the sigmas are
+exactly 1/T, 2/T, ..., 1 and the map is exact; a shifted scheduler samples other sigmas, each mapped to the
+nearest of the rater's levels.
 
     pip install -e 'trainer[diffusers]'                                 # diffusers is an optional extra
     nrctl train-rater --dataset digits-image --out runs/digits-image    # an image rater (1x8x8)
     nrctl export runs/digits-image --out digits-image.onnx
     python examples/diffusers_loop.py --rater digits-image.onnx --steps 200   # --log-every 10 --rule argmax
+    # flow matching: a rater trained for it, and --objective flow
+    nrctl train-rater --dataset digits-image --objective flow --out runs/digits-image-flow
+    nrctl export runs/digits-image-flow --out digits-image-flow.onnx
+    python examples/diffusers_loop.py --rater digits-image-flow.onnx --objective flow --steps 200
     # or score on a rater server:  --server localhost:50051 --model digits-image
     # (several servers, balanced with gRPC's round_robin: --server host1:50051,host2:50051)
 """
@@ -48,10 +63,30 @@ def _shape(data_shape) -> str:
     return "x".join(str(d) for d in data_shape)
 
 
+def scheduler_objective(scheduler) -> str:
+    """"flow" for diffusers' flow-matching schedulers, "eps" for the others (DDPMScheduler and its kin)."""
+    return "flow" if type(scheduler).__name__.startswith("FlowMatch") else "eps"
+
+
+def build_scheduler(objective: str = "eps", num_train_timesteps: int = 1000, beta_schedule: str = "linear"):
+    """DDPMScheduler for eps, FlowMatchEulerDiscreteScheduler (shift 1) for flow."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if objective == "flow":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps)
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
+
+
+def rater_timesteps(sigmas: torch.Tensor, num_timesteps: int) -> torch.Tensor:
+    """The rater's integer timesteps of flow-matching noise levels: sigma = s = (t + 1) / T, so
+    t = round(sigma * T) - 1, kept in [0, T)."""
+    return (sigmas.to(torch.float64) * num_timesteps).round().long().sub(1).clamp(0, num_timesteps - 1)
+
+
 def check_rater(selector, unet, scheduler) -> None:
-    """Before the first step: the rater must score what the UNet sees, with the scheduler's timesteps and noise
-    schedule. Raises SetupError with a plain message; says so when there is nothing to check against (a peer,
-    or a rater server not reached yet with no fallback rater)."""
+    """Before the first step: the rater must score what the UNet sees, with the scheduler's timesteps, objective
+    and noise schedule. Raises SetupError with a plain message; says so when there is nothing to check against
+    (a peer, or a rater server not reached yet with no fallback rater)."""
     from noiserater.trainer.substrate.diffusion import SCHEDULE_KINDS, NoiseSchedule
 
     info = selector.info
@@ -71,6 +106,14 @@ def check_rater(selector, unet, scheduler) -> None:
         raise SetupError(f"the rater was trained for {info.num_timesteps} timesteps but the scheduler has "
                          f"num_train_timesteps={steps}; build the scheduler with num_train_timesteps="
                          f"{info.num_timesteps} or train a rater for {steps}")
+    objective = scheduler_objective(scheduler)
+    if info.objective != objective:
+        wanted = "FlowMatchEulerDiscreteScheduler" if info.objective == "flow" else "DDPMScheduler"
+        raise SetupError(f"the rater was trained for the {info.objective} objective but {type(scheduler).__name__} "
+                         f"trains for {objective}; use {wanted} (--objective {info.objective}) or a rater trained "
+                         f"with nrctl train-rater --objective {objective}")
+    if objective == "flow":
+        return  # one interpolant: x_t = (1 - sigma) x0 + sigma eps, whatever sigmas the scheduler samples
     if info.schedule not in SCHEDULE_KINDS:
         print(f"note: the rater does not name a known noise schedule ({info.schedule!r}); the scheduler's "
               f"beta schedule ({scheduler.config.beta_schedule}) is not checked")
@@ -87,17 +130,17 @@ def check_rater(selector, unet, scheduler) -> None:
 
 
 def train(selector, steps: int = 200, batch_size: int = 64, lr: float = 2e-4, seed: int = 0,
-          num_train_timesteps: int = 1000, log_every: int = 10, beta_schedule: str = "linear") -> list[float]:
-    """Train a small UNet2DModel on 8x8 digits with noise chosen by `selector`; returns the losses. Prints a
-    line every `log_every` steps (0: none)."""
-    from diffusers import DDPMScheduler
-
+          num_train_timesteps: int = 1000, log_every: int = 10, beta_schedule: str = "linear",
+          objective: str = "eps") -> list[float]:
+    """Train a small UNet2DModel on 8x8 digits with noise chosen by `selector`, for `objective` ("eps":
+    DDPMScheduler, "flow": FlowMatchEulerDiscreteScheduler); returns the losses. Prints a line every
+    `log_every` steps (0: none)."""
     from noiserater.trainer.substrate.data import load_dataset
 
     torch.manual_seed(seed)  # also the selector's noise, unless it was given its own seed or generator
     data = load_dataset("digits-image").train  # [N, 1, 8, 8] in [-1, 1]
     unet = build_unet(sample_size=data.shape[-1], channels=data.shape[1])
-    scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
+    scheduler = build_scheduler(objective, num_train_timesteps, beta_schedule)
     check_rater(selector, unet, scheduler)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -105,17 +148,27 @@ def train(selector, steps: int = 200, batch_size: int = 64, lr: float = 2e-4, se
     if log_every:
         rule = "argmax" if selector.rule.value == "top_k" else selector.rule.value
         print(f"training {steps} steps, batch {batch_size}, rule {rule}, "
-              f"{selector.num_candidates} candidates per sample", flush=True)
+              f"{selector.num_candidates} candidates per sample, objective {objective}", flush=True)
     start = time.perf_counter()
     select_s = 0.0
     for step in range(steps):
         x0 = data[torch.randint(0, data.shape[0], (batch_size,), generator=gen)]
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
+        index = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
+        if objective == "flow":
+            sigma = scheduler.sigmas[index]  # noise level s of x_t = (1 - s) x0 + s eps
+            t = rater_timesteps(sigma, scheduler.config.num_train_timesteps)
+        else:
+            t = index
         began = time.perf_counter()
         noise = selector.select(x0, t)  # <- was: noise = torch.randn_like(x0)
         select_s += time.perf_counter() - began
-        x_t = scheduler.add_noise(x0, noise, t)
-        loss = F.mse_loss(unet(x_t, t).sample, noise)
+        if objective == "flow":
+            s = sigma.view(-1, 1, 1, 1)
+            x_t = (1 - s) * x0 + s * noise  # = scheduler.scale_noise(x0, timesteps, noise)
+            loss = F.mse_loss(unet(x_t, scheduler.timesteps[index]).sample, noise - x0)
+        else:
+            x_t = scheduler.add_noise(x0, noise, t)
+            loss = F.mse_loss(unet(x_t, t).sample, noise)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -130,6 +183,7 @@ def train(selector, steps: int = 200, batch_size: int = 64, lr: float = 2e-4, se
 
 
 def main() -> None:
+    from noiserater.client.selector import SelectorError
     from noiserater.trainer import NoiseSelector
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,24 +194,34 @@ def main() -> None:
     parser.add_argument("--rule", default="argmax", choices=("argmax", "sample", "assign"),
                         help="which candidate to keep (default argmax; assign permutes the batch's noise and "
                              "costs more per step)")
+    parser.add_argument("--objective", default="eps", choices=("eps", "flow"),
+                        help="eps: DDPMScheduler, the UNet predicts the noise; flow: FlowMatchEulerDiscreteScheduler, "
+                             "the UNet predicts the velocity (the rater must have been trained for the same one)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--log-every", type=int, default=10, help="print a progress line every N steps (0: none)")
     args = parser.parse_args()
-    if args.server:
-        # Raises SelectorError here if the server has no such model, refuses the token, or its model does not
-        # take this loop's 1x8x8 images and 1000 timesteps; a server that is down is no error: selections use
-        # the fallback (--rater, else plain Gaussian noise) until it serves.
-        selector = NoiseSelector.remote(args.server, model=args.model, dataset="digits-image",
-                                        num_candidates=args.num_candidates, rule=args.rule, fallback_onnx=args.rater,
-                                        data_shape=(1, 8, 8), num_timesteps=1000)
-    elif args.rater:
-        selector = NoiseSelector.local(args.rater, num_candidates=args.num_candidates, rule=args.rule)
-    else:
-        parser.error("give --rater MODEL.onnx or --server HOST:PORT")
+
+    try:
+        if args.server:
+            # Raises SelectorError here if the server has no such model, refuses the token, or its model does not
+            # take this loop's 1x8x8 images, 1000 timesteps and objective; a server that is down is no error:
+            # selections use the fallback (--rater, else plain Gaussian noise) until it serves.
+            selector = NoiseSelector.remote(args.server, model=args.model, dataset="digits-image",
+                                            num_candidates=args.num_candidates, rule=args.rule,
+                                            fallback_onnx=args.rater, data_shape=(1, 8, 8), num_timesteps=1000,
+                                            objective=args.objective)
+        elif args.rater:
+            selector = NoiseSelector.local(args.rater, num_candidates=args.num_candidates, rule=args.rule,
+                                           objective=args.objective)
+        else:
+            parser.error("give --rater MODEL.onnx or --server HOST:PORT")
+    except SelectorError as exc:  # e.g. a rater trained for the other objective
+        raise SystemExit(f"error: {exc}") from None
     with selector:
         try:
-            train(selector, steps=args.steps, batch_size=args.batch_size, log_every=args.log_every)
+            train(selector, steps=args.steps, batch_size=args.batch_size, log_every=args.log_every,
+                  objective=args.objective)
         except SetupError as exc:
             raise SystemExit(f"error: {exc}") from None
         print("selector counters:", selector.counters)  # fallbacks, and for a server its breaker

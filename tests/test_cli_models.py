@@ -167,3 +167,62 @@ def test_deploy_to_a_server_without_admin_is_one_line(tmp_path, rater_onnx):
     assert refused.exit_code == 1 and "Traceback" not in refused.stderr
     (line,) = refused.stderr.strip().splitlines()
     assert "PERMISSION_DENIED" in line and "--auth-token-file" in line and "--insecure-admin" in line
+
+
+def test_admin_commands_on_several_replicas(tmp_path, rater_onnx):
+    """--server repeated or comma-separated (or $NOISERATER_SERVER with commas): every replica is asked and
+    reported on its own, a line or a JSON object each; one that cannot be reached is reported as such, the others
+    are still done, and the command exits 1. A deploy gives the version the first replica chose on every one."""
+    from support import free_port
+    from support.server import ServerThread, make_repository
+
+    from noiserater.client.selector import NoiseSelector
+    from noiserater.server.config import ServerConfig
+
+    token = tmp_path / "token"
+    token.write_text("admin-token\n")
+    configs = [ServerConfig(repository=make_repository(tmp_path / f"repo{n}", {"digits": [rater_onnx] * n}),
+                            host="127.0.0.1", port=0, auth_token_file=str(token)) for n in (2, 1)]
+    down = f"127.0.0.1:{free_port()}"
+    with ServerThread(configs[0]) as first, ServerThread(configs[1]) as second:
+        both = f"{first.target},{second.target}"
+        listed = invoke("models", "--server", both, "--server", down, "--json")
+        assert listed.exit_code == 1
+        replies = json.loads(listed.stdout)
+        assert [r["server"] for r in replies] == [first.target, second.target, down]
+        assert [[v["version"] for v in r["models"][0]["versions"]] for r in replies[:2]] == [[1, 2], [1]]
+        assert "UNAVAILABLE" in replies[2]["error"] and "models" not in replies[2]
+        (line,) = listed.stderr.strip().splitlines()
+        assert line.startswith(f"error: {down}: UNAVAILABLE")
+
+        deployed = invoke("deploy", rater_onnx, "--name", "digits", "--server", both, "--token-file", token, "--json")
+        assert deployed.exit_code == 0, deployed.stderr
+        assert json.loads(deployed.stdout) == [{"name": "digits", "version": 3, "server": first.target},
+                                               {"name": "digits", "version": 3, "server": second.target}]
+        pinned = invoke("set-default", "digits", "1", "--server", first.target, "--server", second.target,
+                        "--server", down, "--token-file", token)
+        assert pinned.exit_code == 1
+        assert pinned.stdout.splitlines() == [f"digits: default version is now 1 ({first.target})",
+                                              f"digits: default version is now 1 ({second.target})"]
+        assert pinned.stderr.strip().splitlines()[0].startswith(f"error: {down}: ")
+        assert len(pinned.stderr.strip().splitlines()) == 1
+        from typer.testing import CliRunner
+
+        from noiserater.cli.main import app
+
+        unloaded = CliRunner().invoke(app, ["unload", "digits", "--version", "3", "--token-file", str(token)],
+                                      env={"NOISERATER_SERVER": both})
+        assert unloaded.exit_code == 0 and len(unloaded.stdout.splitlines()) == 2, unloaded.stderr
+        for server in (first, second):
+            listing = json.loads(invoke("models", "--server", server.target, "--json").stdout)
+            assert listing["server"] == server.target and listing["models"][0]["default_version"] == 1
+
+        with NoiseSelector.remote(first.target, model="digits", dataset="replicas-cli", num_candidates=2) as selector:
+            selector.select(torch.rand(3, 64), torch.randint(0, 100, (3,)))
+        stats = invoke("stats", "--server", both, "--dataset", "replicas-cli", "--json")
+        assert stats.exit_code == 1  # the second replica keeps its statistics in its own memory: none there
+        replies = json.loads(stats.stdout)
+        assert sum(b["count"] for b in replies[0]["buckets"]) == 6
+        assert replies[1]["server"] == second.target and "no statistics" in replies[1]["error"]
+        table = invoke("stats", "--server", both, "--dataset", "replicas-cli")
+        assert f"on {first.target}" in table.stdout and f"{second.target}: no statistics" in table.stderr

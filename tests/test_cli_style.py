@@ -31,6 +31,7 @@ def test_version_and_completion():
     (["train-rater"], ["auto|cpu|cuda", "exact|fast", "auto|nchw|nhwc", "none|tensorboard"]),
     (["bench", "train"], ["auto|mlp|unet", "auto|nchw|nhwc"]),
     (["bench", "serve"], ["stream|unary", "auto|cpu|cuda"]),
+    (["bench", "variance"], ["eps|flow", "auto|mlp|unet"]),
 ])
 def test_choices_are_listed_in_help(command, choices):
     result = invoke(*command, "--help")
@@ -44,11 +45,13 @@ def test_enums_match_the_libraries():
     from noiserater.trainer.stage1.meta import META_GRAD_ROUTES
     from noiserater.trainer.stage1.train import LOGGERS
     from noiserater.trainer.substrate.data import LAYOUTS
+    from noiserater.trainer.substrate.diffusion import OBJECTIVES
 
     assert [t.value for t in options.Transport] == list(TRANSPORTS)
     assert sorted(m.value for m in options.MetaGrad) == sorted(META_GRAD_ROUTES)
     assert [lay.value for lay in options.Layout] == list(LAYOUTS)
     assert [lw.value for lw in options.LogWith] == ["none", *LOGGERS]
+    assert [o.value for o in options.Objective] == list(OBJECTIVES)
 
 
 @pytest.mark.parametrize("command", ["models", "stats"])

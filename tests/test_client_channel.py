@@ -97,3 +97,21 @@ def test_remote_selector_over_several_servers(servers):
         versions.add(selector.model_version)
     selector.close()
     assert versions == {1, 2} and selector.counters["fallback_gaussian"] == 0
+
+
+@pytest.mark.parametrize("target", ["commas", "dns"])
+def test_remote_selector_takes_commas_or_a_dns_name(servers, target):
+    """Besides a list (above): one comma-separated string, balanced over its addresses; a gRPC `dns:///` name,
+    here resolving to the first server only."""
+    first, second = servers
+    given = f"{first.target},{second.target}" if target == "commas" else f"dns:///localhost:{first.port}"
+    with NoiseSelector.remote(given, model="digits", token=TOKEN, transport="unary", timeout_s=10,
+                              round_robin=target == "dns") as selector:
+        gen = torch.Generator().manual_seed(0)
+        versions = set()
+        for _ in range(20):
+            x0, t = torch.rand(3, 64, generator=gen), torch.randint(0, 100, (3,), generator=gen)
+            assert selector.select(x0, t).shape == x0.shape
+            versions.add(selector.model_version)
+        assert selector.counters["served"] == 20 and selector.counters["fallback_gaussian"] == 0
+    assert versions == ({1, 2} if target == "commas" else {1})

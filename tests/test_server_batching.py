@@ -108,6 +108,38 @@ def test_full_queue_is_resource_exhausted():
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("max_batch", [4, 0], ids=["batching-on", "batching-off"])
+def test_pending_triples_gauge_counts_queued_and_running_work(max_batch):
+    """nr_pending_triples (what the Kubernetes autoscaler follows) counts every accepted triple until its
+    answer, running or queued, with batching on or off."""
+    release = threading.Event()
+
+    def blocked_score(x0, t, eps):
+        release.wait(timeout=60)
+        return np.zeros(x0.shape[0], np.float32)
+
+    metrics = ServerMetrics()
+
+    def pending() -> float | None:
+        return metrics.registry.get_sample_value("nr_pending_triples", {"model": "m", "version": "1"})
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            batcher = DynamicBatcher(blocked_score, pool, metrics, ("m", "1"), max_batch=max_batch,
+                                     max_delay_s=0.0, max_queue=8)
+            assert pending() == 0
+            jobs = [batcher.submit(np.zeros((n, 2), np.float32), np.zeros(n, np.int64), np.zeros((n, 2), np.float32))
+                    for n in (4, 3)]
+            await asyncio.sleep(0.05)  # the first run has started and blocks; with batching on the second queues
+            assert pending() == 7
+            release.set()
+            await asyncio.gather(*jobs)
+            assert pending() == 0
+            await batcher.close()
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("inline", [0, 1000], ids=["worker-thread", "inline"])
 def test_batcher_splits_merged_results_back_in_order(inline):
     calls: list[int] = []

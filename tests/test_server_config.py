@@ -32,8 +32,10 @@ def test_environment_fallback_and_the_command_line_wins(tmp_path, monkeypatch):
     monkeypatch.setenv("RATER_SERVER_MAX_DELAY_MS", "2.5")
     monkeypatch.setenv("RATER_SERVER_INSTANCES", "3")
     monkeypatch.setenv("RATER_SERVER_DEVICE", "cpu")
+    monkeypatch.setenv("RATER_SERVER_REPOSITORY_POLL_S", "5")
     config = parse(["--instances", "2"])
     assert config.repository == Path(tmp_path) and config.max_delay_ms == 2.5 and config.device == "cpu"
+    assert config.repository_poll_s == 5.0
     assert config.instances == 2 and isinstance(config.max_delay_ms, float)
     assert not config.auth_all
     monkeypatch.setenv("RATER_SERVER_AUTH_ALL", "yes")
@@ -46,6 +48,7 @@ def test_environment_fallback_and_the_command_line_wins(tmp_path, monkeypatch):
     (["--max-batch", "-1"], "--max-batch: value -1 is out of range"),
     (["--max-queue", "0"], "--max-queue: value 0 is out of range"),
     (["--switch-interval-ms", "0"], "--switch-interval-ms: value 0.0 is out of range"),
+    (["--repository-poll-s", "-1"], "--repository-poll-s: value -1.0 is out of range"),
     (["--tls-cert", "a.pem"], "--tls-cert and --tls-key go together"),
     (["--auth-token-file", "missing"], "--auth-token-file: no such file missing"),
 ])

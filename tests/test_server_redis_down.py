@@ -65,3 +65,57 @@ def test_serving_survives_redis_down_and_statistics_arrive_later(tmp_path, rater
         finally:
             redis_proc.terminate()
             redis_proc.wait(timeout=10)
+
+
+def test_a_flush_applied_but_unanswered_is_retried_and_counted_once(redis_url):
+    """Redis applies a flush but its answer comes after the flush's timeout (or never): the recorder cannot tell
+    that from a flush that was lost, so it retries the same flush, under the same id, before anything newer; the
+    replica's ledger in Redis makes the retry a no-op. Each score counts once."""
+    import asyncio
+
+    from noiserater.server.metrics import ServerMetrics
+    from noiserater.server.stats import FlushId, MemoryStatsStore, RedisStatsStore, StatsRecorder, ledger_key
+
+    dataset, replica = "flush-once", "test-replica-flush-once"
+    attempts: list[FlushId] = []
+
+    async def scenario() -> None:
+        store = RedisStatsStore(redis_url, 60)
+        merge = store.merge
+
+        async def answer_lost(batch, flush):
+            attempts.append(flush)
+            applied = await merge(batch, flush)
+            if len(attempts) == 1:  # Redis applied it; its answer did not come back in time
+                raise TimeoutError("no answer")
+            return applied
+
+        store.merge = answer_lost
+        metrics = ServerMetrics()
+        recorder = StatsRecorder(store, metrics, flush_s=3600, replica_id=replica)
+        t = np.array([0, 10, 20, 30, 90])
+        recorder.record(dataset, "digits", 1, 100, t, np.linspace(-1, 1, 5).astype(np.float32))
+        assert await recorder.flush() is False
+        recorder.record(dataset, "digits", 1, 100, t[:3], np.zeros(3, np.float32))
+        assert await recorder.flush() is True
+        assert metrics.redis_flush_errors._value.get() == 1 and metrics.stats_flush_duplicates._value.get() == 1
+        await recorder.close()
+
+    asyncio.run(scenario())
+    assert attempts == [FlushId(replica, 1), FlushId(replica, 1), FlushId(replica, 2)]
+    client = redis.Redis.from_url(redis_url)
+    counts = [int(client.hget(key, "count")) for key in client.scan_iter(match=f"nr:stats:{dataset}:*")]
+    assert sum(counts) == 8, counts
+    assert {k.decode(): int(v) for k, v in client.hgetall(ledger_key(replica)).items()} == {"seq": 2, "scores": 8}
+    assert 0 < client.ttl(ledger_key(replica)) <= 60
+
+    async def in_memory() -> None:  # the embedded store applies a flush once too
+        from noiserater.server.stats import Moments, StatsQuery
+
+        store = MemoryStatsStore()
+        batch = {(dataset, "digits", 1, 0): Moments.of(np.ones(4))}
+        assert await store.merge(batch, FlushId(replica, 1)) is True
+        assert await store.merge(batch, FlushId(replica, 1)) is False
+        assert [m.count for m in (await store.read(StatsQuery(dataset))).buckets.values()] == [4]
+
+    asyncio.run(in_memory())

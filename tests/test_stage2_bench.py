@@ -25,11 +25,12 @@ def digits():
     return load_dataset("digits")
 
 
-def check_report(report: dict, methods: list[str], seeds: int) -> None:
-    assert list(report) == methods
+def check_report(report: dict, methods: list[str], seeds: int, sweep: tuple[str, ...] = ()) -> None:
+    settings = ("primary", "objective", "reference_nfe") if sweep else ()
+    assert list(report) == [*methods, *settings]
     for method in methods:
         for metric in ("val_loss", "test_loss", "frechet", "swd", "ms_per_step", "noise_sq_norm_per_dim",
-                       "noise_cosine_with_x0", "steps_to_uniform_final"):
+                       "noise_cosine_with_x0", "steps_to_uniform_final", *sweep):
             entry = report[method][metric]
             assert set(entry) == {"mean", "std", "seeds"}
             assert len(entry["seeds"]) == seeds
@@ -84,14 +85,25 @@ def test_cli_bench_train_from_a_run_folder(tmp_path):
     result = CliRunner().invoke(app, ["bench", "train", "--dataset", "digits", "--methods",
                                       "uniform,rater-argmax,rater-assign,immiscible-knn", "--seeds", "2",
                                       "--steps", "3", "--rater", str(run_dir), "--out", str(out), "--k", "4",
-                                      "--batch-size", "8", "--sample-steps", "3", "--json"])
+                                      "--batch-size", "8", "--sample-steps", "3", "--nfe", "1,4",
+                                      "--reference-nfe", "6", "--sweep-count", "32", "--json"])
     assert result.exit_code == 0, result.output
     assert "bench train" in result.stderr  # the progress bar, on stderr also under --json
     payload = json.loads(result.stdout)
-    assert set(payload["report"]) == {"uniform", "rater-argmax", "rater-assign", "immiscible-knn"}
-    assert (out / "rater.onnx").is_file() and (out / "report.md").is_file()
-    check_report(json.loads((out / "report.json").read_text()),
-                 ["uniform", "rater-argmax", "rater-assign", "immiscible-knn"], 2)
+    assert set(payload["report"]) == {"uniform", "rater-argmax", "rater-assign", "immiscible-knn", "primary",
+                                      "objective", "reference_nfe"}
+    assert (out / "rater.onnx").is_file() and (out / "report.md").is_file() and (out / "quality_vs_nfe.png").is_file()
+    report = json.loads((out / "report.json").read_text())
+    sweep = ("frechet@1", "frechet@4", "frechet@6", "swd@4", "straightness@1", "straightness@4", "memorisation")
+    check_report(report, ["uniform", "rater-argmax", "rater-assign", "immiscible-knn"], 2, sweep)
+    assert (report["primary"], report["objective"], report["reference_nfe"]) == ("frechet@4", "eps", 6)
+    details = json.loads((out / "details.json").read_text())
+    assert details["sweep"]["holm_family_size"] == 3 * len([m for m in report["uniform"]
+                                                            if m in ("val_loss", "test_loss")
+                                                            or ("@" in m and m.split("@")[0] in
+                                                                ("frechet", "swd", "straightness"))])
+    assert set(details["sweep"]["goal"]) == {"rater-argmax", "rater-assign"}
+    assert "## Sample quality against NFE" in (out / "report.md").read_text()
 
 
 def test_cli_bench_train_errors_are_one_line(tmp_path):
@@ -125,3 +137,33 @@ def test_cli_one_seed_without_quality_reads_honestly(tmp_path, rater_onnx):
     assert "± —" not in md and "## Values (one seed: no error bars)" in md
     details = json.loads((out / "details.json").read_text())
     assert details["goal_met"] == {"rater-argmax": None}
+
+
+def test_holm_and_paired_tests():
+    from noiserater.trainer.bench.sweep_report import holm, paired_test
+
+    assert holm([0.01, 0.04, 0.03, 0.2]) == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    assert holm([0.5, float("nan")])[0] == 0.5
+    test = paired_test([1.0, 2.0, 3.0, 4.0, 5.0], [1.5, 2.4, 3.6, 4.4, 5.5])
+    assert test["mean"] == pytest.approx(-0.48) and 0 < test["p"] < 0.001
+
+
+def test_flow_objective_bench_with_an_ot_comparison(digits, tmp_path):
+    """The flow objective through the harness: the sweep runs on the Euler sampler from the same starting
+    noises for every method (uniform and min-snr share init and batches, so their 0-step primary values agree)."""
+    cfg = Stage2Config(**{**TINY, "quality": False, "objective": "flow", "nfe": (1, 2), "reference_nfe": 4,
+                          "sweep_count": 128})
+    runs = run_bench(digits, ["uniform", "min-snr"], [0, 1], 4, config=cfg)
+    assert runs.runs["uniform"][0].curve_primary[0] == runs.runs["min-snr"][0].curve_primary[0]
+    write_report(runs, tmp_path)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["objective"] == "flow" and "frechet@2" in report["uniform"] and "frechet" not in report["uniform"]
+    with pytest.raises(Stage2Error, match="does not apply to the flow objective"):
+        run_bench(digits, ["uniform"], [0], 2, config=Stage2Config(**{**TINY, "objective": "flow", "nfe": (1,),
+                                                                       "sampler": "ddim"}))
+
+
+def test_a_rater_for_another_objective_is_refused(digits, rater_onnx):
+    with pytest.raises(Stage2Error, match=r"trained for the eps objective, the run uses flow \(--objective eps\)"):
+        run_bench(digits, ["uniform", "rater-argmax"], [0], 2, rater_onnx=rater_onnx,
+                  config=Stage2Config(**{**TINY, "objective": "flow", "quality": False}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -9,9 +10,10 @@ from pathlib import Path
 import typer
 from typer.core import TyperCommand
 
-from noiserater.cli.options import Denoiser, Layout, value
+from noiserater.cli.options import Denoiser, Layout, Objective, value
 from noiserater.cli.output import emit_json, fail, progress_bar, table
 
+RUNS_LOG = "runs.jsonl"
 DEFAULT_METHODS = "uniform,rater-argmax,rater-assign,immiscible,immiscible-knn,min-snr"
 METHODS_HELP = ("Comma-separated names of registered noise sources{names}. uniform, the paired baseline, "
                 "always runs.")
@@ -65,8 +67,20 @@ def resolve_rater(rater: Path, out_dir: Path, dataset: str) -> Path:
         raise ValueError(f"--rater: {exc}") from None
     onnx_path = out_dir / "rater.onnx"
     export_rater(model, onnx_path, dataset=info.get("dataset") or dataset, schedule=info.get("schedule", ""),
+                 objective=info.get("objective") or "eps", meta_objective=info.get("meta_objective", ""),
                  provenance={"checkpoint": str(source), **(info.get("provenance") or {})})
     return onnx_path
+
+
+def parse_nfe(text: str) -> tuple[int, ...]:
+    """--nfe: "1,2,4" -> (1, 2, 4); '' -> no sweep."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--nfe: expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise ValueError("--nfe: every number of function evaluations must be >= 1")
+    return values
 
 
 def cell(summary: dict, paired: dict | None, seeds: int) -> str:
@@ -95,16 +109,35 @@ def bench_train(
     seeds: int = typer.Option(3, min=1, help="Number of seeds (0..N-1), paired across methods."),
     steps: int = typer.Option(3000, min=1, help="Training steps per run (the same for every method)."),
     rater: Path | None = typer.Option(None, help="Rater run folder (rater.pt) or exported MODEL.onnx."),
-    out: Path = typer.Option(..., help="Output folder for report.md, report.json, details.json, curves.png."),
-    k: int = typer.Option(8, min=1, help="Candidates per sample for the rater rules and immiscible-knn."),
+    out: Path = typer.Option(..., help="Output folder for report.md, report.json, details.json, curves.png, and "
+                             "runs.jsonl (each run as it finishes)."),
+    k: int = typer.Option(8, min=1, help="Candidates per sample for the rater rules, immiscible-knn and "
+                         "model-aligned."),
     temperature: float = typer.Option(1.0, help="Softmax temperature of rater-sample."),
     kanneal_end: float = typer.Option(0.5, help="rater-kanneal: fraction of the run at which K reaches 1."),
+    ot_reg: float = typer.Option(0.05, "--ot-reg", min=0.0, help="ot-sinkhorn: entropic regularisation relative "
+                                 "to the mean squared distance (0: exact OT; larger: weaker coupling, towards "
+                                 "independent noise)."),
+    ot_subbatch: int = typer.Option(0, "--ot-subbatch", min=0, help="ot-subbatch: exact OT within sub-batches of "
+                                    "this many samples (1: independent noise; 0: the whole batch, as ot)."),
     batch_size: int = typer.Option(128, min=1),
     lr: float = typer.Option(1e-3),
     denoiser: Denoiser = typer.Option(Denoiser.auto, help="The denoiser trained per method and seed (auto: "
                                       "unet for images, mlp otherwise)."),
-    sample_steps: int | None = typer.Option(None, help="DDPM steps when sampling for frechet/swd (default all T)."),
-    no_quality: bool = typer.Option(False, "--no-quality", help="Skip sampling (no frechet / swd)."),
+    objective: Objective = typer.Option(Objective.eps, "--objective", help="eps: VP DDPM with eps-prediction; "
+                                        "flow: the linear interpolant with velocity prediction."),
+    nfe: str = typer.Option("1,2,4,8,16,32", "--nfe", help="The few-step sweep: numbers of function evaluations "
+                            "of the deterministic sampler (frechet@N, swd@N, straightness@N); '' for none."),
+    reference_nfe: int = typer.Option(100, "--reference-nfe", min=2, help="The sweep's high-NFE reference."),
+    sampler: str = typer.Option("", "--sampler", help="The sweep's sampler: ddim (eps) or euler / heun (flow); "
+                                "default the objective's deterministic one."),
+    sweep_count: int = typer.Option(2000, "--sweep-count", min=2, help="Starting noises of the sweep (the same "
+                                    "for every method and seed)."),
+    sample_steps: int | None = typer.Option(None, help="Also measure frechet/swd of ancestral DDPM samples with "
+                                            "this many steps against the training split (eps only)."),
+    eval_every: int = typer.Option(0, "--eval-every", min=0, help="Steps between points of the curves (0: about "
+                                   "20 points)."),
+    no_quality: bool = typer.Option(False, "--no-quality", help="Skip sampling (no frechet / swd / sweep)."),
     threads: int = typer.Option(0, help="torch threads per training (0: torch's default)."),
     jobs: int = typer.Option(1, min=1, help="Trainings run at once in worker processes (results are identical)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (progress stays on stderr)."),
@@ -128,9 +161,13 @@ def bench_train(
         data = load_dataset(dataset, key=key, value_range=data_range, layout=value(layout))
         out.mkdir(parents=True, exist_ok=True)
         onnx_path = resolve_rater(rater, out, dataset) if any(needs_rater(m) for m in method_list) else None
+        sweep = () if no_quality else parse_nfe(nfe)
         cfg = Stage2Config(steps=steps, batch_size=batch_size, lr=lr, k=k, temperature=temperature,
-                           kanneal_end=kanneal_end, denoiser=value(denoiser), sample_steps=sample_steps,
-                           quality=not no_quality)
+                           kanneal_end=kanneal_end, ot_reg=ot_reg, ot_subbatch=ot_subbatch,
+                           denoiser=value(denoiser), sample_steps=sample_steps,
+                           quality=not no_quality and sample_steps is not None, objective=value(objective),
+                           nfe=sweep, reference_nfe=reference_nfe, sampler=sampler, sweep_count=sweep_count,
+                           eval_every=eval_every)
         if onnx_path is not None:  # train on the diffusion process the rater was meta-learned on
             cfg.num_timesteps, schedule = rater_schedule(onnx_path)
             cfg.schedule = schedule or cfg.schedule
@@ -139,8 +176,13 @@ def bench_train(
         with progress_bar() as bar:
             task = bar.add_task("bench train", total=total, status="")
 
+            runs_log = out / RUNS_LOG
+            runs_log.write_text("")
+
             def on_run(result) -> None:
                 bar.update(task, status=f"{result.method} seed {result.seed}: val {result.metrics['val_loss']:.4f}")
+                with runs_log.open("a") as log:  # every finished run at once, so an interrupted bench keeps them
+                    log.write(json.dumps(result.to_dict()) + "\n")
 
             runs = run_bench(data, method_list, range(seeds), steps, rater_onnx=onnx_path, config=cfg,
                              progress=lambda n: bar.advance(task, n), on_run=on_run, jobs=jobs, plugins=plugin)
@@ -152,7 +194,7 @@ def bench_train(
         emit_json({"out": str(out), "report": report, "paired_vs_uniform": details["paired_vs_uniform"],
                    "goal_met": details["goal_met"], "references": details["references"]})
         return
-    metrics = [m for m in ("val_loss", "frechet", "swd", "ms_per_step") if m in report[BASELINE]]
+    metrics = [m for m in ("val_loss", "frechet@4", "frechet", "swd", "ms_per_step") if m in report[BASELINE]]
     rows = [[m, *(cell(report[m][name], details["paired_vs_uniform"].get(m, {}).get(name), seeds)
                   for name in metrics)] for m in method_list]
     spread = "mean ± std; Δ: paired vs uniform ± SE" if seeds > 1 else "one seed: no error bars; Δ: vs uniform"

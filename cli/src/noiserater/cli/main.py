@@ -22,7 +22,8 @@ DISTRIBUTION = "noiserater-cli"
 
 # bench subcommand -> the module whose register(typer_app) adds it, in the order `nrctl bench --help` lists them
 BENCH_COMMANDS = {"train": "noiserater.cli.bench_train_cmd", "serve": "noiserater.cli.bench_serve",
-                  "serve-vs-triton": "noiserater.cli.bench_vs_triton"}
+                  "serve-vs-triton": "noiserater.cli.bench_vs_triton", "select": "noiserater.cli.bench_select",
+                  "variance": "noiserater.cli.bench_variance_cmd"}
 
 
 class LazyBenchGroup(TyperGroup):
@@ -68,7 +69,8 @@ def main(
     """NoiseRater: meta-learn a noise rater, export it, serve it, and measure whether it pays off."""
     setup_logging()
 
-bench_app = typer.Typer(help="Benchmarks that write reports (efficacy of training; serving throughput).",
+bench_app = typer.Typer(help="Benchmarks that write reports (efficacy of training; serving throughput; "
+                        "selection cost per training step; the gradient variance noise selection could remove).",
                         no_args_is_help=True, cls=LazyBenchGroup)
 app.add_typer(bench_app, name="bench")
 

@@ -1,21 +1,31 @@
 """nrctl export / deploy / unload / set-default / models / stats: from a trained rater to a served, inspected
-model, and through its lifecycle on a server (a rollback is a set-default to the previous version)."""
+model, and through its lifecycle on a server (a rollback is a set-default to the previous version).
+
+The server commands take several servers (`--server` repeated, or comma-separated): the replicas of one
+service. Each replica is asked on its own, one after another, and reported on its own: a line (or a table)
+per replica, and under `--json` a list with one object per replica, in the order given, each naming its
+`server` and holding either the answer or an `error`. A replica that fails does not stop the others; the
+command then exits 1. With one server the output is as it always was (under `--json` one object, which also
+names its `server`)."""
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from noiserater.cli.output import console, emit_json, fail, table
+from noiserater.cli.output import console, emit_json, err_console, fail, table
 
 SERVER_ENV = "NOISERATER_SERVER"
 TOKEN_ENV = "NOISERATER_TOKEN"
 DEFAULT_SERVER = "localhost:50051"
 TIMEOUT_S = 30.0
 
-ServerOpt = typer.Option(DEFAULT_SERVER, "--server", envvar=SERVER_ENV, help="Rater server HOST:PORT.")
+ServerOpt = typer.Option([DEFAULT_SERVER], "--server", envvar=SERVER_ENV,
+                         help="Rater server HOST:PORT; repeat it or separate by commas to address several replicas, "
+                              "each on its own.")
 JsonOpt = typer.Option(False, "--json", help="Print JSON for machines instead of a table.")
 TokenFileOpt = typer.Option(None, "--token-file", help="File holding the admin bearer token.",
                             exists=True, dir_okay=False)
@@ -25,8 +35,64 @@ TlsCaOpt = typer.Option(None, "--tls-ca", envvar="NOISERATER_TLS_CA", exists=Tru
                         help="PEM root certificate(s): talk TLS to the server and verify it against these.")
 
 
-def server_target(server: str | None) -> str:
-    return server or DEFAULT_SERVER
+def server_targets(servers: list[str] | str | None) -> list[str]:
+    """The servers named by --server (repeated and/or comma-separated), each once, in order; the default
+    server when none is named."""
+    if isinstance(servers, str):
+        servers = [servers]
+    targets: list[str] = []
+    for value in servers or []:
+        for part in value.split(","):
+            if part.strip() and part.strip() not in targets:
+                targets.append(part.strip())
+    return targets or [DEFAULT_SERVER]
+
+
+class ReplicaFailure(Exception):
+    """One server's failure, reported for that server while the others go on."""
+
+
+def on_each_server(targets: list[str], token: str | None, tls_ca: Path | None,
+                   ask: Callable[[Any, str], dict]) -> list[dict]:
+    """`ask(channel, target)` on every server in turn: [{"server": target, **answer}] or, for a server that
+    failed, {"server": target, "error": "..."}."""
+    import grpc
+
+    from noiserater.client.channel import ChannelError, RaterChannel
+
+    results = []
+    for target in targets:
+        try:
+            channel = RaterChannel(target, token=token, timeout_s=TIMEOUT_S, max_attempts=1,
+                                   tls_root_cert=tls_ca.read_bytes() if tls_ca is not None else None)
+        except ChannelError as exc:
+            results.append({"server": target, "error": str(exc)})
+            continue
+        try:
+            results.append({"server": target, **ask(channel, target)})
+        except grpc.RpcError as exc:
+            results.append({"server": target, "error": f"{exc.code().name}: {exc.details()}"})
+        except ReplicaFailure as exc:
+            results.append({"server": target, "error": str(exc)})
+        finally:
+            channel.close()
+    return results
+
+
+def report(results: list[dict], as_json: bool, show: Callable[[dict], None]) -> None:
+    """Print every server's result (`show` for one that answered; an error line on stderr for one that failed)
+    or, with `as_json`, the one result as an object or several as a list; exit 1 when a server failed."""
+    failed = [r for r in results if "error" in r]
+    if as_json and (len(results) > 1 or not failed):
+        emit_json(results if len(results) > 1 else results[0])
+    for result in results:
+        if "error" in result:
+            err_console.print(f"[bold red]error:[/] {result['server']}: {result['error']}", highlight=False,
+                              soft_wrap=True)
+        elif not as_json:
+            show(result)
+    if failed:
+        raise typer.Exit(1)
 
 
 def read_token(token_file: Path | None, token: str | None = None) -> str | None:
@@ -34,27 +100,6 @@ def read_token(token_file: Path | None, token: str | None = None) -> str | None:
     if token_file is not None:
         return token_file.read_text().strip()
     return token or None
-
-
-@contextlib.contextmanager
-def rater_channel(server: str | None, token: str | None = None, tls_ca: Path | None = None):
-    """A RaterChannel to the server, over TLS when `tls_ca` is given (no retries: a retried deploy could add a
-    version twice); any gRPC error inside the block becomes one line and exit code 1."""
-    import grpc
-
-    from noiserater.client.channel import ChannelError, RaterChannel
-
-    try:
-        channel = RaterChannel(server_target(server), token=token, timeout_s=TIMEOUT_S, max_attempts=1,
-                               tls_root_cert=tls_ca.read_bytes() if tls_ca is not None else None)
-    except ChannelError as exc:
-        fail(str(exc))
-    try:
-        yield channel
-    except grpc.RpcError as exc:
-        fail(f"{channel.target}: {exc.code().name}: {exc.details()}")
-    finally:
-        channel.close()
 
 
 def export(
@@ -76,6 +121,7 @@ def export(
         fail(f"cannot export: {exc}")
     try:
         report = export_rater(rater, out, dataset=info.get("dataset", ""), schedule=info.get("schedule", ""),
+                              objective=info.get("objective") or "eps", meta_objective=info.get("meta_objective", ""),
                               provenance={"checkpoint": str(checkpoint.resolve()), **info.get("provenance", {})})
     except ParityError as exc:
         fail(f"export failed the parity check: {exc}")
@@ -90,6 +136,7 @@ def export(
     table(f"exported {out}", ["field", "value"], [
         ["data shape", report.metadata["noiserater.data_shape"]],
         ["timesteps", report.metadata["noiserater.num_timesteps"]],
+        ["objective", report.metadata["noiserater.objective"]],
         ["dataset", report.metadata["noiserater.dataset"] or "-"],
         ["size (bytes)", report.size_bytes],
         ["max |torch - onnx|", report.max_abs_diff],
@@ -100,19 +147,22 @@ def deploy(
     model: Path = typer.Argument(..., help="The ONNX file to deploy.", exists=True, dir_okay=False),
     name: str = typer.Option(..., "--name", help="Model name in the repository."),
     repository: Path | None = typer.Option(None, "--repository", help="Write into this model repository folder."),
-    server: str | None = typer.Option(None, "--server", envvar=SERVER_ENV, help="Upload to this rater server "
-                                      f"HOST:PORT (the default, {DEFAULT_SERVER}, unless --repository is given)."),
+    server: list[str] | None = typer.Option(None, "--server", envvar=SERVER_ENV, help="Upload to this rater server "
+                                            f"HOST:PORT (the default, {DEFAULT_SERVER}, unless --repository is "
+                                            "given); repeat it or separate by commas for several replicas."),
     version: int = typer.Option(0, "--version", help="Version number; 0 = newest + 1."),
     token_file: Path | None = TokenFileOpt,
     token: str | None = TokenOpt,
     tls_ca: Path | None = TlsCaOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Deploy an ONNX rater as a new version: into a repository folder, or hot-loaded on a server."""
+    """Deploy an ONNX rater as a new version: into a repository folder (written atomically: servers watching it
+    with --repository-poll-s load it), or hot-loaded on a server. On several servers the version the first one
+    gives it is the version deployed on the others, so every replica serves it under one number."""
     from noiserater.core import repository as repo
     from noiserater.core import scoring
 
-    if repository is not None and server is not None:
+    if repository is not None and server:
         fail("give one of --repository DIR or --server HOST:PORT, not both")
     data = model.read_bytes()
     if repository is not None:
@@ -124,23 +174,29 @@ def deploy(
         except (scoring.ScoringError, repo.RepositoryError) as exc:
             fail(f"{model}: {exc}")
         result = {"name": name, "version": version, "path": str(path)}
-    else:
-        from noiserater.core.v1 import rater_service_pb2 as pb
+        if as_json:
+            emit_json(result)
+        else:
+            typer.echo(f"deployed {name} version {version} ({path})")
+        return
+    from noiserater.core.v1 import rater_service_pb2 as pb
 
-        with rater_channel(server, read_token(token_file, token), tls_ca) as channel:
-            response = channel.call("DeployModel", pb.DeployModelRequest(name=name, version=version, onnx=data))
-        result = {"name": response.model.name, "version": response.model.version, "server": server_target(server)}
-    if as_json:
-        emit_json(result)
-    else:
-        where = result.get("path") or result["server"]
-        typer.echo(f"deployed {result['name']} version {result['version']} ({where})")
+    chosen = version
+
+    def upload(channel, target: str) -> dict:
+        nonlocal chosen
+        response = channel.call("DeployModel", pb.DeployModelRequest(name=name, version=chosen, onnx=data))
+        chosen = chosen or response.model.version
+        return {"name": response.model.name, "version": response.model.version}
+
+    results = on_each_server(server_targets(server), read_token(token_file, token), tls_ca, upload)
+    report(results, as_json, lambda r: typer.echo(f"deployed {r['name']} version {r['version']} ({r['server']})"))
 
 
 def unload(
     name: str = typer.Argument(..., help="Model name on the server."),
     version: int = typer.Option(0, "--version", help="Only this version; 0 = every version of the model."),
-    server: str = ServerOpt,
+    server: list[str] | None = ServerOpt,
     token_file: Path | None = TokenFileOpt,
     token: str | None = TokenOpt,
     tls_ca: Path | None = TlsCaOpt,
@@ -158,7 +214,7 @@ def unload(
 def set_default(
     name: str = typer.Argument(..., help="Model name on the server."),
     version: int = typer.Argument(..., help="The loaded version that requests naming no version get."),
-    server: str = ServerOpt,
+    server: list[str] | None = ServerOpt,
     token_file: Path | None = TokenFileOpt,
     token: str | None = TokenOpt,
     tls_ca: Path | None = TlsCaOpt,
@@ -172,44 +228,74 @@ def set_default(
                {"name": name, "default_version": version}, f"{name}: default version is now {version}", as_json)
 
 
-def admin_call(server: str | None, token: str | None, tls_ca: Path | None, method: str, request, result: dict,
-               done: str, as_json: bool) -> None:
-    """One admin RPC whose answer is empty, then what it did: `result` (with the server) as JSON, or the
-    `done` line."""
-    with rater_channel(server, token, tls_ca) as channel:
+def admin_call(server: list[str] | None, token: str | None, tls_ca: Path | None, method: str, request,
+               result: dict, done: str, as_json: bool) -> None:
+    """One admin RPC whose answer is empty, on every server, then what it did on each: `result` (with the
+    server) as JSON, or the `done` line."""
+
+    def call(channel, target: str) -> dict:
         channel.call(method, request)
-    if as_json:
-        emit_json({**result, "server": server_target(server)})
-    else:
-        typer.echo(f"{done} ({server_target(server)})")
+        return result
+
+    report(on_each_server(server_targets(server), token, tls_ca, call), as_json,
+           lambda r: typer.echo(f"{done} ({r['server']})"))
 
 
 def models(
-    server: str = ServerOpt,
+    server: list[str] | None = ServerOpt,
     tls_ca: Path | None = TlsCaOpt,
     repository: Path | None = typer.Option(None, "--repository", help="List a repository folder instead (each "
                                            "version is loaded to check it: ON_DISK, or INVALID with the reason)."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """List models and versions on a server (or in a repository folder)."""
+    """List models and versions on a server (or in a repository folder), each version with the objective its
+    rater was trained for (eps or flow)."""
     if repository is not None:
         rows = repository_rows(repository)
-    else:
-        from noiserater.core.v1 import rater_service_pb2 as pb
-
-        with rater_channel(server, tls_ca=tls_ca) as channel:
-            response = channel.call("ListModels", pb.ListModelsRequest())
-        rows = [{"name": m.name, "default_version": m.default_version,
-                 "versions": [{"version": v.version, "state": v.state} for v in m.versions]}
-                for m in response.models]
-    if as_json:
-        emit_json({"models": rows})
+        if as_json:
+            emit_json({"models": rows})
+        else:
+            models_table("models", rows)
         return
-    table("models", ["name", "versions", "default"], [
-        [m["name"], ", ".join(f"{v['version']} ({v['state']}{': ' + v['reason'] if v.get('reason') else ''})"
+    from noiserater.core.v1 import rater_service_pb2 as pb
+
+    def listing(channel, target: str) -> dict:
+        response = channel.call("ListModels", pb.ListModelsRequest())
+        return {"models": [{"name": m.name, "default_version": m.default_version,
+                            "versions": [{"version": v.version, "state": v.state,
+                                          "objective": _served_objective(channel, m.name, v.version)}
+                                         for v in m.versions]}
+                           for m in response.models]}
+
+    targets = server_targets(server)
+    results = on_each_server(targets, None, tls_ca, listing)
+    report(results, as_json, lambda r: models_table("models" if len(targets) == 1 else f"models on {r['server']}",
+                                                    r["models"]))
+
+
+def models_table(title: str, rows: list[dict]) -> None:
+    table(title, ["name", "versions", "default"], [
+        [m["name"], ", ".join(f"{v['version']} ({v['state']}{', ' + v['objective'] if v.get('objective') else ''}"
+                              f"{': ' + v['reason'] if v.get('reason') else ''})"
                               for v in m["versions"]), m["default_version"] or "-"]
         for m in rows
     ])
+
+
+def _served_objective(channel, name: str, version: int) -> str:
+    """The objective a served version was trained for, from its metadata ("" when it cannot be asked: a
+    version unloaded meanwhile)."""
+    import grpc
+
+    from noiserater.core import scoring
+    from noiserater.core.v1 import rater_service_pb2 as pb
+
+    try:
+        response = channel.call("GetModelMetadata",
+                                pb.GetModelMetadataRequest(model=pb.ModelRef(name=name, version=version)))
+    except grpc.RpcError:
+        return ""
+    return response.metadata.get(scoring.META_OBJECTIVE) or scoring.DEFAULT_OBJECTIVE
 
 
 def repository_rows(repository: Path) -> list[dict]:
@@ -226,8 +312,8 @@ def repository_rows(repository: Path) -> list[dict]:
         listed = []
         for version in versions:
             try:
-                RaterSession(repo.version_dir(repository, name, version) / repo.MODEL_FILE, device="cpu")
-                listed.append({"version": version, "state": "ON_DISK"})
+                session = RaterSession(repo.version_dir(repository, name, version) / repo.MODEL_FILE, device="cpu")
+                listed.append({"version": version, "state": "ON_DISK", "objective": session.info.objective})
             except (ScoringError, OSError) as exc:
                 listed.append({"version": version, "state": "INVALID", "reason": str(exc).splitlines()[0]})
         valid = [v["version"] for v in listed if v["state"] == "ON_DISK"]
@@ -239,7 +325,7 @@ def stats(
     dataset: str = typer.Option("", "--dataset", help="Only this dataset."),
     model: str = typer.Option("", "--model", help="Only this model."),
     version: int = typer.Option(0, "--version", help="Only this version (0 = all)."),
-    server: str | None = ServerOpt,
+    server: list[str] | None = ServerOpt,
     tls_ca: Path | None = TlsCaOpt,
     redis_url: str | None = typer.Option(None, "--redis-url", help="Read the statistics straight from the Redis "
                                          "the servers flush into (redis://HOST:PORT/DB); no server needed. "
@@ -252,38 +338,62 @@ def stats(
     from noiserater.cli import stats_view
     from noiserater.core.stats_layout import TIMESTEP_BUCKETS
 
-    if redis_url:
+    asked = ", ".join(f"{k} {v!r}" for k, v in (("dataset", dataset), ("model", model), ("version", version)) if v)
+    nothing = f"no statistics{' for ' + asked if asked else ''} (nothing scored yet, or a misspelt name)"
+    if redis_url:  # no server is asked
         try:
             rows = stats_view.rows_from_redis(redis_url, dataset, model, version)
         except Exception as exc:  # redis raises its own connection and URL errors
             fail(f"--redis-url {redis_url}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-    else:
-        from noiserater.core.v1 import rater_service_pb2 as pb
+        if not rows:
+            fail(nothing)
+        if plot is not None:
+            stats_view.plot(rows, plot)
+        show_stats({"buckets": rows}, as_json, "")
+        if plot is not None and not as_json:
+            console.print(f"plot: {plot}")
+        return
+    from noiserater.core.v1 import rater_service_pb2 as pb
 
+    def read(channel, target: str) -> dict:
         buckets, token = [], ""
-        with rater_channel(server, tls_ca=tls_ca) as channel:
-            while True:  # every page: the server answers at most a bounded number of buckets per call
-                response = channel.call("GetStats", pb.GetStatsRequest(dataset=dataset, model=model,
-                                                                       version=version, page_token=token))
-                buckets.extend(response.buckets)
-                token = response.next_page_token
-                if not token:
-                    break
+        while True:  # every page: the server answers at most a bounded number of buckets per call
+            response = channel.call("GetStats", pb.GetStatsRequest(dataset=dataset, model=model, version=version,
+                                                                   page_token=token))
+            buckets.extend(response.buckets)
+            token = response.next_page_token
+            if not token:
+                break
         rows = stats_view.rows_from_response(buckets)
-    if not rows:
-        asked = ", ".join(f"{k} {v!r}" for k, v in (("dataset", dataset), ("model", model), ("version", version)) if v)
-        fail(f"no statistics{' for ' + asked if asked else ''} (nothing scored yet, or a misspelt name)")
-    if plot is not None:
-        stats_view.plot(rows, plot)
+        if not rows:
+            raise ReplicaFailure(nothing)
+        return {"timestep_buckets": TIMESTEP_BUCKETS, "buckets": rows}
+
+    targets = server_targets(server)
+    results = on_each_server(targets, None, tls_ca, read)
+    answered = [r for r in results if "error" not in r]
+    if plot is not None and answered:  # the first replica's: with a shared Redis every replica reads the same
+        stats_view.plot(answered[0]["buckets"], plot)
+    try:
+        report(results, as_json, lambda r: show_stats(r, False, r["server"] if len(targets) > 1 else ""))
+    finally:
+        if plot is not None and answered and not as_json:
+            console.print(f"plot: {plot}")
+
+
+def show_stats(result: dict, as_json: bool, server: str) -> None:
+    """One statistics table (`server` named in its title when several are asked), or the JSON object."""
+    from noiserater.cli import stats_view
+    from noiserater.core.stats_layout import TIMESTEP_BUCKETS
+
+    rows = result["buckets"]
     if as_json:
         emit_json({"timestep_buckets": TIMESTEP_BUCKETS, "buckets": rows})
         return
     columns, cells, title = stats_view.TABLE_COLUMNS, stats_view.table_rows(rows), "score statistics"
     if len({r["dataset"] for r in rows}) == 1:  # one dataset: named in the title, its column left out
         columns, cells, title = columns[1:], [c[1:] for c in cells], f"score statistics of dataset {rows[0]['dataset']}"
-    table(title, columns, cells)
-    if plot is not None:
-        console.print(f"plot: {plot}")
+    table(f"{title} on {server}" if server else title, columns, cells)
 
 
 def register(app: typer.Typer) -> None:

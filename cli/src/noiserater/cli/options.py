@@ -16,10 +16,22 @@ class MetaGrad(StrEnum):
     fast = "fast"
 
 
+class MetaObjective(StrEnum):  # noiserater.trainer.stage1.train.META_OBJECTIVES
+    soft_weights = "soft-weights"
+    through_selection = "through-selection"
+    through_assignment = "through-assignment"
+    grad_norm = "grad-norm"
+
+
 class Denoiser(StrEnum):
     auto = "auto"
     mlp = "mlp"
     unet = "unet"
+
+
+class Objective(StrEnum):  # noiserater.trainer.substrate.diffusion.OBJECTIVES
+    eps = "eps"
+    flow = "flow"
 
 
 class Transport(StrEnum):  # noiserater.client.transports.TRANSPORTS

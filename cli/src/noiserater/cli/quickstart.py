@@ -1,9 +1,10 @@
 """nrctl quickstart: the whole pipeline on the built-in digits data, end to end, in a few minutes.
 
 train-rater (short) -> export -> rater-server (a real subprocess on a free port) -> deploy over gRPC ->
-stage-2 training through the remote selector next to plain Gaussian noise -> a printed comparison and the
-server's score statistics. Everything lands in --workdir. The server is the installed `rater-server`
-console script, started as a user would start it.
+stage-2 training through the remote selector (prefetching: each step's selection travels while the step
+before trains) next to plain Gaussian noise -> a printed comparison and the server's score statistics.
+Everything lands in --workdir. The server is the installed `rater-server` console script, started as a user
+would start it.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def quickstart(
     rater, info = load_rater(work / "run" / "rater.pt")
     onnx_path = work / "digits.onnx"
     report = export_rater(rater, onnx_path, dataset="digits", schedule=info.get("schedule", ""),
-                          provenance=info.get("provenance", {}))
+                          objective=info.get("objective") or "eps", provenance=info.get("provenance", {}))
     say(f"    parity with torch: max |diff| = {report.max_abs_diff:.2e}")
 
     repository = work / "models"
@@ -85,7 +86,7 @@ def quickstart(
             say(f"    {target}: deployed digits version {deployed.version}")
 
             say(f"[bold]4/5 stage 2[/] {train_steps} steps each: uniform Gaussian noise vs the served rater "
-                f"(argmax of K={k}, remote selector)")
+                f"(argmax of K={k}, remote selector, each step's selection started during the step before)")
             data = load_dataset("digits", seed=seed)
             cfg = Stage2Config(steps=train_steps, k=k)
             context = EvalContext.build(data, cfg)

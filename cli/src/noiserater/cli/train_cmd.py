@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from noiserater.cli.options import Device, Layout, LogWith, MetaGrad, value
+from noiserater.cli.options import Device, Layout, LogWith, MetaGrad, MetaObjective, Objective, value
 from noiserater.cli.output import emit_json, err_console, fail, progress_bar, set_torch_threads, table
 
 
@@ -40,8 +40,22 @@ def train_rater(
     candidate_group: int = typer.Option(None, "--candidate-group", help="G: noises per (x0, t) in a train batch, "
                                         "weights softmaxed within each group (1: over the batch).",
                                         show_default="1"),
-    tau: float = typer.Option(None, "--tau", help="Softmax temperature of the soft weights.",
-                              show_default="1"),
+    tau: float = typer.Option(None, "--tau", help="Softmax temperature of the soft weights (through-selection: "
+                              "of the selection).", show_default="1"),
+    objective: Objective = typer.Option(None, "--objective", help="What the inner denoisers predict: eps (VP "
+                                        "DDPM) or flow (linear interpolant, velocity eps - x0).",
+                                        show_default="eps, or the run's"),
+    meta_objective: MetaObjective = typer.Option(None, "--meta-objective", help="What the rater learns: "
+                                                 "soft-weights (one virtual step, weighted loss), "
+                                                 "through-selection (H real steps on its Gumbel-softmax "
+                                                 "picks), through-assignment (the same through the batch's "
+                                                 "assignment) or grad-norm (log per-sample gradient norm, for "
+                                                 "importance-weighted selection).",
+                                                 show_default="soft-weights, or the run's"),
+    selection_candidates: int = typer.Option(None, "--selection-candidates", help="through-selection: K "
+                                             "candidate noises per sample.", show_default="8"),
+    selection_horizon: int = typer.Option(None, "--selection-horizon", help="through-selection/-assignment: H "
+                                          "differentiable Adam steps per meta step.", show_default="4"),
     device: Device = typer.Option(Device.auto, "--device", help="Where torch trains."),
     log_with: LogWith = typer.Option(LogWith.none, "--log-with", help="Also log the metrics to this tracker "
                                      "(tensorboard: RUN_DIR/tensorboard; needs the tensorboard package)."),
@@ -59,7 +73,9 @@ def train_rater(
         fail("train-rater: give at most one of --resume and --overwrite")
     given = {"dataset": dataset, "data_key": key, "data_range": data_range, "data_layout": value(layout),
              "steps": steps, "inner_steps": inner_steps, "population": population, "meta_grad": value(meta_grad),
-             "seed": seed, "candidate_group": candidate_group, "tau": tau, "device": value(device)}
+             "seed": seed, "candidate_group": candidate_group, "tau": tau, "device": value(device),
+             "objective": value(objective), "meta_objective": value(meta_objective),
+             "selection_candidates": selection_candidates, "selection_horizon": selection_horizon}
     given = {k: v for k, v in given.items() if v is not None}
     rank = int(os.environ.get("RANK", "0"))
     set_torch_threads()
@@ -72,13 +88,18 @@ def train_rater(
         if bar is None:  # created at the first step, so an early error stays a single line
             err_console.print(f"train-rater: dataset={cfg.dataset} out={out} steps={total} U={cfg.inner_steps} "
                               f"P={cfg.population} meta-grad={cfg.meta_grad} seed={cfg.seed} device={cfg.device} "
-                              f"threads={torch.get_num_threads()}", highlight=False, soft_wrap=True)
+                              f"threads={torch.get_num_threads()}{_objectives(cfg)}", highlight=False,
+                              soft_wrap=True)
             bar = progress_bar()
             bar.start()
             task = bar.add_task("meta steps", total=total, completed=step - 1, status="")
         if "outer_loss_learned" in row:  # the logged comparison; other steps keep the last one shown
+            spread = (f" w_std {row['weight_std']:.2f}" if "weight_std" in row else
+                      f" entropy {row['choice_entropy']:.2f}" if "choice_entropy" in row else "")
             bar.update(task, status=f"uniform-learned {row['outer_loss_uniform'] - row['outer_loss_learned']:+.2e}"
-                                    f" w_std {row['weight_std']:.2f}")
+                                    f"{spread}")
+        elif "grad_norm_corr" in row:
+            bar.update(task, status=f"log-grad-norm mse {row['grad_norm_mse']:.3f} corr {row['grad_norm_corr']:+.2f}")
         bar.update(task, completed=step)
 
     try:
@@ -100,6 +121,21 @@ def train_rater(
         emit_json(summary)
         return
     table("train-rater", ["field", "value"], [(k, v) for k, v in summary.items()])
+
+
+def _objectives(cfg) -> str:
+    """The objectives on the start line, only where they are not the defaults (so a default run's line is as
+    it always was)."""
+    parts = []
+    if cfg.objective != "eps":
+        parts.append(f" objective={cfg.objective}")
+    if cfg.meta_objective != "soft-weights":
+        parts.append(f" meta-objective={cfg.meta_objective}")
+        if cfg.meta_objective == "through-selection":
+            parts.append(f" K={cfg.selection_candidates} H={cfg.selection_horizon}")
+        if cfg.meta_objective == "through-assignment":
+            parts.append(f" H={cfg.selection_horizon}")
+    return "".join(parts)
 
 
 def register(app: typer.Typer) -> None:

@@ -14,6 +14,7 @@ A remote failure is one of two kinds (`remote_failure`):
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,11 +74,13 @@ def remote_failure(exc: grpc.RpcError | RemoteError, target: str, model: str) ->
 
 @dataclass(frozen=True)
 class Expectation:
-    """What the job expects of the model's data shape and timestep count; `source` says where it comes from."""
+    """What the job expects of the model's data shape, timestep count and training objective (None: anything);
+    `source` says where it comes from."""
 
     source: str
     data_shape: tuple[int, ...] | None = None
     num_timesteps: int | None = None
+    objective: str | None = None
 
     def check(self, info: scoring.RaterInfo, what: str) -> None:
         if self.data_shape is not None and tuple(self.data_shape) != tuple(info.data_shape):
@@ -86,14 +89,24 @@ class Expectation:
         if self.num_timesteps is not None and self.num_timesteps != info.num_timesteps:
             raise SelectorError(f"num_timesteps: {what} has {info.num_timesteps} timesteps, "
                                 f"not {self.num_timesteps} as {self.source} expects")
+        if self.objective is not None and self.objective != info.objective:
+            expected = scoring.TIME_CONVENTIONS.get(self.objective)
+            raise SelectorError(f"objective: {what} was trained for the {info.objective} objective "
+                                f"({info.time_convention}), not {self.objective}"
+                                f"{f' ({expected})' if expected else ''} as {self.source} expects; use a rater "
+                                f"trained with `nrctl train-rater --objective {self.objective}`")
 
 
 class LocalBackend:
+    """Scores in this process. onnxruntime's threads do not spin between selections: the training step that
+    runs between them needs the cores."""
+
     def __init__(self, onnx_path: str | Path, device: str = "cpu", intra_op_threads: int = 0):
         path = Path(onnx_path)
         if not path.is_file():
             raise SelectorError(f"rater file not found: {path}")
-        self.session = scoring.RaterSession(path, device=device, intra_op_threads=intra_op_threads)
+        self.session = scoring.RaterSession(path, device=device, intra_op_threads=intra_op_threads,
+                                            allow_spinning=False)
         self.version = 0
 
     def choose(self, plan: SelectionPlan, x0, t, candidates, seed) -> np.ndarray:
@@ -127,6 +140,7 @@ class RemoteBackend:
         self.info: scoring.RaterInfo | None = None
         self.problem: SelectorError | None = None  # a mistake the probe found, raised by the next selection
         self.requests = self.served = self.outages = 0
+        self._counts_lock = threading.Lock()  # selections may run on several threads at once
         self.breaker = CircuitBreaker(self._probe, channel.target, breaker_failures, probe_interval_s)
         try:
             self._connect()
@@ -219,28 +233,26 @@ class RemoteBackend:
             raise self.problem
         if self.breaker.is_open:
             raise ServerOutage(self.outage)
-        request = self._pb.SelectNoiseRequest(
-            model=self.model_ref,
-            dataset=self.dataset,
-            x0=codec.encode(x0),
-            t=codec.encode(t),
-            candidates=codec.encode(candidates),
-            keep=plan.keep,
-            rule=plan.rule.to_proto(),
-            temperature=plan.temperature,
-            seed=seed,
-        )
-        self.requests += 1
+        request = self._pb.SelectNoiseRequest(model=self.model_ref, dataset=self.dataset, keep=plan.keep,
+                                              rule=plan.rule.to_proto(), temperature=plan.temperature, seed=seed)
+        # Filled in place: a Tensor message built first would be copied, bytes and all, into the request.
+        codec.encode_into(request.x0, x0)
+        codec.encode_into(request.t, t)
+        codec.encode_into(request.candidates, candidates)
+        with self._counts_lock:
+            self.requests += 1
         try:
             response = self.transport.select(request, self.channel.timeout_s)
         except (grpc.RpcError, RemoteError) as exc:
             failure = self._failure(exc)
             if isinstance(failure, ServerOutage):
-                self.outages += 1
+                with self._counts_lock:
+                    self.outages += 1
                 self.breaker.failed(str(failure))
             raise failure from None
         self.breaker.succeeded()
-        self.served += 1
+        with self._counts_lock:
+            self.served += 1
         self.version = response.model.version
         return np.array(codec.decode(response.indices, "indices"))
 
@@ -253,7 +265,9 @@ class RemoteBackend:
     def counts(self) -> dict[str, int]:
         """Selections sent to the server (`requests`), answered (`served`), failed by an outage (`outages`),
         and the breaker's state: `breaker_open` (1 while open), `breaker_trips`, `probes`."""
-        return {"requests": self.requests, "served": self.served, "outages": self.outages, **self.breaker.counts()}
+        with self._counts_lock:
+            mine = {"requests": self.requests, "served": self.served, "outages": self.outages}
+        return {**mine, **self.breaker.counts()}
 
     def health(self) -> dict[str, Any]:
         breaker = self.breaker

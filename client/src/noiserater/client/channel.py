@@ -9,8 +9,10 @@ builds its channel here, so the pieces that must agree are written once:
 - the message size limit (both directions), TLS (a PEM root certificate) and the bearer token, sent as
   `authorization: Bearer <token>` metadata on every call;
 - retries: with `max_attempts` >= 2, gRPC retries UNAVAILABLE on the RaterService's unary calls with
-  exponential backoff (0.05 s doubling up to 1 s); `max_attempts=1` turns retries off. SelectNoiseStream
-  is not retried by gRPC: the stream transport retries it itself;
+  exponential backoff (0.05 s doubling up to 1 s), also a call in flight on a server that dies (on another
+  address, round_robin picking a connected one): the whole request is kept for that, up to the message size
+  limit; `max_attempts=1` turns retries off. SelectNoiseStream is not retried by gRPC: the stream transport
+  retries it itself;
 - the default deadline `timeout_s` of `call`;
 - reconnection: after a failed connection attempt gRPC waits 0.1 s, growing to at most 0.5 s (its own
   default grows to 120 s), so a client is back within about half a second of a server's return however
@@ -140,7 +142,9 @@ class RaterChannel:
         ]
         config = service_config(max_attempts, round_robin or len(addresses) > 1)
         if max_attempts >= 2:
-            self.options.append(("grpc.enable_retries", 1))
+            # gRPC retries a call only while it still holds the whole request, by default 256 KiB of it: a
+            # selection larger than that, in flight on a replica that dies, would fail instead of moving on.
+            self.options += [("grpc.enable_retries", 1), ("grpc.per_rpc_retry_buffer_size", max_message_bytes)]
         if config:
             self.options.append(("grpc.service_config", json.dumps(config)))
         self._channel: grpc.Channel | None = None

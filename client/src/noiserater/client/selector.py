@@ -31,8 +31,9 @@ and call the selector's call count from 0. Either way it differs between ranks a
 The remote selector fails closed on mistakes and falls back on outages (`noiserater.client.backends`):
 - a mistake raises SelectorError, at construction where it can be found there: `remote` asks the server
   for the model's metadata, so a typo in the model name, a wrong or missing token, a TLS mismatch, or a
-  model whose data shape or timestep count differs from `data_shape=` / `num_timesteps=` (or from the
-  fallback rater's) raises before training starts; a selection whose x0 does not have the model's shape
+  model whose data shape, timestep count or objective differs from `data_shape=` / `num_timesteps=` /
+  `objective=` (or from the fallback rater's) raises before training starts (`local(objective=)` checks
+  its rater file the same way); a selection whose x0 does not have the model's shape
   raises even while the server is down;
 - an outage (the server down, unreachable, draining, overloaded, too slow for the deadline) never
   stalls training: each selection has a deadline, UNAVAILABLE is retried with backoff, and then the
@@ -120,6 +121,14 @@ def _like(eps: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _gather(candidates: torch.Tensor, chosen: np.ndarray) -> torch.Tensor:
+    """candidates[b, chosen[b]] for every b, as one index_select over the [B * K, ...] rows (a copy of the
+    same values, cheaper than advanced indexing with two index tensors)."""
+    batch, num = candidates.shape[:2]
+    rows = torch.from_numpy(chosen).to(candidates.device) + torch.arange(0, batch * num, num, device=candidates.device)
+    return candidates.reshape(batch * num, *candidates.shape[2:]).index_select(0, rows)
+
+
 def distributed_rank() -> int | None:
     """This process's rank when torch.distributed is initialised, else None."""
     dist = torch.distributed
@@ -143,6 +152,11 @@ def default_generator(device: torch.device | str) -> torch.Generator:
     if device.type == "cuda":
         return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
     raise SelectorError(f"device: no global generator known for {device}; give generator= or seed=")
+
+
+def _check_objective(objective: str | None) -> None:
+    if objective is not None and objective not in scoring.OBJECTIVES:
+        raise SelectorError(f"objective: {objective!r} is not one of {', '.join(scoring.OBJECTIVES)}")
 
 
 def _check_batch(x0: torch.Tensor, t: torch.Tensor) -> None:
@@ -179,7 +193,8 @@ class NoiseSelector:
         self._counts = {"selections": 0, "fallback_local": 0, "fallback_gaussian": 0}
         self._unreported = 0
         self._reported_at = -LOG_EVERY_S
-        self.last_stats: dict[str, float] = {}
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # the last selection's (eps, x0)
+        self._last_stats: dict[str, float] | None = None
         self._generators: dict[str, torch.Generator] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._pending: tuple[int, int, Future] | None = None
@@ -190,12 +205,18 @@ class NoiseSelector:
     @_accepts_k
     def local(cls, onnx_path: str | Path, num_candidates: int = 8, rule: str = "argmax", temperature: float = 1.0,
               seed: int | None = None, device: str = "cpu", intra_op_threads: int = 0, *,
-              generator: torch.Generator | None = None, rank_distinct: bool = True) -> NoiseSelector:
+              generator: torch.Generator | None = None, rank_distinct: bool = True,
+              objective: str | None = None) -> NoiseSelector:
         """Score in-process with onnxruntime (`device` picks its execution provider; `intra_op_threads`
         0 = onnxruntime's default pool, 1 = no pool, which is faster for small raters on a busy CPU).
-        `seed`, `generator`, `rank_distinct`: where the candidates come from (see the module doc)."""
-        return cls(LocalBackend(onnx_path, device, intra_op_threads), num_candidates, rule, temperature, seed,
-                   generator=generator, rank_distinct=rank_distinct)
+        `seed`, `generator`, `rank_distinct`: where the candidates come from (see the module doc).
+        `objective` ("eps" or "flow"), when given, must be the one the rater was trained for (a rater file
+        that names none is an eps rater); SelectorError otherwise."""
+        _check_objective(objective)
+        backend = LocalBackend(onnx_path, device, intra_op_threads)
+        Expectation("the job", objective=objective).check(backend.session.info, f"the rater {onnx_path}")
+        return cls(backend, num_candidates, rule, temperature, seed, generator=generator,
+                   rank_distinct=rank_distinct)
 
     @classmethod
     @_accepts_k
@@ -206,7 +227,7 @@ class NoiseSelector:
                transport: str = "stream", data_shape: int | Sequence[int] | None = None,
                num_timesteps: int | None = None, connect_timeout_s: float = 2.0,
                breaker_failures: int = 2, generator: torch.Generator | None = None,
-               rank_distinct: bool = True) -> NoiseSelector:
+               rank_distinct: bool = True, objective: str | None = None) -> NoiseSelector:
         """Ask the rater server at `target` (one channel, kept open; several addresses, as a list or
         comma-separated, are balanced with gRPC's round_robin, see `noiserater.client.channel`). `version` 0
         = the server's default. `transport` "stream" sends every selection over one SelectNoiseStream
@@ -215,8 +236,9 @@ class NoiseSelector:
         call per selection, each balanced.
 
         Construction asks the server for the model within `connect_timeout_s` and raises SelectorError on
-        a mistake (see the module doc); `data_shape` (x0's shape without the batch axis) and
-        `num_timesteps`, when given, must be the model's. `breaker_failures` outage failures in a row open
+        a mistake (see the module doc); `data_shape` (x0's shape without the batch axis),
+        `num_timesteps` and `objective` ("eps" or "flow": what the job's model predicts; a rater that names
+        none is an eps rater), when given, must be the model's. `breaker_failures` outage failures in a row open
         the circuit breaker. `seed`, `generator`, `rank_distinct`: where the candidates come from (see the
         module doc)."""
         from noiserater.client.channel import ChannelError, RaterChannel
@@ -226,16 +248,17 @@ class NoiseSelector:
             raise SelectorError(f"transport: {transport!r} is not one of {', '.join(TRANSPORTS)}")
         if breaker_failures < 1:
             raise SelectorError(f"breaker_failures: must be >= 1, got {breaker_failures}")
+        _check_objective(objective)
         if isinstance(data_shape, int):
             data_shape = (data_shape,)
         job = Expectation("the job", None if data_shape is None else tuple(int(d) for d in data_shape),
-                          num_timesteps)
+                          num_timesteps, objective)
         fallback = LocalBackend(fallback_onnx) if fallback_onnx is not None else None
         expect = [job]
         if fallback is not None:
             job.check(fallback.session.info, f"the fallback_onnx rater {fallback_onnx}")
             info = fallback.session.info
-            expect.append(Expectation("the fallback_onnx rater", info.data_shape, info.num_timesteps))
+            expect.append(Expectation("the fallback_onnx rater", info.data_shape, info.num_timesteps, info.objective))
         try:
             # The unary transport retries UNAVAILABLE at least once (gRPC's retry policy needs two attempts).
             channel = RaterChannel(target, token=token, tls_root_cert=tls_root_cert, timeout_s=timeout_s,
@@ -293,15 +316,20 @@ class NoiseSelector:
         return {**state, "fallback": fallback, "counters": self.counters}
 
     @property
+    def is_remote(self) -> bool:
+        """Whether selections go to a rater server (`NoiseSelector.remote`)."""
+        return isinstance(self.backend, RemoteBackend)
+
+    @property
     def session(self) -> scoring.RaterSession | None:
         """The in-process onnxruntime session (None for a remote selector)."""
         return getattr(self.backend, "session", None)
 
     @property
     def info(self) -> scoring.RaterInfo | None:
-        """What the rater says about itself (`data_shape`, `num_timesteps`, `dataset`, `schedule`): the local
-        rater's; for a remote selector the server model's once checked, else the fallback rater's, else None;
-        None for a peer."""
+        """What the rater says about itself (`data_shape`, `num_timesteps`, `dataset`, `schedule`,
+        `objective`): the local rater's; for a remote selector the server model's once checked, else the
+        fallback rater's, else None; None for a peer."""
         session = self.session
         if session is not None:
             return session.info
@@ -412,15 +440,23 @@ class NoiseSelector:
             perm = torch.from_numpy(indices[:, 0]).to(candidates.device)
             eps = candidates[:, 0][perm]
         else:
-            idx = torch.from_numpy(indices[:, 0]).to(candidates.device)
-            eps = candidates[torch.arange(candidates.shape[0], device=candidates.device), idx]
+            eps = _gather(candidates, indices[:, 0])
         return self._count(_like(eps, x0), x0)
 
     def _count(self, eps: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         with self._lock:
             self._counts["selections"] += 1
-        self.last_stats = selection_stats(eps, x0)
+        self._last, self._last_stats = (eps, x0), None
         return eps
+
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """`selection_stats` of the last selection (empty before the first). Computed when first read, so a
+        training loop that never reads it pays nothing (and, on a GPU, waits for nothing); read from the
+        selection's own tensors, so edits made to them in place before the read show in it."""
+        if self._last_stats is None:
+            self._last_stats = selection_stats(*self._last) if self._last is not None else {}
+        return self._last_stats
 
     @_accepts_k
     def select(self, x0: torch.Tensor, t: torch.Tensor | Sequence[int], *,

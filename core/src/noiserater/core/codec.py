@@ -50,14 +50,29 @@ def to_numpy(array: Any) -> np.ndarray:
     return np.asarray(array)
 
 
-def encode(array: Any) -> tensor_pb2.Tensor:
-    """Encode a numpy array or torch tensor (float32, float16, int64, int32)."""
+def _wire(array: Any) -> tuple[int, tuple[int, ...], bytes]:
     arr = to_numpy(array)
     wire = _WIRE_DTYPES.get((arr.dtype.kind, arr.dtype.itemsize))
     if wire is None:
         raise CodecError("tensor", f"dtype {arr.dtype} is not supported (float32, float16, int64, int32)")
     little = arr.astype(NUMPY_DTYPES[wire], copy=False)
-    return tensor_pb2.Tensor(dtype=wire, shape=list(arr.shape), data=np.ascontiguousarray(little).tobytes())
+    return wire, arr.shape, np.ascontiguousarray(little).tobytes()
+
+
+def encode(array: Any) -> tensor_pb2.Tensor:
+    """Encode a numpy array or torch tensor (float32, float16, int64, int32)."""
+    wire, shape, data = _wire(array)
+    return tensor_pb2.Tensor(dtype=wire, shape=shape, data=data)
+
+
+def encode_into(tensor: tensor_pb2.Tensor, array: Any) -> tensor_pb2.Tensor:
+    """`encode` into the (empty) Tensor field of a message, `encode_into(request.x0, x0)`: one copy of the
+    data fewer than assigning an encoded Tensor, which copies it into the message."""
+    wire, shape, data = _wire(array)
+    tensor.dtype = wire
+    tensor.shape.extend(shape)
+    tensor.data = data
+    return tensor
 
 
 def check_shape(field: str, dims: Any, itemsize: int) -> tuple[int, ...]:

@@ -25,7 +25,20 @@ META_DATASET = "noiserater.dataset"
 META_PROVENANCE = "noiserater.provenance"  # JSON object
 META_EXPORTED_AT = "noiserater.exported_at"
 META_FORMAT = "noiserater.format"
+META_OBJECTIVE = "noiserater.objective"  # what the rater's denoisers predicted: "eps" or "flow"
+META_TIME_CONVENTION = "noiserater.time_convention"  # what the integer t means for that objective
+META_META_OBJECTIVE = "noiserater.meta_objective"  # how stage 1 trained the rater (what its score means)
 FORMAT_VERSION = "1"
+
+# The objectives a rater can be trained for, each with the meaning of its timestep t in [0, T). A rater file
+# without META_OBJECTIVE predates the flow objective and was trained for "eps".
+OBJECTIVE_EPS, OBJECTIVE_FLOW = "eps", "flow"
+OBJECTIVES = (OBJECTIVE_EPS, OBJECTIVE_FLOW)
+DEFAULT_OBJECTIVE = OBJECTIVE_EPS
+TIME_CONVENTIONS = {
+    OBJECTIVE_EPS: "vp-ddpm: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t in [0, T), eps predicted",
+    OBJECTIVE_FLOW: "linear: s = (t + 1) / T, x_t = (1 - s) x0 + s eps, t in [0, T), v = eps - x0 predicted",
+}
 
 
 class ScoringError(ValueError):
@@ -41,6 +54,22 @@ class RaterInfo:
     dataset: str = ""
     schedule: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
+    objective: str = DEFAULT_OBJECTIVE  # "eps" or "flow" (see TIME_CONVENTIONS); "eps" for older files
+
+    @property
+    def time_convention(self) -> str:
+        """What t means: the file's META_TIME_CONVENTION, else the one of its objective."""
+        return self.metadata.get(META_TIME_CONVENTION) or TIME_CONVENTIONS.get(self.objective, "")
+
+    @property
+    def meta_objective(self) -> str:
+        """How stage 1 trained the rater ("" when the file does not say: the soft-weights objective)."""
+        return self.metadata.get(META_META_OBJECTIVE, "")
+
+    def reported_metadata(self) -> dict[str, str]:
+        """The file's metadata with the objective and its time convention always present (an older file
+        that names neither is reported as the eps rater it is)."""
+        return {**self.metadata, META_OBJECTIVE: self.objective, META_TIME_CONVENTION: self.time_convention}
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, str]) -> RaterInfo:
@@ -58,6 +87,7 @@ class RaterInfo:
             dataset=metadata.get(META_DATASET, ""),
             schedule=metadata.get(META_SCHEDULE, ""),
             metadata=dict(metadata),
+            objective=metadata.get(META_OBJECTIVE) or DEFAULT_OBJECTIVE,
         )
 
 
@@ -188,15 +218,20 @@ class RaterSession:
     """An onnxruntime session over an exported rater: validated signature, metadata, `score()`.
 
     `device`: "cpu", "cuda" (DeviceUnavailableError when no GPU can be used) or "auto" (see
-    `default_providers`); `provider` is the execution provider the session runs on.
+    `default_providers`); `provider` is the execution provider the session runs on. `allow_spinning`: whether
+    onnxruntime's intra-op threads (when there are several) spin on a core between runs, waiting for the next
+    one (onnxruntime's default; lower latency for a server) or sleep (better next to other work, such as the
+    training step of the process that selects). Neither changes a score.
     """
 
     def __init__(self, model: bytes | str | Path, device: str = "auto", intra_op_threads: int = 0,
-                 graph_optimization: str = "all"):
+                 graph_optimization: str = "all", allow_spinning: bool = True):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
+        if not allow_spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

@@ -29,6 +29,7 @@ from noiserater.server.service_kserve import InferenceServicer
 from noiserater.server.service_v1 import RaterServicer
 from noiserater.server.stats import MemoryStatsStore, RedisStatsStore, StatsRecorder
 from noiserater.server.tls import check_server_pair
+from noiserater.server.watch import RepositoryWatcher
 from noiserater.server.workers import ADMIN_REFUSED
 
 log = logging.getLogger("rater-server")
@@ -111,6 +112,7 @@ class RaterServer:
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="onnxruntime")
         self.registry = ModelRegistry(config, self.executor, self.metrics)
         self.recorder: StatsRecorder | None = None
+        self.watcher = RepositoryWatcher(self.registry, config.repository_poll_s) if config.repository_poll_s else None
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -129,6 +131,8 @@ class RaterServer:
             check_port_free(config.host, config.port)
         store = RedisStatsStore(config.redis_url, config.stats_ttl_s) if config.redis_url else MemoryStatsStore()
         self.recorder = StatsRecorder(store, self.metrics, config.stats_flush_s, max_datasets=config.max_datasets)
+        if self.watcher is not None:
+            await self.watcher.baseline()  # before the load: what is written meanwhile is seen by the first poll
         self.load_problems = await self.registry.load_repository()
         interceptors: list[grpc.aio.ServerInterceptor] = []
         token = read_token(config.auth_token_file) if config.auth_token_file else None
@@ -172,6 +176,10 @@ class RaterServer:
                 raise ConfigError(f"--metrics-port: cannot bind {config.host}:{config.metrics_port} "
                                   f"({exc.strerror or exc})") from None
         self.recorder.start()
+        if config.redis_url:
+            log.info("statistics: flushing into Redis as replica %s", self.recorder.replica_id)
+        if self.watcher is not None:
+            self.watcher.start()
         if serving:
             await self.set_serving()
         return self.port
@@ -200,6 +208,8 @@ class RaterServer:
         if self.server is not None:
             # At least a moment for the calls held while the stop begins, even when the grace period is spent.
             await self.runtime.stop_grpc(self.server.stop(max(HELD_CALLS_S, deadline - loop.time())))
+        if self.watcher is not None:
+            await self.watcher.close()
         await self.registry.close(grace)
         if self.recorder is not None:
             await self.recorder.close()

@@ -142,6 +142,7 @@ class DynamicBatcher:
         self._waiter: asyncio.Future | None = None
         self._pending = 0  # queued or running, i.e. accepted and not yet answered
         self._pending_triples = 0  # their triples
+        metrics.pending_triples.labels(*labels).set_function(lambda: self._pending_triples)
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False

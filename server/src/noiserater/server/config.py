@@ -111,6 +111,9 @@ class ServerConfig:
                                   valid=positive)
     stats_ttl_s: int = option(7 * 24 * 3600, "expiry of the statistics keys in Redis (default %(default)s)",
                               valid=at_least(1))
+    repository_poll_s: float = option(0.0, "rescan the repository every N seconds: load the versions written "
+                                           "into it, unload those removed (as Triton's --model-control-mode=poll); "
+                                           "0 = off (default %(default)s)", valid=at_least(0))
 
     def describe(self) -> str:
         items = asdict(self)

@@ -101,7 +101,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     session = open_session(data, device=args.device)
     info = session.info
     print(f"ok: {path} data_shape={list(info.data_shape)} num_timesteps={info.num_timesteps} "
-          f"dataset={info.dataset or '-'} provider={session.provider}")
+          f"objective={info.objective} dataset={info.dataset or '-'} provider={session.provider}")
     return 0
 
 

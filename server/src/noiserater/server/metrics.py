@@ -38,15 +38,25 @@ class ServerMetrics:
         self.triples = Counter("nr_triples_scored", "(x0, t, eps) triples scored", ["model", "version"], registry=r)
         self.queue_depth = Gauge("nr_queue_depth", "Requests waiting in the batcher queue",
                                  ["model", "version"], registry=r)
+        # Read when scraped (the batcher sets a function, no cost per request): what a Pods metric of a
+        # HorizontalPodAutoscaler follows, since it grows without bound once a replica falls behind.
+        self.pending_triples = Gauge("nr_pending_triples", "(x0, t, eps) triples accepted and not yet answered "
+                                     "(queued or running)", ["model", "version"], registry=r)
         self.cpu_fallback = Gauge("nr_cpu_fallback",
                                   "1 for a loaded model version that runs on CPU although CUDA was requested or "
                                   "auto, else 0", ["model", "version"], registry=r)
         self.redis_flush_errors = Counter("nr_redis_flush_errors", "Failed statistics flushes to Redis",
                                           registry=r)
+        self.stats_flush_duplicates = Counter("nr_stats_flush_duplicates",
+                                              "Retried statistics flushes that the store had applied already "
+                                              "(skipped: each flush counts once)", registry=r)
         self.datasets_rejected = Counter("nr_datasets_rejected",
                                          "Requests refused because their dataset would exceed --max-datasets",
                                          registry=r)
         self.models_loaded = Gauge("nr_model_versions_loaded", "Model versions loaded and ready", registry=r)
+        self.repository_refused = Counter("nr_repository_versions_refused",
+                                          "Model versions the repository watch found and refused (failed "
+                                          "validation or loading)", registry=r)
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -41,7 +41,8 @@ log = logging.getLogger("rater-server.models")
 
 # Metadata every caller sees; the rest (and the full provenance) only an authenticated one.
 PUBLIC_METADATA = (scoring.META_DATA_SHAPE, scoring.META_NUM_TIMESTEPS, scoring.META_SCHEDULE, scoring.META_DATASET,
-                   scoring.META_FORMAT, scoring.META_EXPORTED_AT)
+                   scoring.META_FORMAT, scoring.META_EXPORTED_AT, scoring.META_OBJECTIVE,
+                   scoring.META_TIME_CONVENTION, scoring.META_META_OBJECTIVE)
 
 
 class ModelNotFoundError(RpcError, LookupError):
@@ -242,20 +243,47 @@ class ModelRegistry:
             raise RpcError("; ".join(problems), grpc.StatusCode.FAILED_PRECONDITION)
         return sorted(set(self._models[name].versions) - before) if name in self._models else []
 
-    async def _load_from_disk(self, name: str, versions: list[int], validation) -> list[str]:
-        """Load the versions of `versions` (on disk) that the model's policy selects and that are not loaded,
-        and unload the loaded ones it does not select. Returns the problems."""
+    async def sync_from_disk(self, name: str, versions: list[int], only: set[int] | None) -> tuple[list[int],
+                                                                                                    list[str]]:
+        """Bring a model in line with the repository, as the repository watch does after seeing it change:
+        `versions` are its versions on disk now. Loads (validated, like a deploy) the versions of `only`
+        (None: every version on disk) that its version policy selects and that are not loaded; unloads the
+        loaded versions that are no longer on disk or that the policy no longer selects. Returns the versions
+        it loaded and the problems."""
+        async with self._deploy_lock:
+            before = self.loaded_versions(name)
+            async with self.validator.session() as validation:
+                problems = await self._load_from_disk(name, versions, validation, only)
+            return sorted(self.loaded_versions(name) - before), problems
+
+    def loaded_versions(self, name: str) -> set[int]:
+        model = self._models.get(name)
+        return set(model.versions) if model is not None else set()
+
+    def failure(self, name: str, version: int) -> str:
+        """Why a version on disk failed to load (until it loads); empty when it did not fail."""
+        return self._failed.get((name, version), "")
+
+    async def _load_from_disk(self, name: str, versions: list[int], validation,
+                              only: set[int] | None = None) -> list[str]:
+        """Load the versions of `versions` (on disk; of them only those in `only`, unless it is None) that the
+        model's policy selects and that are not loaded, and unload the loaded ones it does not select among
+        the versions on disk that did not fail to load (a version that fails does not unload the one it was
+        to replace). Returns the problems."""
         root = self.config.repository
         loop = asyncio.get_running_loop()
         try:
             settings = await loop.run_in_executor(self.loader, read_settings, root / name, self.defaults)
         except ModelConfigError as exc:
             self._failed.update({(name, version): str(exc) for version in versions})
+            await self._retire(name, versions, versions)  # what left the repository goes all the same
             return [f"{name}: {exc}"]
         selected = settings.policy.select(versions)
         problems = []
         for version in selected:
             if name in self._models and version in self._models[name].versions:
+                continue
+            if only is not None and version not in only:
                 continue
             path = repository.version_dir(root, name, version) / repository.MODEL_FILE
             try:
@@ -271,18 +299,25 @@ class ModelRegistry:
             self._activate(name, version, session, settings, digest)
         if name in self._models:
             self._models[name].policy = settings.policy
-        await self._retire(name, selected)
+        loaded = self.loaded_versions(name)
+        await self._retire(name, settings.policy.select(
+            [v for v in versions if v in loaded or (name, v) not in self._failed]), versions)
         return problems
 
-    async def _retire(self, name: str, keep: list[int]) -> list[ModelVersion]:
-        """Unload (drain) the loaded versions of `name` that are not in `keep`."""
+    async def _retire(self, name: str, keep: list[int], on_disk: list[int] | None = None) -> list[ModelVersion]:
+        """Unload (drain) the loaded versions of `name` that are not in `keep` (`on_disk`: the versions in the
+        repository, when known, so that the log says why)."""
         model = self._models.get(name)
         if model is None:
             return []
         stale = [v for v in sorted(model.versions) if v not in keep]
-        if stale:
+        gone = [v for v in stale if on_disk is not None and v not in on_disk]
+        deselected = [v for v in stale if v not in gone]
+        if gone:
+            log.info("%s: unloading version(s) %s, no longer in the repository", name, ", ".join(map(str, gone)))
+        if deselected:
             log.info("%s: unloading version(s) %s, which its version policy (%s) does not select", name,
-                     ", ".join(map(str, stale)), model.policy)
+                     ", ".join(map(str, deselected)), model.policy)
         return await self._remove(model, stale)
 
     async def index(self) -> list[tuple[str, int, str, str]]:
@@ -378,6 +413,7 @@ class ModelRegistry:
         removed = [model.versions.pop(v) for v in targets]
         for v in targets:
             self.metrics.cpu_fallback.remove(model.name, str(v))
+            self.metrics.pending_triples.remove(model.name, str(v))
         if not model.versions and self._models.get(model.name) is model:
             del self._models[model.name]
         self.metrics.models_loaded.set(self.loaded_count())

@@ -56,7 +56,7 @@ def model_config(version: ModelVersion, full_metadata: bool = False,
     batching = version.batching
     kind = (config_pb.ModelInstanceGroup.KIND_CPU if version.cpu_fallback
             else config_pb.ModelInstanceGroup.KIND_GPU)
-    metadata = version.session.info.metadata
+    metadata = version.session.info.reported_metadata()
     parameters = {f"metadata.{k}": v for k, v in (metadata if full_metadata else public_metadata(metadata)).items()}
     parameters.update({
         "dynamic_batching": "on" if batching.max_batch > 0 else "off",

@@ -132,7 +132,7 @@ class RaterServicer(pb_grpc.RaterServiceServicer):
     async def GetModelMetadata(self, request: pb.GetModelMetadataRequest, call: CallContext):
         version = self._lookup(request.model, call)
         inputs, outputs = signature(version.session.info)
-        metadata = version.session.info.metadata
+        metadata = version.session.info.reported_metadata()
         return pb.GetModelMetadataResponse(
             model=pb.ModelRef(name=version.name, version=version.version),
             metadata=metadata if call.authenticated() else public_metadata(metadata), inputs=inputs,

@@ -6,6 +6,15 @@ parallel Welford merge atomically so that any number of replicas can flush into 
 Redis unreachable the flush fails fast (short socket timeouts), the pending statistics stay local and
 are retried on the next flush, and the failure is counted; requests never wait on Redis.
 
+Each flush is applied exactly once. A flush that failed may still have been applied (Redis ran it, the answer
+was lost or came after the timeout), so it is retried as it was, under the same sequence number, before
+anything newer is flushed. Every replica process has an id of its own (`new_replica_id`) and numbers its
+flushes 1, 2, 3...; the transaction that merges a flush skips it when the replica's ledger
+(`nr:flush:<replica id>`, a hash of `seq`, the last flush applied, and `scores`, the scores this replica has
+merged) says it was applied, and records it there otherwise. The ledger expires with the statistics
+(--stats-ttl-s), so only a flush retried after that long could count twice. The id is drawn when the
+recorder is made: a process that forks must make its recorders after the fork.
+
 Dataset ids come from clients, so the recorder keeps statistics for at most `max_datasets` of them (the
 ones this process has recorded since it started); a request for a further one is refused with
 RESOURCE_EXHAUSTED before it is scored, and counted in nr_datasets_rejected. Reads are paged, in key order.
@@ -23,7 +32,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
+import socket
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -47,6 +59,8 @@ from noiserater.server.rpc import RpcError
 log = logging.getLogger("rater-server.stats")
 
 PROBE_BATCH, PROBE_SEED = 64, 0
+LEDGER_PREFIX = "nr:flush"  # nr:flush:<replica id>: the flushes a replica process has applied (see the module doc)
+FINAL_FLUSH_TRIES = 3  # at shutdown
 RAW_LIMIT = 1 << 20  # scores kept raw before they are summarised (bounds memory while Redis is down)
 _DATASET = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # always fullmatch: `$` would let a final "\n" by
 
@@ -162,15 +176,33 @@ class Moments:
             self.hist_skipped += int(other.hist.sum())
 
 
+@dataclass(frozen=True)
+class FlushId:
+    """Which flush a batch is: the flushing replica process and its sequence number there (from 1)."""
+
+    replica: str
+    seq: int
+
+
+def scores_in(batch: dict[StatsKey, Moments]) -> int:
+    return sum(m.count for m in batch.values())
+
+
 class MemoryStatsStore:
     """The embedded default: statistics in this process only."""
 
     def __init__(self) -> None:
         self._data: dict[StatsKey, Moments] = {}
+        self._applied: dict[str, int] = {}  # replica -> the last flush applied
 
-    async def merge(self, batch: dict[StatsKey, Moments]) -> None:
+    async def merge(self, batch: dict[StatsKey, Moments], flush: FlushId) -> bool:
+        """Merge `batch` unless `flush` was merged already; True when it is merged now."""
+        if self._applied.get(flush.replica, 0) >= flush.seq:
+            return False
         for key, moments in batch.items():
             self._data.setdefault(key, Moments()).merge(moments)
+        self._applied[flush.replica] = flush.seq
+        return True
 
     async def read(self, query: StatsQuery) -> StatsPage:
         return query.page(self._data.keys(), self._data.get)
@@ -214,11 +246,13 @@ class StatsPage:
         return next(reversed(self.buckets), None)
 
 
-# KEYS[1]: the hash; ARGV: count, mean, m2, min, max, ttl, T, histogram low, histogram high, scores already
-# left out of the histogram, then HIST_BINS histogram counts. Floats are written with %.17g: Lua's default
-# tostring keeps only 14 digits. The histogram range is compared as the strings written (exact); a hash
-# without one predates it and has the legacy range.
+# KEYS[1]: the hash, KEYS[2]: the flushing replica's ledger; ARGV: count, mean, m2, min, max, ttl, T,
+# histogram low, histogram high, scores already left out of the histogram, the flush's sequence number, then
+# HIST_BINS histogram counts. Nothing is merged when the ledger has the flush already (-1). Floats are written
+# with %.17g: Lua's default tostring keeps only 14 digits. The histogram range is compared as the strings
+# written (exact); a hash without one predates it and has the legacy range.
 MERGE_SCRIPT = """
+if tonumber(redis.call('HGET', KEYS[2], 'seq') or '0') >= tonumber(ARGV[11]) then return -1 end
 local nb = tonumber(ARGV[1])
 if nb == 0 then return 0 end
 local mb, m2b, minb, maxb, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
@@ -246,17 +280,38 @@ else
 end
 local skipped = tonumber(ARGV[10])
 if lo == ARGV[8] and hi == ARGV[9] then
-  for i = 11, #ARGV do
+  for i = 12, #ARGV do
     local c = tonumber(ARGV[i])
-    if c > 0 then redis.call('HINCRBY', KEYS[1], 'h' .. (i - 11), c) end
+    if c > 0 then redis.call('HINCRBY', KEYS[1], 'h' .. (i - 12), c) end
   end
 else
-  for i = 11, #ARGV do skipped = skipped + tonumber(ARGV[i]) end
+  for i = 12, #ARGV do skipped = skipped + tonumber(ARGV[i]) end
 end
 if skipped > 0 then redis.call('HINCRBY', KEYS[1], 'skipped', skipped) end
 redis.call('EXPIRE', KEYS[1], ttl)
 return n
 """.replace("LEGACY_LOW", repr(LEGACY_HIST_RANGE[0])).replace("LEGACY_HIGH", repr(LEGACY_HIST_RANGE[1]))
+
+# The last command of a flush's transaction. KEYS[1]: the replica's ledger; ARGV: the flush's sequence number,
+# its score count, ttl. Returns 1 when the flush is recorded now, 0 when the ledger had it already (the merges
+# before it in the transaction were skipped).
+LEDGER_SCRIPT = """
+if tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'seq', ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'scores', ARGV[2])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+
+
+def ledger_key(replica: str) -> str:
+    return f"{LEDGER_PREFIX}:{replica}"
+
+
+def new_replica_id() -> str:
+    """An id for this process's flushes: host name (a pod's name), process id and 8 random hex digits, so
+    that a restarted or forked process never reuses one."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 class RedisStatsStore:
@@ -267,15 +322,21 @@ class RedisStatsStore:
 
         self._client = aioredis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._script = self._client.register_script(MERGE_SCRIPT)
+        self._ledger = self._client.register_script(LEDGER_SCRIPT)
         self._ttl = ttl_s
 
-    async def merge(self, batch: dict[StatsKey, Moments]) -> None:
+    async def merge(self, batch: dict[StatsKey, Moments], flush: FlushId) -> bool:
+        """Merge `batch` unless the replica's ledger has `flush` already, in one MULTI/EXEC transaction: every
+        key's merge, then the ledger's record. True when the flush is merged now."""
+        ledger = ledger_key(flush.replica)
         async with self._client.pipeline(transaction=True) as pipe:
             for key, m in batch.items():
                 args = [m.count, repr(m.mean), repr(m.m2), repr(m.min), repr(m.max), self._ttl, m.num_timesteps,
-                        repr(m.hist_low), repr(m.hist_high), m.hist_skipped, *m.hist.tolist()]
-                await self._script(keys=[redis_key(key)], args=args, client=pipe)
-            await pipe.execute()
+                        repr(m.hist_low), repr(m.hist_high), m.hist_skipped, flush.seq, *m.hist.tolist()]
+                await self._script(keys=[redis_key(key), ledger], args=args, client=pipe)
+            await self._ledger(keys=[ledger], args=[flush.seq, scores_in(batch), self._ttl], client=pipe)
+            results = await pipe.execute()
+        return bool(results[-1])
 
     async def read(self, query: StatsQuery) -> StatsPage:
         """Scan the matching keys, then fetch only the page's hashes."""
@@ -307,11 +368,15 @@ class RedisStatsStore:
 
 
 class StatsRecorder:
-    """Local accumulation on the request path plus the background flush into the store."""
+    """Local accumulation on the request path plus the background flush into the store, exactly once per
+    flush (see the module doc): `replica_id` names this process in the store's ledger."""
 
     def __init__(self, store: MemoryStatsStore | RedisStatsStore, metrics: ServerMetrics, flush_s: float,
-                 flush_timeout_s: float = 2.0, max_datasets: int = 1024):
+                 flush_timeout_s: float = 2.0, max_datasets: int = 1024, replica_id: str | None = None):
         self.store = store
+        self.replica_id = replica_id or new_replica_id()
+        self._seq = 0
+        self._in_doubt: tuple[FlushId, dict[StatsKey, Moments]] | None = None  # failed: maybe applied
         self.max_datasets = max_datasets
         self._datasets: set[str] = set()
         self._metrics = metrics
@@ -362,27 +427,31 @@ class StatsRecorder:
                     Moments.of(part, hist_range, num_timesteps))
 
     async def flush(self) -> bool:
-        """Merge what is pending into the store; on failure keep it for the next try. True on success."""
+        """Merge what is pending into the store. A flush that fails is kept as it is and retried first, under
+        its own id, by the next call (it may have been applied: the store then skips it); what is recorded
+        meanwhile waits for a flush of its own. True when nothing is left to flush."""
         async with self._lock:
             self._compact()
-            if not self._pending:
-                return True
-            batch, self._pending = self._pending, {}
-            try:
-                await asyncio.wait_for(self.store.merge(batch), self._flush_timeout_s)
-            except Exception as exc:  # any Redis or network failure: keep the data, count, go on
-                for key, moments in batch.items():
-                    moments.merge(self._pending.get(key, Moments()))
-                    self._pending[key] = moments
-                self._metrics.redis_flush_errors.inc()
-                if not self._failing:
-                    log.warning("statistics flush failed (will retry): %s", str(exc).splitlines()[0] if str(exc)
-                                else type(exc).__name__)
-                self._failing = True
-                return False
-            if self._failing:
-                log.warning("statistics flush recovered")
-            self._failing = False
+            while self._in_doubt is not None or self._pending:
+                if self._in_doubt is None:
+                    self._seq += 1
+                    self._in_doubt, self._pending = (FlushId(self.replica_id, self._seq), self._pending), {}
+                flush, batch = self._in_doubt
+                try:
+                    merged = await asyncio.wait_for(self.store.merge(batch, flush), self._flush_timeout_s)
+                except Exception as exc:  # any Redis or network failure: keep the flush, count, go on
+                    self._metrics.redis_flush_errors.inc()
+                    if not self._failing:
+                        log.warning("statistics flush failed (will retry): %s", str(exc).splitlines()[0]
+                                    if str(exc) else type(exc).__name__)
+                    self._failing = True
+                    return False
+                self._in_doubt = None
+                if not merged:
+                    self._metrics.stats_flush_duplicates.inc()
+                if self._failing:
+                    log.warning("statistics flush recovered")
+                self._failing = False
             return True
 
     async def read(self, query: StatsQuery) -> StatsPage:
@@ -402,5 +471,8 @@ class StatsRecorder:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self.flush()
+        for attempt in range(FINAL_FLUSH_TRIES):  # what is not flushed now is lost with the process
+            if await self.flush():
+                break
+            await asyncio.sleep(0.1 * (attempt + 1))
         await self.store.close()

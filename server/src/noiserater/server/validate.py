@@ -119,7 +119,8 @@ def check_model(data: bytes, graph_optimization: str, phase: Callable[[str], Non
     phase("check")
     validate_onnx_bytes(data)
     info = open_session(data, "cpu", 1, graph_optimization, phase).info
-    return {"data_shape": list(info.data_shape), "num_timesteps": info.num_timesteps, "dataset": info.dataset}
+    return {"data_shape": list(info.data_shape), "num_timesteps": info.num_timesteps, "dataset": info.dataset,
+            "objective": info.objective}
 
 
 # -- models in the repository -------------------------------------------------------------------------

@@ -80,6 +80,9 @@ def check_rater_matches(rater_onnx: str | Path, data: DataSplits, cfg: Stage2Con
                           f"{list(data.data_shape)}")
     if info.num_timesteps != cfg.num_timesteps:
         raise Stage2Error(f"rater: trained for T={info.num_timesteps} timesteps, the run uses T={cfg.num_timesteps}")
+    if info.objective != cfg.objective:
+        raise Stage2Error(f"rater: trained for the {info.objective} objective, the run uses {cfg.objective} "
+                          f"(--objective {info.objective})")
 
 
 _WORKER: dict[str, Any] = {}

@@ -6,7 +6,11 @@ writes into the output folder
   differences against uniform (and of the methods that need a rater against immiscible-knn) and every run's
   curve;
 - `report.md`: the same for people, with mean ± std tables and paired differences with standard errors;
-- `curves.png`: held-out loss (Gaussian noise, fixed seeds) against training step, mean ± std over seeds.
+- `curves.png`: held-out loss (Gaussian noise, fixed seeds) against training step, mean ± std over seeds;
+- with a few-step sweep (`Stage2Config.nfe`), the metrics `METRIC@NFE` in report.json, whose top level also
+  says `"primary": "frechet@4"`, `"objective"` and `"reference_nfe"`; the Holm-corrected tests, the best OT peer
+  and the goal on the primary metric in details.json (`sweep`) and report.md (`bench.sweep_report`); and
+  `quality_vs_nfe.png`.
 
 "Beats" means: the paired mean difference is below zero by more than two standard errors of that mean
 (lower is better for every quality metric here). With one seed there is no standard error: the report shows
@@ -27,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from noiserater.trainer.bench import sweep_report
 from noiserater.trainer.bench.train import BASELINE, BenchRuns
 from noiserater.trainer.stage2.sources import needs_rater
 from noiserater.trainer.stage2.training import Stage2Result, steps_to_reach
@@ -48,6 +53,11 @@ def write_report(bench: BenchRuns, out_dir: str | Path, command: str = "") -> di
     (out / "details.json").write_text(json.dumps(details, indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(report, details))
     plot_curves(bench.runs, out / "curves.png", title=f"{bench.data.name}: held-out loss under Gaussian noise")
+    if "sweep" in details:
+        cfg = bench.config
+        sweep_report.plot_quality_vs_nfe(report, bench.methods, sorted(cfg.nfe), cfg.reference_nfe,
+                                         out / "quality_vs_nfe.png",
+                                         title=f"{bench.data.name}, {cfg.objective} objective, {bench.steps} steps")
     return {"report": report, "details": details}
 
 
@@ -56,14 +66,23 @@ def build_report(bench: BenchRuns) -> dict[str, dict[str, Any]]:
     runs = bench.runs
     metric_names = [m for m in (*QUALITY_METRICS, *COST_METRICS, *NOISE_METRICS) if m in runs[BASELINE][0].metrics]
     targets = [r.metrics["val_loss"] for r in runs[BASELINE]]
-    report: dict[str, dict[str, Any]] = {}
+    metric_names += sweep_report.sweep_metrics(runs[BASELINE][0].metrics)
+    report: dict[str, Any] = {}
     for method in bench.methods:
         report[method] = {name: summarise([r.metrics[name] for r in runs[method]]) for name in metric_names}
         report[method][STEP_METRIC] = summarise([
             steps_to_reach(r.curve_steps, r.curve_val_loss, target)
             for r, target in zip(runs[method], targets, strict=True)
         ])
+    if bench.config.nfe:
+        report.update(primary=sweep_report.PRIMARY, objective=bench.config.objective,
+                      reference_nfe=bench.config.reference_nfe)
     return report
+
+
+def method_report(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """report.json without its top-level settings (primary, objective, reference_nfe): method -> metric."""
+    return {k: v for k, v in report.items() if isinstance(v, dict)}
 
 
 def _paired_against(report: dict[str, Any], methods: Sequence[str], against: str) -> dict[str, Any]:
@@ -78,6 +97,18 @@ def build_details(bench: BenchRuns, report: dict[str, Any], command: str = "") -
     vs_uniform = _paired_against(report, [m for m in methods if m != BASELINE], BASELINE)
     vs_knn = _paired_against(report, raters, KNN) if KNN in methods else {}
     goal = {method: goal_status(vs_uniform[method], vs_knn.get(method), len(bench.seeds)) for method in raters}
+    sweep: dict[str, Any] = {}
+    if bench.config.nfe:
+        family, best_ot = sweep_report.comparisons(report, methods)
+        goals = sweep_report.goal(bench, report, family, best_ot, bench.config.reference_nfe)
+        goal = {m: (g["met"], g["missing"]) for m, g in goals.items()}
+        sweep = {"sweep": {"primary": sweep_report.PRIMARY, "objective": bench.config.objective,
+                           "nfe": sorted(bench.config.nfe), "reference_nfe": bench.config.reference_nfe,
+                           "sampler": bench.config.sampler or "deterministic (ddim for eps, euler for flow)",
+                           "starting_noises": bench.config.sweep_count, "best_ot_peer": best_ot,
+                           "holm_family_size": len(family), "tests": family, "goal": goals,
+                           "frechet_floor_train_vs_heldout": q.floor_frechet_heldout if q else None,
+                           "swd_floor_train_vs_heldout": q.floor_swd_heldout if q else None}}
     return {
         "command": command,
         "dataset": data.name,
@@ -103,6 +134,7 @@ def build_details(bench: BenchRuns, report: dict[str, Any], command: str = "") -
         "wall_seconds": bench.wall_seconds,
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
+        **sweep,
     }
 
 
@@ -167,10 +199,14 @@ def render_markdown(report: dict[str, Any], details: dict[str, Any]) -> str:
         "timesteps; only the noise or the loss weighting differs).",
         f"- Budget: {details['steps']} steps, batch {cfg['batch_size']}, Adam lr {cfg['lr']} with cosine decay to "
         f"{cfg['lr_final_fraction']}x, grad clip {cfg['grad_clip']}; denoiser `{cfg['denoiser']}`, "
-        f"{cfg['schedule']} schedule, T={cfg['num_timesteps']}.",
+        f"{cfg.get('objective', 'eps')} objective, {cfg['schedule']} schedule, T={cfg['num_timesteps']}.",
         f"- Rater: `{details['rater']}`; K={cfg['k']} candidates (also for immiscible-knn), "
         f"sample temperature {cfg['temperature']}, kanneal reaches K=1 at {cfg['kanneal_end']} of the run.",
-        f"- val_loss / test_loss: eps-MSE on the held-out split with *Gaussian* noise, {cfg['eval_repeats']} fixed "
+        *([f"- Coupling knobs: ot-sinkhorn regularisation {cfg.get('ot_reg')} x the batch's mean squared distance; "
+           f"ot-subbatch sub-batches of {cfg.get('ot_subbatch') or 'the whole batch'}."]
+          if {"ot-sinkhorn", "ot-subbatch"} & set(methods) else []),
+        f"- val_loss / test_loss: {'velocity' if cfg.get('objective') == 'flow' else 'eps'}-MSE on the held-out "
+        f"split with *Gaussian* noise, {cfg['eval_repeats']} fixed "
         "(t, eps) draws per item, the same draws for every method.",
     ]
     if refs["feature_kind"]:
@@ -226,7 +262,16 @@ def render_markdown(report: dict[str, Any], details: dict[str, Any]) -> str:
 
     paired_table("Paired differences against uniform", details["paired_vs_uniform"], BASELINE)
     paired_table("Rater methods against immiscible-knn (same K)", details["paired_vs_immiscible_knn"], KNN)
-    if details["goal_met"]:
+    sweep = details.get("sweep")
+    if sweep:
+        cfg_nfe = sweep["nfe"]
+        lines += sweep_report.markdown(report, sweep["tests"], sweep["best_ot_peer"], sweep["goal"], methods,
+                                       cfg_nfe, sweep["reference_nfe"])
+        lines += ["", f"Few-step sweep: {sweep['starting_noises']} starting noises, the same for every method and "
+                  f"seed; sampler {sweep['sampler']}; Fréchet floor (training split vs held-out split) "
+                  f"{_fmt(sweep['frechet_floor_train_vs_heldout'])}, swd floor "
+                  f"{_fmt(sweep['swd_floor_train_vs_heldout'])}.", "", "![quality against NFE](quality_vs_nfe.png)"]
+    elif details["goal_met"]:
         lines += ["", "## The goal", "",
                   "A rater method meets the goal when it beats uniform on val_loss and frechet and beats "
                   "immiscible-knn on frechet, each beyond two standard errors.", ""]

@@ -54,13 +54,19 @@ def _example_inputs(rater: nn.Module, batch: int, seed: int) -> tuple[torch.Tens
 
 
 def export_rater(rater: nn.Module, out_path: str | Path, *, dataset: str = "", schedule: str = "",
-                 provenance: dict[str, Any] | None = None, opset: int = 18) -> ExportReport:
+                 provenance: dict[str, Any] | None = None, opset: int = 18, objective: str = "eps",
+                 meta_objective: str = "") -> ExportReport:
     """Write `rater` to `out_path` as ONNX (dynamic batch axis, metadata) and verify it against torch.
 
-    Raises ParityError when onnxruntime and torch differ by more than PARITY_TOLERANCE.
+    The metadata names the `objective` the rater was trained for (`noiserater.objective`, "eps" or "flow")
+    and what its timestep means under it (`noiserater.time_convention`, `scoring.TIME_CONVENTIONS`), and,
+    when given, how stage 1 trained it (`noiserater.meta_objective`). Raises ParityError when onnxruntime
+    and torch differ by more than PARITY_TOLERANCE.
     """
     import onnx
 
+    if objective not in scoring.OBJECTIVES:
+        raise ValueError(f"objective: {objective!r} is not one of {', '.join(scoring.OBJECTIVES)}")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     rater = rater.eval()
@@ -95,9 +101,13 @@ def export_rater(rater: nn.Module, out_path: str | Path, *, dataset: str = "", s
         scoring.META_NUM_TIMESTEPS: str(rater.num_timesteps),
         scoring.META_DATASET: dataset,
         scoring.META_SCHEDULE: schedule,
+        scoring.META_OBJECTIVE: objective,
+        scoring.META_TIME_CONVENTION: scoring.TIME_CONVENTIONS[objective],
         scoring.META_PROVENANCE: json.dumps(provenance or {}, sort_keys=True),
         scoring.META_EXPORTED_AT: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if meta_objective:
+        metadata[scoring.META_META_OBJECTIVE] = meta_objective
     del model.metadata_props[:]
     for key, value in metadata.items():
         model.metadata_props.add(key=key, value=value)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from noiserater.trainer.substrate.diffusion import NoiseSchedule, per_sample_loss
+from noiserater.trainer.substrate.diffusion import Schedule, per_sample_loss
 
 Params = dict[str, torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x0, t, eps
@@ -71,7 +71,7 @@ def entropy_gap(w: torch.Tensor) -> torch.Tensor:
     return math.log(w.numel()) + (p * p.clamp_min(1e-30).log()).sum()
 
 
-def losses_at(model: nn.Module, schedule: NoiseSchedule, params: Params, batch: Batch) -> torch.Tensor:
+def losses_at(model: nn.Module, schedule: Schedule, params: Params, batch: Batch) -> torch.Tensor:
     """Per-sample denoising losses [B] of `model` evaluated with `params`."""
     x0, t, eps = batch
     return per_sample_loss(lambda x_t, tt: functional_call(model, params, (x_t, tt)), schedule, x0, t, eps)
@@ -112,7 +112,7 @@ class VirtualStep:
 def meta_gradient(
     route: str,
     model: nn.Module,
-    schedule: NoiseSchedule,
+    schedule: Schedule,
     params: Params,
     precond: Params,
     alpha: float,
@@ -197,7 +197,7 @@ def _fast(model, schedule, params, precond, alpha, weights, batches, val_batch, 
     return outer, dws, g0, inner
 
 
-def virtual_step_losses(model: nn.Module, schedule: NoiseSchedule, params: Params, precond: Params, alpha: float,
+def virtual_step_losses(model: nn.Module, schedule: Schedule, params: Params, precond: Params, alpha: float,
                         batch: Batch, val_batch: Batch, weights: torch.Tensor) -> tuple[float, float]:
     """Held-out loss after one virtual step from `params` on `batch` with the given weights and with w = 1
     (same step size, same batches): (outer_loss_learned, outer_loss_uniform)."""

@@ -94,9 +94,13 @@ class RaterLoadError(ValueError):
     """A path that holds no loadable rater; the message is one line and starts with the path."""
 
 
-def describe(rater: nn.Module, kind: str, *, dataset: str = "", schedule: str = "",
-             rater_kwargs: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything needed to rebuild and export the rater, but its weights (plain JSON types only)."""
+def describe(rater: nn.Module, kind: str, *, dataset: str = "", schedule: str = "", objective: str = "eps",
+             meta_objective: str = "", rater_kwargs: dict[str, Any] | None = None,
+             provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything needed to rebuild and export the rater, but its weights (plain JSON types only). `objective`:
+    what the denoisers it was trained against predicted ("eps" or "flow"); `meta_objective`: how stage 1
+    trained it (see `noiserater.trainer.stage1.train.META_OBJECTIVES`). A file written before these two
+    existed is read back as an eps rater of the soft-weights objective."""
     return {
         "kind": kind,
         "data_shape": list(rater.data_shape),
@@ -104,6 +108,8 @@ def describe(rater: nn.Module, kind: str, *, dataset: str = "", schedule: str = 
         "rater_kwargs": rater_kwargs or {},
         "dataset": dataset,
         "schedule": schedule,
+        "objective": objective,
+        "meta_objective": meta_objective,
         # JSON round trip: provenance must load with weights_only=True (no torch objects inside).
         "provenance": json.loads(json.dumps(provenance or {}, default=str)),
     }

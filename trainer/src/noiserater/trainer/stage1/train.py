@@ -1,9 +1,23 @@
 """Stage 1's training loop: meta-learn the rater against a population of proxy denoisers.
 
 Each meta step, every inner model of the population (reset at staggered times, so the rater sees every
-phase of training) contributes a meta-gradient (`noiserater.trainer.stage1.meta`) for the rater and then really
-trains one Adam step on the rater-weighted loss. Under torchrun each rank holds its own population and
-data stream; the rater's gradients are all-reduced (gloo on CPU), so all ranks hold the same rater.
+phase of training) contributes a gradient for the rater and trains for real. What the rater learns is the
+`meta_objective`:
+- "soft-weights" (the default): a meta-gradient through one virtual step of the rater-weighted loss
+  (`noiserater.trainer.stage1.meta`), then one real Adam step on the rater-weighted loss;
+- "through-selection": the rater picks one of K candidate noises per sample (straight-through Gumbel-softmax)
+  and the inner model takes H differentiable real Adam steps on the picks; the held-out loss after them is
+  differentiated back to the rater (`noiserater.trainer.stage1.through_selection`);
+- "through-assignment": the same through stage 2's batch-level assignment (the batch's noises permuted over
+  its samples; Hungarian forward, Gumbel-Sinkhorn backward), so both marginals are kept;
+- "grad-norm": regression of the score on the log per-sample gradient norm, the proposal that minimises the
+  variance of stage 2's importance-weighted rule (`noiserater.trainer.stage1.grad_norm`), then one plain
+  Adam step.
+The inner models train on the `objective`'s loss: "eps" (VP DDPM, eps prediction) or "flow" (the linear
+interpolant, velocity prediction; see `noiserater.trainer.substrate.diffusion`).
+
+Under torchrun each rank holds its own population and data stream; the rater's gradients are all-reduced
+(gloo on CPU), so all ranks hold the same rater.
 
 RUN_DIR holds: rater/ (model.safetensors + config.json, `save_pretrained`) and rater.pt (`save_rater`), the
 trained rater in two formats that `load_rater` and `nrctl export` read; checkpoint.pt (everything needed to
@@ -31,6 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from noiserater.trainer.stage1.grad_norm import grad_norm_regression
 from noiserater.trainer.stage1.meta import (
     META_GRAD_ROUTES,
     adam_preconditioner,
@@ -46,9 +61,16 @@ from noiserater.trainer.stage1.rater import (
     save_pretrained,
     save_rater,
 )
+from noiserater.trainer.stage1.through_selection import AdamState, through_selection_gradient, uniform_outer_loss
 from noiserater.trainer.substrate.data import DataSplits, load_dataset, warn_if_tiny
 from noiserater.trainer.substrate.denoisers import build_denoiser
-from noiserater.trainer.substrate.diffusion import NoiseSchedule, per_sample_loss
+from noiserater.trainer.substrate.diffusion import (
+    FLOW_KINDS,
+    OBJECTIVES,
+    SCHEDULE_KINDS,
+    make_schedule,
+    per_sample_loss,
+)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.json"
@@ -60,6 +82,9 @@ RUN_FOLDERS = (PRETRAINED_DIR, TENSORBOARD_DIR)  # these folders
 EXISTING_MODES = ("check", "resume", "overwrite")
 MAY_CHANGE_ON_RESUME = ("steps", "device")  # a resumed run may be extended or moved
 LOGGERS = ("tensorboard",)
+SOFT_WEIGHTS, THROUGH_SELECTION, THROUGH_ASSIGNMENT, GRAD_NORM = (
+    "soft-weights", "through-selection", "through-assignment", "grad-norm")
+META_OBJECTIVES = (SOFT_WEIGHTS, THROUGH_SELECTION, THROUGH_ASSIGNMENT, GRAD_NORM)
 
 log = logging.getLogger("noiserater.trainer.stage1")
 
@@ -83,7 +108,11 @@ class TrainConfig:
     batch_size: int = 128
     val_batch_size: int = 256
     num_timesteps: int = 1000
-    schedule: str = "linear"
+    schedule: str = "linear"  # eps: linear | cosine; flow: linear (the interpolant)
+    objective: str = "eps"  # what the inner models predict: "eps" or "flow" (velocity)
+    meta_objective: str = SOFT_WEIGHTS  # one of META_OBJECTIVES (module docstring)
+    selection_candidates: int = 8  # through-selection: K candidate noises per (x0, t)
+    selection_horizon: int = 4  # through-selection/-assignment: H differentiable Adam steps per meta step
     denoiser: str = "auto"
     denoiser_kwargs: dict[str, Any] = field(default_factory=dict)
     rater: str = "auto"
@@ -91,7 +120,7 @@ class TrainConfig:
     inner_lr: float = 1e-3  # Adam, for the real inner updates
     virtual_lr: float = 1e-4  # alpha of the virtual (Adam-preconditioned SGD) step
     rater_lr: float = 1e-3
-    tau: float = 1.0
+    tau: float = 1.0  # soft-weights: softmax temperature; through-selection: selection temperature
     # G > 1: train batches hold batch_size/G (x0, t) pairs with G noise candidates each and the weights
     # are a softmax within each group (see meta.soft_weights): the rater learns to rank noises for a
     # given (x0, t), which is what stage-2 selection asks of it. 1: one softmax over the whole batch.
@@ -114,6 +143,19 @@ class TrainConfig:
                              f"got {self.candidate_group}")
         if self.tau <= 0:
             raise ValueError(f"tau must be > 0, got {self.tau}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        kinds = SCHEDULE_KINDS if self.objective == "eps" else FLOW_KINDS
+        if self.schedule not in kinds:
+            raise ValueError(f"schedule {self.schedule!r} does not apply to the {self.objective} objective "
+                             f"(one of {', '.join(kinds)})")
+        if self.meta_objective not in META_OBJECTIVES:
+            raise ValueError(f"--meta-objective must be one of {', '.join(META_OBJECTIVES)}, "
+                             f"got {self.meta_objective!r}")
+        if self.selection_candidates < 2:
+            raise ValueError(f"selection_candidates must be >= 2, got {self.selection_candidates}")
+        if self.selection_horizon < 1:
+            raise ValueError(f"selection_horizon must be >= 1, got {self.selection_horizon}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -161,7 +203,7 @@ class MetaTrainer:
 
     def __init__(self, cfg: TrainConfig, data: DataSplits, device: torch.device, rank: int = 0, world: int = 1):
         self.cfg, self.data, self.device, self.rank, self.world = cfg, data, device, rank, world
-        self.schedule = NoiseSchedule(cfg.num_timesteps, cfg.schedule).to(device)
+        self.schedule = make_schedule(cfg.num_timesteps, cfg.schedule, cfg.objective).to(device)
         self.train_x = data.train.to(device)
         self.val_x = data.val.to(device)
         self.rater_kind = cfg.rater if cfg.rater != "auto" else default_rater_kind(data.data_shape)
@@ -213,6 +255,12 @@ class MetaTrainer:
         for i, member in enumerate(self.members):
             if self._reset_due(i):
                 self.members[i] = member = Member(self._fresh_denoiser(), cfg.inner_lr)
+            if cfg.meta_objective in (THROUGH_SELECTION, THROUGH_ASSIGNMENT):
+                self._through_selection_step(member, evaluate, record)
+                continue
+            if cfg.meta_objective == GRAD_NORM:
+                self._grad_norm_step(member, evaluate, record)
+                continue
             batches = [self._batch(self.train_x, cfg.batch_size, cfg.candidate_group) for _ in range(cfg.inner_steps)]
             val_batch = self._batch(self.val_x, cfg.val_batch_size)
             params = member.params()
@@ -251,6 +299,42 @@ class MetaTrainer:
             out = {k: float(v) / self.world for k, v in zip(keys, vec, strict=True)}
         out["seconds_per_step"] = time.perf_counter() - t0
         return out
+
+    def _through_selection_step(self, member: Member, evaluate: bool, record: Callable[[str, float], None]) -> None:
+        """H differentiable Adam steps on the rater's picks (or assignment); they become the member's real
+        training."""
+        cfg = self.cfg
+        assign = cfg.meta_objective == THROUGH_ASSIGNMENT
+        k = 1 if assign else cfg.selection_candidates
+        batches = [self._batch(self.train_x, cfg.batch_size * k, k) for _ in range(cfg.selection_horizon)]
+        val_batch = self._batch(self.val_x, cfg.val_batch_size)
+        named = dict(member.model.named_parameters())
+        params = member.params()
+        adam = AdamState.read(member.opt, named)
+        result = through_selection_gradient(member.model, self.schedule, params, adam, self.rater, batches,
+                                            val_batch, k, cfg.tau, self.gen,
+                                            grad_scale=1.0 / (len(self.members) * self.world), assign=assign)
+        if evaluate:
+            record("outer_loss_learned", result.outer_loss)
+            record("outer_loss_uniform", uniform_outer_loss(member.model, self.schedule, params, adam, batches,
+                                                            val_batch, k))
+            record("choice_entropy", result.entropy)
+        record("outer_loss", result.outer_loss)
+        record("inner_loss", result.inner_loss)
+        result.adam.write(member.opt, named, result.theta)
+        member.age += cfg.selection_horizon
+
+    def _grad_norm_step(self, member: Member, evaluate: bool, record: Callable[[str, float], None]) -> None:
+        """Fit the rater to the log per-sample gradient norms of the member; then one plain Adam step."""
+        cfg = self.cfg
+        batch = self._batch(self.train_x, cfg.batch_size, cfg.candidate_group)
+        result = grad_norm_regression(member.model, self.schedule, member.params(), self.rater, batch,
+                                      grad_scale=1.0 / (len(self.members) * self.world))
+        record("grad_norm_mse", result.mse)
+        record("inner_loss", result.inner_loss)
+        if evaluate:
+            record("grad_norm_corr", result.corr)
+        self._real_step(member, batch, result.mean_grad)
 
     def _real_step(self, member: Member, batch, grads) -> None:
         """One Adam step of the inner model on the rater-weighted loss (gradient reused from the meta step)."""
@@ -380,10 +464,11 @@ def read_metrics(out: str | Path) -> list[dict[str, Any]]:
 
 
 def last_quarter_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Means of outer_loss_learned / outer_loss_uniform over the logged steps in the last quarter of the run."""
+    """Means of outer_loss_learned / outer_loss_uniform over the logged steps in the last quarter of the run
+    (for a grad-norm run: of grad_norm_mse / grad_norm_corr)."""
     evaluated = [r for r in rows if "outer_loss_learned" in r]
     if not evaluated:
-        return {}
+        return _grad_norm_summary(rows)
     last_step = max(r["step"] for r in evaluated)
     tail = [r for r in evaluated if r["step"] > 0.75 * last_step] or evaluated[-1:]
     learned = sum(r["outer_loss_learned"] for r in tail) / len(tail)
@@ -392,10 +477,21 @@ def last_quarter_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
             "last_quarter_improvement": uniform - learned, "last_quarter_points": len(tail)}
 
 
+def _grad_norm_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    evaluated = [r for r in rows if "grad_norm_corr" in r]
+    if not evaluated:
+        return {}
+    last_step = max(r["step"] for r in evaluated)
+    tail = [r for r in evaluated if r["step"] > 0.75 * last_step] or evaluated[-1:]
+    return {"last_quarter_grad_norm_mse": sum(r["grad_norm_mse"] for r in tail) / len(tail),
+            "last_quarter_grad_norm_corr": sum(r["grad_norm_corr"] for r in tail) / len(tail),
+            "last_quarter_points": len(tail)}
+
+
 def plot_curves(out: str | Path) -> Path | None:
     rows = [r for r in read_metrics(out) if "outer_loss_learned" in r]
     if not rows:
-        return None
+        return _plot_grad_norm(out)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -415,11 +511,41 @@ def plot_curves(out: str | Path) -> Path | None:
     axes[1].plot(steps, [r["outer_loss_uniform"] for r in rows], label="outer loss (w=1)")
     axes[1].set_title("population losses")
     axes[1].legend()
-    axes[2].plot(steps, [r["weight_std"] for r in rows], label="weight std")
-    axes[2].plot(steps, [r["weight_max"] for r in rows], label="weight max")
-    axes[2].plot(steps, [r["weight_ess"] for r in rows], label="ESS / B")
-    axes[2].set_title("weight spread")
+    if "weight_std" in rows[0]:
+        axes[2].plot(steps, [r["weight_std"] for r in rows], label="weight std")
+        axes[2].plot(steps, [r["weight_max"] for r in rows], label="weight max")
+        axes[2].plot(steps, [r["weight_ess"] for r in rows], label="ESS / B")
+        axes[2].set_title("weight spread")
+    else:
+        axes[0].set_title("held-out loss after the selected steps:\nuniform - learned (> 0: rater helps)")
+        axes[2].plot(steps, [r.get("choice_entropy", float("nan")) for r in rows], label="entropy / log K")
+        axes[2].set_title("selection entropy")
     axes[2].legend()
+    for ax in axes:
+        ax.set_xlabel("meta step")
+    fig.tight_layout()
+    path = Path(out) / PLOT_FILE
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _plot_grad_norm(out: str | Path) -> Path | None:
+    rows = [r for r in read_metrics(out) if "grad_norm_mse" in r]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(steps, [r["grad_norm_mse"] for r in rows])
+    axes[0].set_yscale("log")
+    axes[0].set_title("squared error of score vs log per-sample grad norm")
+    axes[1].plot(steps, [r.get("grad_norm_corr", float("nan")) for r in rows])
+    axes[1].set_title("correlation of score and log grad norm")
     for ax in axes:
         ax.set_xlabel("meta step")
     fig.tight_layout()
@@ -517,7 +643,8 @@ def train_rater(cfg: TrainConfig, out: str | Path, progress: Callable[[int, int,
     if rank == 0:
         rater_cpu = build_rater(trainer.rater_kind, data.data_shape, cfg.num_timesteps, **cfg.rater_kwargs)
         rater_cpu.load_state_dict({k: v.cpu() for k, v in trainer.rater.state_dict().items()})
-        description = {"dataset": cfg.dataset, "schedule": cfg.schedule, "rater_kwargs": cfg.rater_kwargs,
+        description = {"dataset": cfg.dataset, "schedule": cfg.schedule, "objective": cfg.objective,
+                       "meta_objective": cfg.meta_objective, "rater_kwargs": cfg.rater_kwargs,
                        "provenance": _provenance(cfg, trainer)}
         save_rater(out / RATER_FILE, rater_cpu, trainer.rater_kind, **description)
         save_pretrained(out / PRETRAINED_DIR, rater_cpu, trainer.rater_kind, **description)

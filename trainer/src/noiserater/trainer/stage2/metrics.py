@@ -7,6 +7,10 @@
   labels); its penultimate activations are the features of the Fréchet distance. Its test accuracy and
   the metric's floor (held-out real data vs training data) are reported beside the metric.
 - `frechet_distance`, `sliced_wasserstein`: the two sample-quality distances.
+- `SampleQuality`: the reference statistics of one dataset; `measure` compares samples with the training split
+  (the ancestral-sampling metrics `frechet` / `swd`), `measure_heldout` with the held-out split (the few-step
+  sweep's `frechet@NFE` / `swd@NFE`, whose floor is the training split against the held-out one), and
+  `nearest_train_distance` is the memorisation check's distance.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 from torch import nn
 
 from noiserater.trainer.substrate.data import DataSplits
-from noiserater.trainer.substrate.diffusion import NoiseSchedule, per_sample_loss
+from noiserater.trainer.substrate.diffusion import Schedule, per_sample_loss
 
 EVAL_SEED = 20240917
 FEATURE_SEED = 7
@@ -32,7 +36,7 @@ SWD_PROJECTIONS = 256
 class FixedEval:
     """Held-out items x `repeats` fixed (t, eps) pairs with Gaussian eps; `loss(denoiser)` is their mean."""
 
-    def __init__(self, data: torch.Tensor, schedule: NoiseSchedule, repeats: int = 8, max_items: int = 2048,
+    def __init__(self, data: torch.Tensor, schedule: Schedule, repeats: int = 8, max_items: int = 2048,
                  seed: int = EVAL_SEED, chunk: int = 4096):
         gen = torch.Generator().manual_seed(seed)
         data = data[:max_items]
@@ -149,16 +153,17 @@ def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch
 
 def frechet_from_features(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to feature sets a [N, F] and b [M, F]."""
-    from scipy import linalg
-
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("nan")  # a diverged model's samples
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(cov_a @ cov_b)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(cov_a.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
-    covmean = np.real(covmean)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
+    # tr sqrt(A B) = sum of the square roots of the eigenvalues of A^1/2 B A^1/2, which is symmetric positive
+    # semi-definite: stable also for the rank-deficient covariances of fewer samples than features.
+    w, v = np.linalg.eigh(cov_a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    middle = root_a @ cov_b @ root_a
+    trace_covmean = float(np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum())
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_covmean)
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = SWD_PROJECTIONS,
@@ -200,10 +205,16 @@ class SampleQuality:
             if dim > 128:
                 gen = torch.Generator().manual_seed(FEATURE_SEED)
                 self.projection = torch.randn(dim, 128, generator=gen) / math.sqrt(128)
+        self.heldout = heldout
         self.reference = self.features(train)
         self.floor_frechet = frechet_from_features(self.features(heldout), self.reference)
         self.floor_swd = sliced_wasserstein(heldout, train)
         self.heldout_count = int(heldout.shape[0])
+        self.heldout_reference = self.features(heldout)
+        # The held-out comparison's floor: the whole training split against the held-out split.
+        self.floor_frechet_heldout = frechet_from_features(self.reference, self.heldout_reference)
+        self.floor_swd_heldout = sliced_wasserstein(train, heldout)
+        self.heldout_nearest_train = float(self.nearest_train_distance(heldout).mean())
 
     @property
     def feature_kind(self) -> str:
@@ -223,3 +234,18 @@ class SampleQuality:
             "frechet": frechet_from_features(self.features(samples), self.reference),
             "swd": sliced_wasserstein(samples, self.train),
         }
+
+    def measure_heldout(self, samples: torch.Tensor) -> dict[str, float]:
+        """frechet / swd of samples (clipped to the data range) against the held-out split."""
+        samples = samples.clamp(*self.range)
+        return {
+            "frechet": frechet_from_features(self.features(samples), self.heldout_reference),
+            "swd": sliced_wasserstein(samples, self.heldout),
+        }
+
+    def nearest_train_distance(self, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+        """[N] RMS-per-dimension distance from each item of x to its nearest training item."""
+        flat_train = self.train.flatten(1).double()
+        flat = x.clamp(*self.range).flatten(1).double()
+        out = [torch.cdist(flat[i:i + chunk], flat_train).min(dim=1).values for i in range(0, len(flat), chunk)]
+        return torch.cat(out) / math.sqrt(flat.shape[1])

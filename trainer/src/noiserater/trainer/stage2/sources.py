@@ -47,13 +47,24 @@ def kanneal_schedule(k: int, steps: int, end_fraction: float) -> Callable[[int],
 
 class RaterSource:
     """Noise chosen by a NoiseSelector; with `k_schedule(step) -> K`, K per step, and plain Gaussian noise
-    from `generator` at the steps where K is 1 (`selected` says whether the last batch was chosen)."""
+    from `generator` at the steps where K is 1 (`selected` says whether the last batch was chosen).
 
-    def __init__(self, selector: Any, generator: torch.Generator, k_schedule: Callable[[int], int] | None = None):
+    `prefetch(x0, t, step)` starts the selection of a later `sample(x0, t, step)` (the very same tensors) in
+    the background when `prefetch_allowed(selector, prefetch)` says so; otherwise it does nothing and `sample`
+    selects."""
+
+    def __init__(self, selector: Any, generator: torch.Generator, k_schedule: Callable[[int], int] | None = None,
+                 prefetch: str = "remote"):
         self.selector = selector
         self.generator = generator
         self.k_schedule = k_schedule
         self.selected = False
+        self.prefetches = prefetch_allowed(selector, prefetch)
+
+    def prefetch(self, x0: torch.Tensor, t: torch.Tensor, step: int) -> None:
+        k = self.k_schedule(step) if self.k_schedule is not None else None
+        if self.prefetches and k != 1:
+            self.selector.prefetch(x0, t, num_candidates=k)
 
     def sample(self, x0: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         k = self.k_schedule(step) if self.k_schedule is not None else None
@@ -66,6 +77,29 @@ class RaterSource:
 
     def loss_weights(self, t: torch.Tensor) -> torch.Tensor | None:
         return None
+
+
+PREFETCH = ("remote", "all", "off")
+
+
+def prefetch_allowed(selector: Any, prefetch: str = "remote") -> bool:
+    """Whether a rater source prefetches through `selector` under the policy `prefetch`: "remote" for a
+    remote NoiseSelector, "all" for an in-process one too, "off" never; and only a selector that draws from a
+    noise stream of its own (`seed=`, or a generator other than torch's global one, whose draws the training
+    step's own random ops would reorder), so that prefetching changes no result."""
+    if prefetch not in PREFETCH:
+        raise Stage2Error(f"prefetch: {prefetch!r} is not one of {', '.join(PREFETCH)}")
+    if prefetch == "off" or not hasattr(selector, "is_remote") or not (selector.is_remote or prefetch == "all"):
+        return False
+    generator = getattr(selector, "generator", None)
+    if generator is not None:
+        return all(generator is not default for default in _global_generators())
+    return getattr(selector, "seed", None) is not None
+
+
+def _global_generators() -> list[torch.Generator]:
+    cuda = list(torch.cuda.default_generators) if torch.cuda.is_available() else []
+    return [torch.default_generator, *cuda]
 
 
 def rater_selector(method: str, rule: str, selector: Any, rater: str | Path | None, num_candidates: int,
@@ -86,9 +120,10 @@ def rater_selector(method: str, rule: str, selector: Any, rater: str | Path | No
 
 def _register_rule(method: str, rule: str) -> None:
     def factory(generator: torch.Generator, selector: Any = None, rater: str | Path | None = None,
-                num_candidates: int = 8, temperature: float = 1.0, seed: int = 0, threads: int = 1) -> NoiseSource:
+                num_candidates: int = 8, temperature: float = 1.0, seed: int = 0, threads: int = 1,
+                prefetch: str = "remote") -> NoiseSource:
         return RaterSource(rater_selector(method, rule, selector, rater, num_candidates, temperature, seed, threads),
-                           generator)
+                           generator, prefetch=prefetch)
 
     factory.needs_rater = True
     register(method)(factory)
@@ -101,9 +136,9 @@ for _method, _rule in (("rater-argmax", "argmax"), ("rater-sample", "sample"), (
 @register("rater-kanneal")
 def rater_kanneal(generator: torch.Generator, steps: int, selector: Any = None, rater: str | Path | None = None,
                   num_candidates: int = 8, temperature: float = 1.0, seed: int = 0, threads: int = 1,
-                  kanneal_end: float = 0.5) -> NoiseSource:
+                  kanneal_end: float = 0.5, prefetch: str = "remote") -> NoiseSource:
     selector = rater_selector("rater-kanneal", "argmax", selector, rater, num_candidates, temperature, seed, threads)
-    return RaterSource(selector, generator, kanneal_schedule(num_candidates, steps, kanneal_end))
+    return RaterSource(selector, generator, kanneal_schedule(num_candidates, steps, kanneal_end), prefetch=prefetch)
 
 
 rater_kanneal.needs_rater = True

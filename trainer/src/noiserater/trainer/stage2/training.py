@@ -13,6 +13,12 @@ A method is the name of a source in `noiserater.client.sources.REGISTRY`: the pe
 `immiscible`, `immiscible-knn`, `min-snr`), the rater rules of `stage2.sources` (`rater-argmax`,
 `rater-sample`, `rater-assign`, `rater-kanneal`) and whatever else is registered. The loop only calls
 `source.sample(x0, t, step)` and `source.loss_weights(t)`; `source_options` are what every source is built from.
+A source that has `prefetch(x0, t, step)` (a rater's, see `stage2.sources.RaterSource`) is handed the next
+step's minibatch and timesteps right after this step's `sample`, so its selection overlaps this step's
+training; the loop then draws each minibatch one step early, in the same order, so results do not change.
+`Stage2Config.prefetch` says which selections start early: "remote" (the default: a rater server's, whose
+round trip then costs the step nothing), "all" (an in-process rater's too, on a thread of its own: worth it
+when a core is free, or when the denoiser trains on a GPU) or "off".
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ from torch import nn
 
 from noiserater.client.sources import NoiseSource, SourceError, make_source
 from noiserater.trainer.stage2.metrics import EVAL_SEED, FixedEval, SampleQuality
-from noiserater.trainer.stage2.sources import Stage2Error
+from noiserater.trainer.stage2.sources import PREFETCH, Stage2Error
+from noiserater.trainer.stage2.sweep import NfeSweep
 from noiserater.trainer.stage2.variants import Wrap
 from noiserater.trainer.substrate.data import DataSplits
 from noiserater.trainer.substrate.denoisers import build_denoiser
-from noiserater.trainer.substrate.diffusion import NoiseSchedule, ddpm_sample, per_sample_loss
+from noiserater.trainer.substrate.diffusion import Schedule, ddpm_sample, make_schedule, per_sample_loss
+from noiserater.trainer.substrate.samplers import SamplerError, check_sampler
 
 __all__ = ["EvalContext", "Stage2Config", "Stage2Error", "Stage2Result", "build_source", "source_options",
            "steps_to_reach", "train_stage2"]
@@ -49,17 +57,26 @@ class Stage2Config:
     k: int = 8  # candidates per sample for the rater's argmax/sample/kanneal and for immiscible-knn
     temperature: float = 1.0  # rater-sample's softmax temperature
     kanneal_end: float = 0.5  # rater-kanneal: K reaches 1 at this fraction of the run
+    ot_reg: float = 0.05  # ot-sinkhorn: entropic regularisation relative to the mean cost (0: exact OT)
+    ot_subbatch: int = 0  # ot-subbatch: exact OT within sub-batches of this size (1: independent; 0: whole batch)
     num_timesteps: int = 1000
     schedule: str = "linear"
+    objective: str = "eps"  # eps: VP DDPM, eps-prediction; flow: linear interpolant, velocity prediction
     denoiser: str = "auto"
     denoiser_kwargs: dict[str, Any] = field(default_factory=dict)
     eval_every: int = 0  # 0: about 20 points on the curve
     eval_repeats: int = 8  # fixed (t, eps) draws per held-out item
-    quality: bool = True  # draw samples and measure frechet / swd at the end
+    quality: bool = True  # eps only: draw ancestral samples and measure frechet / swd at the end
     sample_count: int = 0  # 0: as many samples as held-out items (so the metric's floor is comparable)
     sample_steps: int | None = None  # DDPM sampling steps (None: all T)
+    nfe: tuple[int, ...] = ()  # the few-step sweep (frechet@N, swd@N, straightness@N); () measures none
+    reference_nfe: int = 100  # the sweep's high-NFE reference
+    sampler: str = ""  # the sweep's sampler ("": the objective's deterministic one, DDIM or Euler)
+    sweep_count: int = 2000  # starting noises of the sweep, the same for every method and seed
+    primary_curve: bool = True  # with a sweep: the primary metric (frechet@4) at every evaluation point too
     device: str = "cpu"
     rater_threads: int = 1  # onnxruntime intra-op threads of the in-process rater (0: onnxruntime's default)
+    prefetch: str = "remote"  # which selections start a step early: remote, all (in-process too) or off
 
 
 @dataclass
@@ -72,6 +89,7 @@ class Stage2Result:
     metrics: dict[str, float]
     config: dict[str, Any]
     denoiser: nn.Module | None = None
+    curve_primary: list[float] = field(default_factory=list)  # frechet@4 at curve_steps (with a sweep)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -83,32 +101,59 @@ class Stage2Result:
 class EvalContext:
     """Everything measured the same way for every method on one dataset (built once, shared by runs)."""
 
-    schedule: NoiseSchedule
+    schedule: Schedule
     val: FixedEval
     test: FixedEval
     quality: SampleQuality | None
+    sweep: NfeSweep | None = None
 
     @classmethod
     def build(cls, data: DataSplits, cfg: Stage2Config) -> EvalContext:
-        schedule = NoiseSchedule(cfg.num_timesteps, cfg.schedule)
+        schedule = build_schedule(cfg)
         val = FixedEval(data.val, schedule, repeats=cfg.eval_repeats)
         test = FixedEval(data.test, schedule, repeats=cfg.eval_repeats, seed=EVAL_SEED + 1)
-        quality = SampleQuality(data) if cfg.quality else None
-        return cls(schedule, val, test, quality)
+        ancestral = cfg.quality and cfg.objective == "eps"
+        quality = SampleQuality(data) if ancestral or cfg.nfe else None
+        sweep = None
+        if cfg.nfe:
+            sweep = NfeSweep.build(quality, data.data_shape, count=cfg.sweep_count, nfes=cfg.nfe,
+                                   reference_nfe=cfg.reference_nfe, sampler=cfg.sampler or None)
+        return cls(schedule, val, test, quality if ancestral or sweep else None, sweep)
+
+
+def build_schedule(cfg: Stage2Config) -> Schedule:
+    """The config's schedule for its objective; a bad objective, schedule or sampler is a Stage2Error."""
+    try:
+        schedule = make_schedule(cfg.num_timesteps, cfg.schedule, cfg.objective)
+        check_sampler(cfg.objective, cfg.sampler or None)
+    except (ValueError, SamplerError) as exc:
+        raise Stage2Error(str(exc)) from None
+    return schedule
 
 
 def _seeded(seed: int, stream: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed * 1000 + stream)
 
 
-def source_options(cfg: Stage2Config, seed: int, device: torch.device, schedule: NoiseSchedule, *,
-                   selector: Any = None, rater: str | Path | None = None) -> dict[str, Any]:
+def source_options(cfg: Stage2Config, seed: int, device: torch.device, schedule: Schedule, *,
+                   selector: Any = None, rater: str | Path | None = None,
+                   model: nn.Module | None = None) -> dict[str, Any]:
     """Everything a registered source may take; `make_source` passes each factory only those it names:
     `generator` (this run's noise stream), `num_candidates`, `temperature`, `kanneal_end`, `steps`, `seed`,
-    `threads`, `snr` (the schedule's snr(t)), `selector` and `rater`."""
+    `threads`, `snr` (the schedule's snr(t)), `objective`, `selector`, `rater` and `prefetch`; the OT couplings'
+    `ot_reg` and `ot_subbatch`; `model` (the denoiser being trained) and `loss_fn` (x0, t, eps) -> [B], its per-sample
+    loss under this schedule without gradients, in whatever mode the loop has it in (None without a model)."""
+    loss_fn = None
+    if model is not None:
+        def loss_fn(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return per_sample_loss(model, schedule, x0, t, eps)
+
     return {"generator": _seeded(seed, 2, device), "num_candidates": cfg.k, "temperature": cfg.temperature,
             "kanneal_end": cfg.kanneal_end, "steps": cfg.steps, "seed": seed, "threads": cfg.rater_threads,
-            "snr": schedule.snr, "selector": selector, "rater": rater}
+            "snr": schedule.snr, "objective": cfg.objective, "selector": selector, "rater": rater,
+            "ot_reg": cfg.ot_reg, "ot_subbatch": cfg.ot_subbatch, "model": model, "loss_fn": loss_fn,
+            "prefetch": cfg.prefetch}
 
 
 def build_source(method: str, options: dict[str, Any], wrappers: Sequence[Wrap] = ()) -> NoiseSource:
@@ -137,9 +182,11 @@ def train_stage2(data: DataSplits, method: str, steps: int, seed: int, selector:
     cfg = Stage2Config(**{**asdict(config or Stage2Config()), "steps": int(steps)})
     if cfg.steps < 1:
         raise Stage2Error("steps: must be >= 1")
+    if cfg.prefetch not in PREFETCH:
+        raise Stage2Error(f"prefetch: {cfg.prefetch!r} is not one of {', '.join(PREFETCH)}")
     device = torch.device(cfg.device)
     ctx = context or EvalContext.build(data, cfg)
-    schedule = NoiseSchedule(cfg.num_timesteps, cfg.schedule).to(device)
+    schedule = build_schedule(cfg).to(device)
 
     rng_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -149,23 +196,33 @@ def train_stage2(data: DataSplits, method: str, steps: int, seed: int, selector:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     lr_at = lambda s: cfg.lr * (cfg.lr_final_fraction + (1 - cfg.lr_final_fraction)  # noqa: E731
                                 * 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
-    options = source_options(cfg, seed, device, schedule, selector=selector, rater=rater)
+    options = source_options(cfg, seed, device, schedule, selector=selector, rater=rater, model=model)
     source = build_source(method, options, wrappers)
     data_gen = _seeded(seed, 1, torch.device("cpu"))
     train = data.train
     eval_every = cfg.eval_every or max(1, cfg.steps // 20)
 
+    sweep = ctx.sweep
+    track_primary = sweep is not None and cfg.primary_curve
+    def draw_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, train.shape[0], (cfg.batch_size,), generator=data_gen)
+        return train[idx].to(device), schedule.sample_timesteps(cfg.batch_size, generator=data_gen).to(device)
+
+    prefetch = getattr(source, "prefetch", None) if cfg.prefetch != "off" else None
+    upcoming = None  # the next step's (x0, t), drawn early for prefetch
     curve_steps, curve_val = [0], [ctx.val.loss(model)]
+    curve_primary = [sweep.primary(model, schedule)] if track_primary else []
     select_s = train_s = 0.0
     sq_norm = cosine = train_loss_ema = 0.0
     model.train()
     for step in range(cfg.steps):
         t_start = time.perf_counter()
-        idx = torch.randint(0, train.shape[0], (cfg.batch_size,), generator=data_gen)
-        x0 = train[idx].to(device)
-        t = schedule.sample_timesteps(cfg.batch_size, generator=data_gen).to(device)
+        x0, t = upcoming if upcoming is not None else draw_batch()
         t_sel = time.perf_counter()
         eps = source.sample(x0, t, step)
+        if prefetch is not None and step + 1 < cfg.steps:
+            upcoming = draw_batch()
+            prefetch(*upcoming, step + 1)
         select_s += time.perf_counter() - t_sel
         losses = per_sample_loss(model, schedule, x0, t, eps)
         w = source.loss_weights(t)
@@ -186,6 +243,8 @@ def train_stage2(data: DataSplits, method: str, steps: int, seed: int, selector:
         if (step + 1) % eval_every == 0 or step + 1 == cfg.steps:
             curve_steps.append(step + 1)
             curve_val.append(ctx.val.loss(model))
+            if track_primary:
+                curve_primary.append(sweep.primary(model, schedule))
         if progress is not None:
             progress(1)
 
@@ -198,7 +257,9 @@ def train_stage2(data: DataSplits, method: str, steps: int, seed: int, selector:
         "noise_sq_norm_per_dim": sq_norm / cfg.steps,
         "noise_cosine_with_x0": cosine / cfg.steps,
     }
-    if ctx.quality is not None:
+    if sweep is not None:
+        metrics.update(sweep.measure(model, schedule))
+    if ctx.quality is not None and cfg.quality and cfg.objective == "eps":
         count = cfg.sample_count or ctx.quality.heldout_count
         gen = torch.Generator().manual_seed(EVAL_SEED + seed)
         model.eval()
@@ -206,7 +267,7 @@ def train_stage2(data: DataSplits, method: str, steps: int, seed: int, selector:
                               steps=cfg.sample_steps)
         metrics.update(ctx.quality.measure(samples.cpu()))
     return Stage2Result(method, seed, cfg.steps, curve_steps, curve_val, metrics, asdict(cfg),
-                        model if keep_model else None)
+                        model if keep_model else None, curve_primary)
 
 
 def steps_to_reach(curve_steps: list[int], curve_values: list[float], target: float) -> int | None:

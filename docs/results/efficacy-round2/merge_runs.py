@@ -1,0 +1,73 @@
+"""Write one report from the runs that `nrctl bench train` logged (OUT/runs.jsonl, a line per finished run) in
+one or more benchmark folders of the same dataset, objective and budget, as if one invocation had run them.
+
+Used when a bench was stopped before its end (the study's were, to fit the machine's time): only the seeds
+that every method finished are kept, so the comparison stays paired. Runs are paired by seed exactly as in one
+invocation (per seed, the same init, batches and timesteps); a folder's uniform runs must agree with another's
+in every non-timing value, else the join is refused.
+
+    python docs/results/efficacy-round2/merge_runs.py OUT IN1 [IN2 ...] --plugin docs/results/efficacy-round2/raters.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from noiserater.trainer.bench.train import BASELINE, BenchRuns
+from noiserater.trainer.bench.train_report import write_report
+from noiserater.trainer.stage2.sources import load_plugin
+from noiserater.trainer.stage2.training import EvalContext, Stage2Config, Stage2Result
+from noiserater.trainer.substrate.data import load_dataset
+
+TIMING = ("ms_per_step", "selection_ms_per_step")
+
+
+def comparable(result: dict) -> tuple:
+    return {k: v for k, v in result["metrics"].items() if k not in TIMING}, result["curve_val_loss"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("inputs", type=Path, nargs="+")
+    parser.add_argument("--plugin", action="append", default=[])
+    parser.add_argument("--command", default="", help="The commands that made the inputs, for the report.")
+    parser.add_argument("--dataset", default="", help="Default: the one the runs name in their config.")
+    args = parser.parse_args()
+    for plugin in args.plugin:
+        load_plugin(plugin)
+    records = [json.loads(line) for d in args.inputs for line in (d / "runs.jsonl").read_text().splitlines()
+               if line.strip()]
+    if not records:
+        sys.exit("no finished runs")
+    by_method: dict[str, dict[int, dict]] = {}
+    for r in records:
+        seen = by_method.setdefault(r["method"], {}).get(r["seed"])
+        if seen is not None and comparable(seen) != comparable(r):
+            sys.exit(f"{r['method']} seed {r['seed']} differs between the folders: not the same setup")
+        by_method[r["method"]][r["seed"]] = r
+    if BASELINE not in by_method:
+        sys.exit("uniform did not finish any seed")
+    seeds = sorted(set.intersection(*(set(s) for s in by_method.values())))
+    if not seeds:
+        sys.exit("no seed finished for every method")
+    config = records[0]["config"]
+    for r in records:
+        if {k: v for k, v in r["config"].items() if k != "k"} != {k: v for k, v in config.items() if k != "k"}:
+            sys.exit(f"{r['method']} seed {r['seed']} ran with other settings")
+    methods = [BASELINE, *dict.fromkeys(r["method"] for r in records if r["method"] != BASELINE)]
+    runs = {m: [Stage2Result(**by_method[m][s]) for s in seeds] for m in methods}
+    cfg = Stage2Config(**config)
+    data = load_dataset(args.dataset or "digits")
+    bench = BenchRuns(data, methods, seeds, cfg.steps, cfg, None, EvalContext.build(data, cfg), runs, 0.0)
+    dropped = sorted({s for per in by_method.values() for s in per} - set(seeds))
+    note = f" (seeds {dropped} left out: not finished by every method)" if dropped else ""
+    write_report(bench, args.out, command=args.command + note)
+    print(f"{args.out}: {len(methods)} methods x seeds {seeds}{note}")
+
+
+if __name__ == "__main__":
+    main()
