@@ -34,7 +34,7 @@ from noiserater.server.config import ENV_PREFIX, ConfigError, ServerConfig
 
 WORKER_ENV = ENV_PREFIX + "WORKER"  # "<index>,<ready fd>,<go fd>,<shared slots dir>" in a worker's environment
 ADMIN_REFUSED = ("admin RPCs are refused while the server runs several workers (--workers), each with its own "
-                 "models: change the repository and restart, or run one worker")
+                 "models: change the repository (picked up with --repository-poll-s) or restart, or run one worker")
 
 
 @dataclasses.dataclass(frozen=True)
