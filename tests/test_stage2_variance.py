@@ -107,11 +107,13 @@ def test_parts_and_ceiling_match_the_closed_form():
     mu = torch.linspace(-1.5, 1.5, T)
     train = torch.tensor([[-1.0], [-0.5], [0.0], [0.5], [1.0]])
     result = measure_variance(ConstantNet(1, w), ToySchedule(mu, sigma), train,
-                              VarianceConfig(n_t=T, n_x0=64, n_eps=64, buckets=2, k=(4,), chunk=4096, seed=3))
+                              VarianceConfig(n_t=T, n_x0=256, n_eps=16, buckets=2, k=(4,), chunk=4096, seed=1))
     g = result["gradient"]
-    assert g["t"] == pytest.approx(4 * float(mu.var(unbiased=False)), rel=0.15)
-    assert g["x0"] == pytest.approx(4 * float(train.var(unbiased=False)), rel=0.15)
-    assert g["eps"] == pytest.approx(4 * sigma**2, rel=0.05)
+    # the seed's draws land within 2% here (the spread over seeds is about 5%); the textbook t estimator for
+    # independent timesteps would read 8/7 of it
+    assert g["t"] == pytest.approx(4 * float(mu.var(unbiased=False)), rel=0.07)
+    assert g["x0"] == pytest.approx(4 * float(train.var(unbiased=False)), rel=0.07)
+    assert g["eps"] == pytest.approx(4 * sigma**2, rel=0.03)
 
     def folded_var(m: float, s: float) -> float:  # Var|Z|, Z ~ N(m, s^2)
         mean_abs = s * math.sqrt(2 / math.pi) * math.exp(-m * m / (2 * s * s)) + m * (1 - 2 * norm.cdf(-m / s))
