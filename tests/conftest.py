@@ -18,6 +18,17 @@ from support import export_random_rater, free_port
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (stage-1 runs are deterministic per thread count and faster so)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
     """URL of a redis-server started for this test session on a free port (stopped afterwards)."""

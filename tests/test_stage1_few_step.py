@@ -9,6 +9,7 @@ import math
 import onnx
 import pytest
 import torch
+from support import tiny_stage1
 
 from noiserater.trainer.stage1.export import export_rater
 from noiserater.trainer.stage1.grad_norm import grad_norm_regression, log_target, per_sample_grad_norms
@@ -25,17 +26,8 @@ from noiserater.trainer.substrate.data import load_dataset
 from noiserater.trainer.substrate.denoisers import build_denoiser
 from noiserater.trainer.substrate.diffusion import make_schedule, per_sample_loss
 
-TINY = {"batch_size": 16, "val_batch_size": 32, "population": 2, "num_timesteps": 100,
-        "denoiser_kwargs": {"hidden": 32, "depth": 1}, "rater_kwargs": {"hidden": 16}, "log_every": 1,
-        "checkpoint_every": 100}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+TINY = tiny_stage1(batch_size=16)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(objective="eps", shape=(64,), seed=0):
@@ -176,6 +168,7 @@ def test_the_grad_norm_regression_falls_on_a_toy():
     ("through-assignment", {"selection_horizon": 2},
      ("outer_loss_learned", "outer_loss_uniform", "choice_entropy", "inner_loss")),
     ("grad-norm", {}, ("grad_norm_mse", "grad_norm_corr", "inner_loss")),
+    ("denoiser-error", {"objective": "flow"}, ("inner_loss", "val_loss")),
 ])
 def test_a_tiny_run_of_each_exports(tmp_path, meta_objective, extra, logged):
     cfg = TrainConfig(dataset="digits", steps=2, meta_objective=meta_objective, **extra, **TINY)
@@ -198,8 +191,10 @@ def test_a_tiny_run_of_each_exports(tmp_path, meta_objective, extra, logged):
 
 def test_the_meta_objective_options_are_checked():
     with pytest.raises(ValueError, match="--meta-objective must be one of soft-weights, through-selection, "
-                                         "through-assignment, grad-norm"):
+                                         "through-assignment, grad-norm, denoiser-error"):
         TrainConfig(meta_objective="maml").validate()
+    with pytest.raises(ValueError, match="trains a rater of its own kind, not 'conv'"):
+        TrainConfig(meta_objective="denoiser-error", rater="conv").validate()
     with pytest.raises(ValueError, match="selection_candidates must be >= 2"):
         TrainConfig(meta_objective="through-selection", selection_candidates=1).validate()
 
@@ -215,3 +210,26 @@ def test_a_through_selection_run_resumes_exactly(tmp_path):
     resumed, _ = load_rater(tmp_path / "resumed")
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("objective", ["eps", "flow"])
+def test_the_denoiser_error_rater_trains_its_denoiser_and_scores_minus_its_loss(tmp_path, objective):
+    """Its denoiser learns (held-out loss falls), and the exported rater's score is minus that denoiser's loss
+    under the objective it was trained for, so its argmax is the candidate the denoiser explains best."""
+    settings = {**TINY, "log_every": 10, "batch_size": 64}
+    train_rater(TrainConfig(dataset="moons", steps=150, meta_objective="denoiser-error", objective=objective,
+                            **settings), tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    assert rows[-1]["val_loss"] < 0.8 * rows[0]["val_loss"]
+    rater, info = load_rater(tmp_path / "run")
+    assert info["kind"] == "denoiser-error" and info["rater_kwargs"]["objective"] == objective
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.rand((40, 2), generator=gen) * 2 - 1
+    t = torch.randint(0, 100, (40,), generator=gen)
+    eps = torch.randn((40, 2), generator=gen)
+    schedule = make_schedule(100, "linear", objective)
+    with torch.no_grad():
+        expected = -per_sample_loss(rater.denoiser, schedule, x0, t, eps)
+        assert torch.allclose(rater(x0, t, eps), expected)
+    report = export_rater(rater, tmp_path / "rater.onnx", objective=objective, meta_objective="denoiser-error")
+    assert report.max_abs_diff <= 1e-4

@@ -9,22 +9,14 @@ import json
 import onnx
 import pytest
 import torch
+from support import tiny_stage1
 
 from noiserater.core import scoring
 from noiserater.trainer.stage1.rater import load_rater
 from noiserater.trainer.stage1.train import CONFIG_FILE, ConfigMismatchError, TrainConfig, train_rater
 
-TINY = {"batch_size": 32, "val_batch_size": 64, "population": 2, "num_timesteps": 100,
-        "denoiser_kwargs": {"hidden": 32, "depth": 1}, "rater_kwargs": {"hidden": 16}, "log_every": 1,
-        "checkpoint_every": 100}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+TINY = tiny_stage1(batch_size=32)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,16 @@ from pathlib import Path
 
 from noiserater.trainer.bench.local_server import free_port
 
-__all__ = ["DIGITS_SHAPE", "TINY_TIMESTEPS", "SelectStream", "export_random_rater", "free_port", "select_in_process"]
+__all__ = ["DIGITS_SHAPE", "TINY_TIMESTEPS", "SelectStream", "export_random_rater", "free_port", "select_in_process",
+           "tiny_stage1"]
+
+
+def tiny_stage1(batch_size: int, **overrides) -> dict:
+    """Stage-1 settings for runs of a few meta steps in tests: small models, T = 100, every step logged, the
+    checkpoint written only at the end."""
+    return {"batch_size": batch_size, "val_batch_size": 2 * batch_size, "population": 2, "num_timesteps": 100,
+            "denoiser_kwargs": {"hidden": 32, "depth": 1}, "rater_kwargs": {"hidden": 16}, "log_every": 1,
+            "checkpoint_every": 100, **overrides}
 
 DIGITS_SHAPE = (64,)
 TINY_TIMESTEPS = 100

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from noiserater.trainer.bench.train import BASELINE, BenchRuns
@@ -35,7 +36,8 @@ def main() -> None:
     parser.add_argument("inputs", type=Path, nargs="+")
     parser.add_argument("--plugin", action="append", default=[])
     parser.add_argument("--command", default="", help="The commands that made the inputs, for the report.")
-    parser.add_argument("--dataset", default="", help="Default: the one the runs name in their config.")
+    parser.add_argument("--dataset", default="digits", help="The dataset the runs trained on (default digits).")
+    parser.add_argument("--rater", default="", help="The rater(s) the rater methods used, for the report.")
     args = parser.parse_args()
     for plugin in args.plugin:
         load_plugin(plugin)
@@ -54,15 +56,21 @@ def main() -> None:
     seeds = sorted(set.intersection(*(set(s) for s in by_method.values())))
     if not seeds:
         sys.exit("no seed finished for every method")
-    config = records[0]["config"]
+    defaults = asdict(Stage2Config())  # a setting added after a run was logged had its default value then
+
+    def settings(r: dict) -> dict:
+        return {k: v for k, v in {**defaults, **r["config"]}.items() if k != "k"}
+
+    config = {**defaults, **records[0]["config"]}
     for r in records:
-        if {k: v for k, v in r["config"].items() if k != "k"} != {k: v for k, v in config.items() if k != "k"}:
+        if settings(r) != settings(records[0]):
             sys.exit(f"{r['method']} seed {r['seed']} ran with other settings")
     methods = [BASELINE, *dict.fromkeys(r["method"] for r in records if r["method"] != BASELINE)]
     runs = {m: [Stage2Result(**by_method[m][s]) for s in seeds] for m in methods}
     cfg = Stage2Config(**config)
-    data = load_dataset(args.dataset or "digits")
-    bench = BenchRuns(data, methods, seeds, cfg.steps, cfg, None, EvalContext.build(data, cfg), runs, 0.0)
+    data = load_dataset(args.dataset)
+    bench = BenchRuns(data, methods, seeds, cfg.steps, cfg, args.rater or None, EvalContext.build(data, cfg), runs,
+                      0.0)
     dropped = sorted({s for per in by_method.values() for s in per} - set(seeds))
     note = f" (seeds {dropped} left out: not finished by every method)" if dropped else ""
     write_report(bench, args.out, command=args.command + note)

@@ -21,6 +21,7 @@ class MetaObjective(StrEnum):  # noiserater.trainer.stage1.train.META_OBJECTIVES
     through_selection = "through-selection"
     through_assignment = "through-assignment"
     grad_norm = "grad-norm"
+    denoiser_error = "denoiser-error"
 
 
 class Denoiser(StrEnum):

@@ -49,8 +49,9 @@ def train_rater(
                                                  "soft-weights (one virtual step, weighted loss), "
                                                  "through-selection (H real steps on its Gumbel-softmax "
                                                  "picks), through-assignment (the same through the batch's "
-                                                 "assignment) or grad-norm (log per-sample gradient norm, for "
-                                                 "importance-weighted selection).",
+                                                 "assignment), grad-norm (log per-sample gradient norm, for "
+                                                 "importance-weighted selection) or denoiser-error (minus the "
+                                                 "loss of a denoiser trained on Gaussian noise for --steps).",
                                                  show_default="soft-weights, or the run's"),
     selection_candidates: int = typer.Option(None, "--selection-candidates", help="through-selection: K "
                                              "candidate noises per sample.", show_default="8"),
@@ -100,6 +101,8 @@ def train_rater(
                                     f"{spread}")
         elif "grad_norm_corr" in row:
             bar.update(task, status=f"log-grad-norm mse {row['grad_norm_mse']:.3f} corr {row['grad_norm_corr']:+.2f}")
+        elif "val_loss" in row:
+            bar.update(task, status=f"denoiser val loss {row['val_loss']:.4f}")
         bar.update(task, completed=step)
 
     try:

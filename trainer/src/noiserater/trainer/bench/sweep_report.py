@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from noiserater.trainer.bench.train import BASELINE, BenchRuns
-from noiserater.trainer.stage2.sources import needs_rater
+from noiserater.trainer.stage2.sources import is_rater_method
 from noiserater.trainer.stage2.sweep import PRIMARY, SWEEP_METRICS
 from noiserater.trainer.stage2.training import steps_to_reach
 
@@ -115,7 +115,7 @@ def goal(bench: BenchRuns, report: dict[str, Any], family: list[dict[str, Any]],
     seeds = len(bench.seeds)
     ref_metric = f"frechet@{reference_nfe}"
     for method in bench.methods:
-        if not needs_rater(method):
+        if not is_rater_method(method):
             continue
         vs_uniform = _find(family, method, BASELINE, PRIMARY)
         vs_ot = _find(family, method, best_ot, PRIMARY) if best_ot else None

@@ -33,7 +33,7 @@ import torch
 
 from noiserater.trainer.bench import sweep_report
 from noiserater.trainer.bench.train import BASELINE, BenchRuns
-from noiserater.trainer.stage2.sources import needs_rater
+from noiserater.trainer.stage2.sources import is_rater_method
 from noiserater.trainer.stage2.training import Stage2Result, steps_to_reach
 
 QUALITY_METRICS = ("val_loss", "test_loss", "frechet", "swd")  # lower is better; paired against uniform
@@ -93,7 +93,7 @@ def _paired_against(report: dict[str, Any], methods: Sequence[str], against: str
 
 def build_details(bench: BenchRuns, report: dict[str, Any], command: str = "") -> dict[str, Any]:
     methods, data, q = bench.methods, bench.data, bench.context.quality
-    raters = [m for m in methods if needs_rater(m)]
+    raters = [m for m in methods if is_rater_method(m)]
     vs_uniform = _paired_against(report, [m for m in methods if m != BASELINE], BASELINE)
     vs_knn = _paired_against(report, raters, KNN) if KNN in methods else {}
     goal = {method: goal_status(vs_uniform[method], vs_knn.get(method), len(bench.seeds)) for method in raters}

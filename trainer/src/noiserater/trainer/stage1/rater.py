@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from noiserater.trainer.substrate.denoisers import TimeConditioned
-from noiserater.trainer.substrate.diffusion import timestep_embedding
+from noiserater.trainer.substrate.denoisers import TimeConditioned, build_denoiser
+from noiserater.trainer.substrate.diffusion import make_schedule, per_sample_loss, timestep_embedding
 
 
 class VectorRater(TimeConditioned):
@@ -69,7 +69,31 @@ class ImageRater(TimeConditioned):
         return self.head(h).squeeze(1)
 
 
-RATER_KINDS: dict[str, type[nn.Module]] = {"mlp": VectorRater, "conv": ImageRater}
+class DenoiserErrorRater(nn.Module):
+    """Score = minus a frozen denoiser's loss on the triple: -mean((f(x_t, t) - target)^2) for the objective
+    (and schedule) it was trained with. Its argmax over K candidates is the candidate the denoiser already
+    explains best, the pairing of a model-aligned coupling, but with a fixed, fully trained denoiser instead
+    of the model being trained, so it can be exported and served like any rater. Rating K candidates costs K
+    forward passes of that denoiser.
+
+    The keyword arguments say which denoiser (`denoiser`, `denoiser_kwargs`) and which loss (`objective`,
+    `schedule`); they are stored with the rater so that `build_rater` rebuilds the same network."""
+
+    def __init__(self, data_shape: tuple[int, ...], num_timesteps: int, objective: str = "eps",
+                 schedule: str = "linear", denoiser: str = "auto", denoiser_kwargs: dict[str, Any] | None = None):
+        super().__init__()
+        self.data_shape = tuple(data_shape)
+        self.num_timesteps = num_timesteps
+        self.denoiser = build_denoiser(self.data_shape, denoiser, num_timesteps=num_timesteps,
+                                       **(denoiser_kwargs or {}))
+        self.schedule = make_schedule(num_timesteps, schedule, objective)
+
+    def forward(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        return -per_sample_loss(self.denoiser, self.schedule.to(x0.device), x0, t, eps)
+
+
+RATER_KINDS: dict[str, type[nn.Module]] = {"mlp": VectorRater, "conv": ImageRater,
+                                           "denoiser-error": DenoiserErrorRater}
 
 
 def default_rater_kind(data_shape: tuple[int, ...]) -> str:

@@ -12,7 +12,10 @@ phase of training) contributes a gradient for the rater and trains for real. Wha
   its samples; Hungarian forward, Gumbel-Sinkhorn backward), so both marginals are kept;
 - "grad-norm": regression of the score on the log per-sample gradient norm, the proposal that minimises the
   variance of stage 2's importance-weighted rule (`noiserater.trainer.stage1.grad_norm`), then one plain
-  Adam step.
+  Adam step;
+- "denoiser-error": the rater is a denoiser of its own, trained on plain Gaussian noise for `steps` Adam steps,
+  and scores a triple by minus its loss on it (`noiserater.trainer.stage1.rater.DenoiserErrorRater`): a frozen
+  model-aligned coupling. No population is used; `denoiser`/`denoiser_kwargs` shape that denoiser.
 The inner models train on the `objective`'s loss: "eps" (VP DDPM, eps prediction) or "flow" (the linear
 interpolant, velocity prediction; see `noiserater.trainer.substrate.diffusion`).
 
@@ -82,9 +85,9 @@ RUN_FOLDERS = (PRETRAINED_DIR, TENSORBOARD_DIR)  # these folders
 EXISTING_MODES = ("check", "resume", "overwrite")
 MAY_CHANGE_ON_RESUME = ("steps", "device")  # a resumed run may be extended or moved
 LOGGERS = ("tensorboard",)
-SOFT_WEIGHTS, THROUGH_SELECTION, THROUGH_ASSIGNMENT, GRAD_NORM = (
-    "soft-weights", "through-selection", "through-assignment", "grad-norm")
-META_OBJECTIVES = (SOFT_WEIGHTS, THROUGH_SELECTION, THROUGH_ASSIGNMENT, GRAD_NORM)
+SOFT_WEIGHTS, THROUGH_SELECTION, THROUGH_ASSIGNMENT, GRAD_NORM, DENOISER_ERROR = (
+    "soft-weights", "through-selection", "through-assignment", "grad-norm", "denoiser-error")
+META_OBJECTIVES = (SOFT_WEIGHTS, THROUGH_SELECTION, THROUGH_ASSIGNMENT, GRAD_NORM, DENOISER_ERROR)
 
 log = logging.getLogger("noiserater.trainer.stage1")
 
@@ -152,6 +155,8 @@ class TrainConfig:
         if self.meta_objective not in META_OBJECTIVES:
             raise ValueError(f"--meta-objective must be one of {', '.join(META_OBJECTIVES)}, "
                              f"got {self.meta_objective!r}")
+        if self.meta_objective == DENOISER_ERROR and self.rater not in ("auto", DENOISER_ERROR):
+            raise ValueError(f"--meta-objective {DENOISER_ERROR} trains a rater of its own kind, not {self.rater!r}")
         if self.selection_candidates < 2:
             raise ValueError(f"selection_candidates must be >= 2, got {self.selection_candidates}")
         if self.selection_horizon < 1:
@@ -206,14 +211,21 @@ class MetaTrainer:
         self.schedule = make_schedule(cfg.num_timesteps, cfg.schedule, cfg.objective).to(device)
         self.train_x = data.train.to(device)
         self.val_x = data.val.to(device)
-        self.rater_kind = cfg.rater if cfg.rater != "auto" else default_rater_kind(data.data_shape)
+        if cfg.meta_objective == DENOISER_ERROR:
+            self.rater_kind = DENOISER_ERROR
+            self.rater_kwargs = {"objective": cfg.objective, "schedule": cfg.schedule, "denoiser": cfg.denoiser,
+                                 "denoiser_kwargs": dict(cfg.denoiser_kwargs)}
+        else:
+            self.rater_kind = cfg.rater if cfg.rater != "auto" else default_rater_kind(data.data_shape)
+            self.rater_kwargs = dict(cfg.rater_kwargs)
         with torch.random.fork_rng(devices=[]):  # same rater initialisation on every rank; global RNG untouched
             torch.manual_seed(cfg.seed)
-            rater = build_rater(self.rater_kind, data.data_shape, cfg.num_timesteps, **cfg.rater_kwargs)
+            rater = build_rater(self.rater_kind, data.data_shape, cfg.num_timesteps, **self.rater_kwargs)
         self.rater = rater.to(device)
         self.rater_opt = torch.optim.Adam(self.rater.parameters(), lr=cfg.rater_lr)
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + 17 + rank)  # this rank's data and resets
-        self.members = [Member(self._fresh_denoiser(), cfg.inner_lr) for _ in range(cfg.population)]
+        population = 0 if cfg.meta_objective == DENOISER_ERROR else cfg.population
+        self.members = [Member(self._fresh_denoiser(), cfg.inner_lr) for _ in range(population)]
         self.step_count = 0
         self.wall_seconds = 0.0  # over all calls that trained this run
         if world > 1:
@@ -252,6 +264,8 @@ class MetaTrainer:
         def record(key: str, value: float) -> None:
             stats.setdefault(key, []).append(value)
 
+        if cfg.meta_objective == DENOISER_ERROR:
+            self._denoiser_error_step(evaluate, record)
         for i, member in enumerate(self.members):
             if self._reset_due(i):
                 self.members[i] = member = Member(self._fresh_denoiser(), cfg.inner_lr)
@@ -335,6 +349,20 @@ class MetaTrainer:
         if evaluate:
             record("grad_norm_corr", result.corr)
         self._real_step(member, batch, result.mean_grad)
+
+    def _denoiser_error_step(self, evaluate: bool, record: Callable[[str, float], None]) -> None:
+        """One gradient of the rater's own denoiser on its loss under plain Gaussian noise (the rater's Adam
+        step follows in `step`)."""
+        cfg = self.cfg
+        denoiser = self.rater.denoiser
+        x0, t, eps = self._batch(self.train_x, cfg.batch_size)
+        loss = per_sample_loss(denoiser, self.schedule, x0, t, eps).mean()
+        (loss / self.world).backward()
+        record("inner_loss", float(loss.detach()))
+        if evaluate:
+            with torch.no_grad():
+                record("val_loss", float(per_sample_loss(denoiser, self.schedule,
+                                                         *self._batch(self.val_x, cfg.val_batch_size)).mean()))
 
     def _real_step(self, member: Member, batch, grads) -> None:
         """One Adam step of the inner model on the rater-weighted loss (gradient reused from the meta step)."""
@@ -480,11 +508,21 @@ def last_quarter_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
 def _grad_norm_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
     evaluated = [r for r in rows if "grad_norm_corr" in r]
     if not evaluated:
-        return {}
+        return _denoiser_error_summary(rows)
     last_step = max(r["step"] for r in evaluated)
     tail = [r for r in evaluated if r["step"] > 0.75 * last_step] or evaluated[-1:]
     return {"last_quarter_grad_norm_mse": sum(r["grad_norm_mse"] for r in tail) / len(tail),
             "last_quarter_grad_norm_corr": sum(r["grad_norm_corr"] for r in tail) / len(tail),
+            "last_quarter_points": len(tail)}
+
+
+def _denoiser_error_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    evaluated = [r for r in rows if "val_loss" in r]
+    if not evaluated:
+        return {}
+    last_step = max(r["step"] for r in evaluated)
+    tail = [r for r in evaluated if r["step"] > 0.75 * last_step] or evaluated[-1:]
+    return {"last_quarter_denoiser_val_loss": sum(r["val_loss"] for r in tail) / len(tail),
             "last_quarter_points": len(tail)}
 
 
@@ -533,7 +571,7 @@ def plot_curves(out: str | Path) -> Path | None:
 def _plot_grad_norm(out: str | Path) -> Path | None:
     rows = [r for r in read_metrics(out) if "grad_norm_mse" in r]
     if not rows:
-        return None
+        return _plot_denoiser_error(out)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -548,6 +586,28 @@ def _plot_grad_norm(out: str | Path) -> Path | None:
     axes[1].set_title("correlation of score and log grad norm")
     for ax in axes:
         ax.set_xlabel("meta step")
+    fig.tight_layout()
+    path = Path(out) / PLOT_FILE
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _plot_denoiser_error(out: str | Path) -> Path | None:
+    rows = [r for r in read_metrics(out) if "val_loss" in r]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in rows], [r["inner_loss"] for r in rows], label="train batch")
+    ax.plot([r["step"] for r in rows], [r["val_loss"] for r in rows], label="held-out batch")
+    ax.set_title("the rater's denoiser: loss under Gaussian noise")
+    ax.set_xlabel("step")
+    ax.legend()
     fig.tight_layout()
     path = Path(out) / PLOT_FILE
     fig.savefig(path, dpi=100)
@@ -641,10 +701,10 @@ def train_rater(cfg: TrainConfig, out: str | Path, progress: Callable[[int, int,
                                "world_size": world, "device": str(device), "wall_seconds": round(wall, 2),
                                "train_seconds_total": round(trainer.wall_seconds, 2)}
     if rank == 0:
-        rater_cpu = build_rater(trainer.rater_kind, data.data_shape, cfg.num_timesteps, **cfg.rater_kwargs)
+        rater_cpu = build_rater(trainer.rater_kind, data.data_shape, cfg.num_timesteps, **trainer.rater_kwargs)
         rater_cpu.load_state_dict({k: v.cpu() for k, v in trainer.rater.state_dict().items()})
         description = {"dataset": cfg.dataset, "schedule": cfg.schedule, "objective": cfg.objective,
-                       "meta_objective": cfg.meta_objective, "rater_kwargs": cfg.rater_kwargs,
+                       "meta_objective": cfg.meta_objective, "rater_kwargs": trainer.rater_kwargs,
                        "provenance": _provenance(cfg, trainer)}
         save_rater(out / RATER_FILE, rater_cpu, trainer.rater_kind, **description)
         save_pretrained(out / PRETRAINED_DIR, rater_cpu, trainer.rater_kind, **description)

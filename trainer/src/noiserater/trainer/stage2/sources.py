@@ -10,7 +10,8 @@
 
 A factory that needs a rater says so with `needs_rater = True` (`needs_rater(name)` reads it), so a harness
 knows before it trains which methods need one; such a factory receives `rater` and `selector` among its
-options. `load_plugin` imports a module that registers more sources (`nrctl bench train --plugin`).
+options. Reports compare every rater method (`is_rater_method`: those, and any source named `rater-...`)
+against the goal. `load_plugin` imports a module that registers more sources (`nrctl bench train --plugin`).
 """
 
 from __future__ import annotations
@@ -34,9 +35,15 @@ class Stage2Error(SourceError):
 
 
 def needs_rater(name: str) -> bool:
-    """Whether the source registered as `name` selects with a rater (its factory's `needs_rater`)."""
+    """Whether the source registered as `name` selects with the harness's rater (its factory's `needs_rater`)."""
     factory = REGISTRY.get(name)
     return bool(getattr(factory, "needs_rater", False))
+
+
+def is_rater_method(name: str) -> bool:
+    """Whether reports treat `name` as a rater method: it selects with the harness's rater, or it is named
+    `rater-...` (a plugin's method bound to a rater file of its own)."""
+    return needs_rater(name) or name.startswith("rater-")
 
 
 def kanneal_schedule(k: int, steps: int, end_fraction: float) -> Callable[[int], int]:

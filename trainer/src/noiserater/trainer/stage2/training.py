@@ -137,12 +137,13 @@ def _seeded(seed: int, stream: int, device: torch.device) -> torch.Generator:
 
 def source_options(cfg: Stage2Config, seed: int, device: torch.device, schedule: Schedule, *,
                    selector: Any = None, rater: str | Path | None = None,
-                   model: nn.Module | None = None) -> dict[str, Any]:
+                   model: nn.Module | None = None, data_shape: tuple[int, ...] = ()) -> dict[str, Any]:
     """Everything a registered source may take; `make_source` passes each factory only those it names:
     `generator` (this run's noise stream), `num_candidates`, `temperature`, `kanneal_end`, `steps`, `seed`,
     `threads`, `snr` (the schedule's snr(t)), `objective`, `selector`, `rater` and `prefetch`; the OT couplings'
     `ot_reg` and `ot_subbatch`; `model` (the denoiser being trained) and `loss_fn` (x0, t, eps) -> [B], its per-sample
-    loss under this schedule without gradients, in whatever mode the loop has it in (None without a model)."""
+    loss under this schedule without gradients, in whatever mode the loop has it in (None without a model); and
+    `data_shape`, the shape of one training item."""
     loss_fn = None
     if model is not None:
         def loss_fn(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -153,7 +154,7 @@ def source_options(cfg: Stage2Config, seed: int, device: torch.device, schedule:
             "kanneal_end": cfg.kanneal_end, "steps": cfg.steps, "seed": seed, "threads": cfg.rater_threads,
             "snr": schedule.snr, "objective": cfg.objective, "selector": selector, "rater": rater,
             "ot_reg": cfg.ot_reg, "ot_subbatch": cfg.ot_subbatch, "model": model, "loss_fn": loss_fn,
-            "prefetch": cfg.prefetch}
+            "prefetch": cfg.prefetch, "data_shape": tuple(data_shape)}
 
 
 def build_source(method: str, options: dict[str, Any], wrappers: Sequence[Wrap] = ()) -> NoiseSource:
@@ -196,7 +197,8 @@ def train_stage2(data: DataSplits, method: str, steps: int, seed: int, selector:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     lr_at = lambda s: cfg.lr * (cfg.lr_final_fraction + (1 - cfg.lr_final_fraction)  # noqa: E731
                                 * 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
-    options = source_options(cfg, seed, device, schedule, selector=selector, rater=rater, model=model)
+    options = source_options(cfg, seed, device, schedule, selector=selector, rater=rater, model=model,
+                             data_shape=data.data_shape)
     source = build_source(method, options, wrappers)
     data_gen = _seeded(seed, 1, torch.device("cpu"))
     train = data.train
