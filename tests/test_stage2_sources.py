@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from noiserater.client import peers
 from noiserater.client.sources import REGISTRY, make_source, names, register
-from noiserater.trainer.stage2.sources import Stage2Error, needs_rater
+from noiserater.trainer.stage2.sources import Stage2Error, is_rater_method, needs_rater
 from noiserater.trainer.stage2.training import Stage2Config, train_stage2
 from noiserater.trainer.stage2.variants import windowed
 from noiserater.trainer.substrate.data import load_dataset
@@ -85,6 +85,22 @@ def test_a_source_registered_here_trains_by_name(forget_sources):
     assert result.metrics["noise_sq_norm_per_dim"] == 0.0
     with pytest.raises(Stage2Error, match="unknown 'no-such-noise'"):
         train_stage2(load_dataset("digits"), "no-such-noise", 2, seed=0, config=Stage2Config(**TINY))
+
+
+def test_a_source_is_given_the_item_shape_and_a_rater_named_source_is_a_rater_method(forget_sources):
+    seen = []
+
+    @register("rater-shape-probe")
+    def probe(data_shape=()):
+        seen.append(data_shape)
+        return type("Gauss", (), {"sample": lambda self, x0, t, step: torch.randn_like(x0),
+                                  "loss_weights": lambda self, t: None})()
+
+    forget_sources.append("rater-shape-probe")
+    train_stage2(load_dataset("digits"), "rater-shape-probe", 1, seed=0, config=Stage2Config(**TINY))
+    assert seen == [(64,)]
+    assert is_rater_method("rater-shape-probe") and not needs_rater("rater-shape-probe")
+    assert is_rater_method("rater-argmax") and not is_rater_method("immiscible")
 
 
 def test_nrctl_bench_train_runs_a_plugin_source_by_name(tmp_path, forget_sources):
