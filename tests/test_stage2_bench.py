@@ -167,3 +167,34 @@ def test_a_rater_for_another_objective_is_refused(digits, rater_onnx):
     with pytest.raises(Stage2Error, match=r"trained for the eps objective, the run uses flow \(--objective eps\)"):
         run_bench(digits, ["uniform", "rater-argmax"], [0], 2, rater_onnx=rater_onnx,
                   config=Stage2Config(**{**TINY, "objective": "flow", "quality": False}))
+
+
+def test_cli_resume_keeps_logged_runs_and_refuses_other_settings(tmp_path):
+    """--resume trains only the method x seed pairs OUT/runs.jsonl lacks, and the report is the one a single
+    invocation writes; a logged run with other settings is refused in one line."""
+    from noiserater.cli.main import app
+
+    def bench(out, methods, *extra):
+        return CliRunner().invoke(app, ["bench", "train", "--methods", methods, "--seeds", "2", "--steps", "2",
+                                        "--out", str(out), "--batch-size", "8", "--no-quality", "--denoiser", "mlp",
+                                        "--threads", "1", *extra])
+
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert bench(whole, "uniform,immiscible").exit_code == 0
+    assert bench(part, "uniform").exit_code == 0
+    logged = (part / "runs.jsonl").read_text().splitlines()
+    assert len(logged) == 2
+    (part / "runs.jsonl").write_text(logged[0] + "\n")  # as if stopped after uniform seed 0
+    resumed = bench(part, "uniform,immiscible", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert len((part / "runs.jsonl").read_text().splitlines()) == 4  # 3 trained now, 1 kept
+    timing = ("ms_per_step", "selection_ms_per_step")
+    report_whole = json.loads((whole / "report.json").read_text())
+    report_part = json.loads((part / "report.json").read_text())
+    for method in ("uniform", "immiscible"):
+        for metric, entry in report_whole[method].items():
+            if metric not in timing:
+                assert report_part[method][metric]["seeds"] == entry["seeds"], (method, metric)
+    refused = bench(part, "uniform", "--resume", "--lr", "0.01")
+    assert refused.exit_code != 0 and "ran with other settings (lr)" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1

@@ -140,12 +140,21 @@ def bench_train(
     no_quality: bool = typer.Option(False, "--no-quality", help="Skip sampling (no frechet / swd / sweep)."),
     threads: int = typer.Option(0, help="torch threads per training (0: torch's default)."),
     jobs: int = typer.Option(1, min=1, help="Trainings run at once in worker processes (results are identical)."),
+    resume: bool = typer.Option(False, "--resume", help="Keep the runs OUT/runs.jsonl already holds (same "
+                                "settings required) and train only the missing method x seed pairs."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (progress stays on stderr)."),
 ) -> None:
     """Train a fresh denoiser per method and seed on the same budget; write an honest report."""
     import torch
 
-    from noiserater.trainer.bench.train import BASELINE, parse_methods, rater_schedule, require_rater, run_bench
+    from noiserater.trainer.bench.train import (
+        BASELINE,
+        logged_runs,
+        parse_methods,
+        rater_schedule,
+        require_rater,
+        run_bench,
+    )
     from noiserater.trainer.bench.train_report import write_report
     from noiserater.trainer.stage2.sources import Stage2Error, needs_rater
     from noiserater.trainer.stage2.training import Stage2Config
@@ -173,11 +182,12 @@ def bench_train(
             cfg.schedule = schedule or cfg.schedule
         command = "nrctl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         total = len(method_list) * seeds * steps
+        runs_log = out / RUNS_LOG
+        finished = logged_runs(runs_log, cfg) if resume else {}
+        if not resume:
+            runs_log.write_text("")
         with progress_bar() as bar:
             task = bar.add_task("bench train", total=total, status="")
-
-            runs_log = out / RUNS_LOG
-            runs_log.write_text("")
 
             def on_run(result) -> None:
                 bar.update(task, status=f"{result.method} seed {result.seed}: val {result.metrics['val_loss']:.4f}")
@@ -185,7 +195,8 @@ def bench_train(
                     log.write(json.dumps(result.to_dict()) + "\n")
 
             runs = run_bench(data, method_list, range(seeds), steps, rater_onnx=onnx_path, config=cfg,
-                             progress=lambda n: bar.advance(task, n), on_run=on_run, jobs=jobs, plugins=plugin)
+                             progress=lambda n: bar.advance(task, n), on_run=on_run, jobs=jobs, plugins=plugin,
+                             finished=finished)
         result = write_report(runs, out, command=command)
     except (Stage2Error, ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -11,6 +11,7 @@ registered by `noiserater.trainer.stage2.sources`, plugins by `load_plugin`).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -85,6 +86,33 @@ def check_rater_matches(rater_onnx: str | Path, data: DataSplits, cfg: Stage2Con
                           f"(--objective {info.objective})")
 
 
+def logged_runs(path: str | Path, cfg: Stage2Config) -> dict[tuple[str, int], Stage2Result]:
+    """The runs logged in `path` (a bench's runs.jsonl, one run per line) that trained with exactly `cfg`'s
+    settings, by (method, seed); `run_bench(finished=...)` keeps them instead of training them again. A logged
+    run with other settings is an error (resuming must not mix two setups); a setting added after a run was
+    logged is taken to have had its default value."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    defaults, wanted = asdict(Stage2Config()), json.loads(json.dumps(asdict(cfg)))
+    found: dict[tuple[str, int], Stage2Result] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            settings = {**defaults, **record["config"]}
+            result = Stage2Result(**record)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise Stage2Error(f"{path}:{number}: not a logged run ({type(exc).__name__})") from None
+        differ = sorted(k for k in wanted if settings.get(k) != wanted[k])
+        if differ:
+            raise Stage2Error(f"{path}:{number}: {record['method']} seed {record['seed']} ran with other settings "
+                              f"({', '.join(differ)}); resume with the same options or use another --out")
+        found[result.method, result.seed] = result
+    return found
+
+
 _WORKER: dict[str, Any] = {}
 
 
@@ -127,10 +155,12 @@ def _run_in_workers(data: DataSplits, cfg: Stage2Config, jobs_list: list[tuple[s
 def run_bench(data: DataSplits, methods: Sequence[str], seeds: Sequence[int], steps: int, *,
               rater_onnx: str | Path | None = None, config: Stage2Config | None = None,
               progress: Callable[[int], None] | None = None, on_run: Callable[[Stage2Result], None] | None = None,
-              jobs: int = 1, plugins: Sequence[str] = ()) -> BenchRuns:
+              jobs: int = 1, plugins: Sequence[str] = (),
+              finished: dict[tuple[str, int], Stage2Result] | None = None) -> BenchRuns:
     """Train every method (uniform added first if missing) for every seed with the same budget.
     `jobs` > 1 runs that many trainings at once in worker processes (each with this process's torch threads,
-    each importing `plugins` first so plugin sources exist there too)."""
+    each importing `plugins` first so plugin sources exist there too). `finished` (from `logged_runs`) holds
+    runs already done with this setup: they are kept, not trained again."""
     methods = parse_methods(list(methods))
     if BASELINE not in methods:
         methods = [BASELINE, *methods]
@@ -143,11 +173,14 @@ def run_bench(data: DataSplits, methods: Sequence[str], seeds: Sequence[int], st
     seeds = list(seeds)
     context = EvalContext.build(data, cfg)
     started = time.time()
-    jobs_list = [(method, seed) for seed in seeds for method in methods]
+    kept = {key: run for key, run in (finished or {}).items() if key[0] in methods and key[1] in seeds}
+    jobs_list = [(method, seed) for seed in seeds for method in methods if (method, seed) not in kept]
+    if progress is not None and kept:
+        progress(cfg.steps * len(kept))
     if jobs > 1:
-        done = _run_in_workers(data, cfg, jobs_list, rater, jobs, plugins, progress, on_run)
+        done = {**kept, **_run_in_workers(data, cfg, jobs_list, rater, jobs, plugins, progress, on_run)}
     else:
-        done = {}
+        done = dict(kept)
         for method, seed in jobs_list:
             done[method, seed] = train_stage2(data, method, cfg.steps, seed, rater=rater, config=cfg,
                                               context=context, progress=progress)
