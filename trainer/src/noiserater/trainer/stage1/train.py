@@ -493,36 +493,27 @@ def read_metrics(out: str | Path) -> list[dict[str, Any]]:
 
 def last_quarter_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Means of outer_loss_learned / outer_loss_uniform over the logged steps in the last quarter of the run
-    (for a grad-norm run: of grad_norm_mse / grad_norm_corr)."""
-    evaluated = [r for r in rows if "outer_loss_learned" in r]
-    if not evaluated:
-        return _grad_norm_summary(rows)
-    last_step = max(r["step"] for r in evaluated)
-    tail = [r for r in evaluated if r["step"] > 0.75 * last_step] or evaluated[-1:]
-    learned = sum(r["outer_loss_learned"] for r in tail) / len(tail)
-    uniform = sum(r["outer_loss_uniform"] for r in tail) / len(tail)
-    return {"last_quarter_learned": learned, "last_quarter_uniform": uniform,
-            "last_quarter_improvement": uniform - learned, "last_quarter_points": len(tail)}
+    (for a grad-norm run: of grad_norm_mse / grad_norm_corr; for a denoiser-error run: of val_loss)."""
+    summary = _last_quarter_means(rows, {"last_quarter_learned": "outer_loss_learned",
+                                         "last_quarter_uniform": "outer_loss_uniform"})
+    if summary:
+        summary["last_quarter_improvement"] = summary["last_quarter_uniform"] - summary["last_quarter_learned"]
+        return summary
+    return (_last_quarter_means(rows, {"last_quarter_grad_norm_mse": "grad_norm_mse",
+                                       "last_quarter_grad_norm_corr": "grad_norm_corr"})
+            or _last_quarter_means(rows, {"last_quarter_denoiser_val_loss": "val_loss"}))
 
 
-def _grad_norm_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
-    evaluated = [r for r in rows if "grad_norm_corr" in r]
-    if not evaluated:
-        return _denoiser_error_summary(rows)
-    last_step = max(r["step"] for r in evaluated)
-    tail = [r for r in evaluated if r["step"] > 0.75 * last_step] or evaluated[-1:]
-    return {"last_quarter_grad_norm_mse": sum(r["grad_norm_mse"] for r in tail) / len(tail),
-            "last_quarter_grad_norm_corr": sum(r["grad_norm_corr"] for r in tail) / len(tail),
-            "last_quarter_points": len(tail)}
-
-
-def _denoiser_error_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
-    evaluated = [r for r in rows if "val_loss" in r]
+def _last_quarter_means(rows: list[dict[str, Any]], names: dict[str, str]) -> dict[str, float]:
+    """{summary name: mean of the metric over the logged steps in the last quarter} for `names` (summary name
+    -> metric), from the rows that hold the first metric; {} when none does."""
+    first = next(iter(names.values()))
+    evaluated = [r for r in rows if first in r]
     if not evaluated:
         return {}
     last_step = max(r["step"] for r in evaluated)
     tail = [r for r in evaluated if r["step"] > 0.75 * last_step] or evaluated[-1:]
-    return {"last_quarter_denoiser_val_loss": sum(r["val_loss"] for r in tail) / len(tail),
+    return {**{name: sum(r[key] for r in tail) / len(tail) for name, key in names.items()},
             "last_quarter_points": len(tail)}
 
 
