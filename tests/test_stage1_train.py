@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from support import tiny_stage1
 
 from noiserater.trainer.stage1.rater import RATER_FILE, load_rater
 from noiserater.trainer.stage1.train import (
@@ -20,19 +21,8 @@ from noiserater.trainer.stage1.train import (
     train_rater,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: threads only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-TINY = {"batch_size": 32, "val_batch_size": 64, "population": 2, "num_timesteps": 100,
-        "denoiser_kwargs": {"hidden": 32, "depth": 1}, "rater_kwargs": {"hidden": 16}, "log_every": 1,
-        "checkpoint_every": 100}
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
+TINY = tiny_stage1(batch_size=32)
 
 
 # A short digits run (about 10 s on one free core): small proxy denoiser, a faster-learning rater.
