@@ -198,3 +198,28 @@ def test_cli_resume_keeps_logged_runs_and_refuses_other_settings(tmp_path):
     refused = bench(part, "uniform", "--resume", "--lr", "0.01")
     assert refused.exit_code != 0 and "ran with other settings (lr)" in refused.output
     assert len(refused.output.strip().splitlines()) == 1
+
+
+def test_cli_report_quotes_the_variance_ceiling_of_its_dataset_and_objective(tmp_path):
+    from noiserater.cli.main import app
+
+    measured = CliRunner().invoke(app, ["bench", "variance", "--dataset", "digits", "--n-t", "4", "--n-x0", "2",
+                                        "--n-eps", "2", "--buckets", "2", "--k", "2", "--steps", "3",
+                                        "--out", str(tmp_path / "variance")])
+    assert measured.exit_code == 0, measured.output
+    ratio = json.loads((tmp_path / "variance" / "variance.json").read_text())["gradient"]["is_noise"]["ratio"]
+
+    def bench(out, *extra):
+        return CliRunner().invoke(app, ["bench", "train", "--methods", "uniform", "--seeds", "1", "--steps", "2",
+                                        "--out", str(out), "--batch-size", "8", "--no-quality", "--denoiser", "mlp",
+                                        "--threads", "1", "--variance", str(tmp_path / "variance"), *extra])
+
+    result = bench(tmp_path / "bench")
+    assert result.exit_code == 0, result.output
+    details = json.loads((tmp_path / "bench" / "details.json").read_text())
+    assert details["variance_ceiling"]["ceiling_ratio"] == ratio
+    assert f"could lower it at most **{ratio:.3f}x**" in (tmp_path / "bench" / "report.md").read_text()
+    refused = bench(tmp_path / "flow", "--objective", "flow")
+    assert refused.exit_code != 0
+    assert "--variance: measured on digits with the eps objective, the bench is digits with flow" in refused.output
+    assert not (tmp_path / "flow" / "runs.jsonl").exists()  # refused before any training

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from noiserater.trainer.bench.train import BASELINE, BenchRuns
-from noiserater.trainer.bench.train_report import write_report
+from noiserater.trainer.bench.train_report import variance_ceiling, write_report
 from noiserater.trainer.stage2.sources import load_plugin
 from noiserater.trainer.stage2.training import EvalContext, Stage2Config, Stage2Result
 from noiserater.trainer.substrate.data import load_dataset
@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--plugin", action="append", default=[])
     parser.add_argument("--command", default="", help="The commands that made the inputs, for the report.")
     parser.add_argument("--dataset", default="digits", help="The dataset the runs trained on (default digits).")
+    parser.add_argument("--variance", type=Path, help="A nrctl bench variance result to quote (its folder).")
     parser.add_argument("--rater", default="", help="The rater(s) the rater methods used, for the report.")
     args = parser.parse_args()
     for plugin in args.plugin:
@@ -73,7 +74,8 @@ def main() -> None:
                       0.0)
     dropped = sorted({s for per in by_method.values() for s in per} - set(seeds))
     note = f" (seeds {dropped} left out: not finished by every method)" if dropped else ""
-    write_report(bench, args.out, command=args.command + note)
+    write_report(bench, args.out, command=args.command + note,
+                 variance=variance_ceiling(args.variance) if args.variance else None)
     print(f"{args.out}: {len(methods)} methods x seeds {seeds}{note}")
 
 

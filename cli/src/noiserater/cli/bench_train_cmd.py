@@ -140,6 +140,9 @@ def bench_train(
     no_quality: bool = typer.Option(False, "--no-quality", help="Skip sampling (no frechet / swd / sweep)."),
     threads: int = typer.Option(0, help="torch threads per training (0: torch's default)."),
     jobs: int = typer.Option(1, min=1, help="Trainings run at once in worker processes (results are identical)."),
+    variance: Path | None = typer.Option(None, "--variance", help="A `nrctl bench variance` result (its --out "
+                                         "folder or variance.json) for this dataset and objective: the report "
+                                         "quotes its variance ceiling."),
     resume: bool = typer.Option(False, "--resume", help="Keep the runs OUT/runs.jsonl already holds (same "
                                 "settings required) and train only the missing method x seed pairs."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (progress stays on stderr)."),
@@ -155,7 +158,7 @@ def bench_train(
         require_rater,
         run_bench,
     )
-    from noiserater.trainer.bench.train_report import write_report
+    from noiserater.trainer.bench.train_report import ceiling_summary, variance_ceiling, write_report
     from noiserater.trainer.stage2.sources import Stage2Error, needs_rater
     from noiserater.trainer.stage2.training import Stage2Config
     from noiserater.trainer.substrate.data import load_dataset
@@ -163,6 +166,7 @@ def bench_train(
     if threads:
         torch.set_num_threads(threads)
     try:
+        ceiling = variance_ceiling(variance) if variance is not None else None
         method_list = parse_methods(methods)
         if BASELINE not in method_list:
             method_list = [BASELINE, *method_list]
@@ -180,6 +184,8 @@ def bench_train(
         if onnx_path is not None:  # train on the diffusion process the rater was meta-learned on
             cfg.num_timesteps, schedule = rater_schedule(onnx_path)
             cfg.schedule = schedule or cfg.schedule
+        if ceiling is not None:  # a mismatch is refused now, not after the runs
+            ceiling_summary(ceiling, data.name, cfg.objective)
         command = "nrctl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         total = len(method_list) * seeds * steps
         runs_log = out / RUNS_LOG
@@ -197,7 +203,7 @@ def bench_train(
             runs = run_bench(data, method_list, range(seeds), steps, rater_onnx=onnx_path, config=cfg,
                              progress=lambda n: bar.advance(task, n), on_run=on_run, jobs=jobs, plugins=plugin,
                              finished=finished)
-        result = write_report(runs, out, command=command)
+        result = write_report(runs, out, command=command, variance=ceiling)
     except (Stage2Error, ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     report, details = result["report"], result["details"]

@@ -43,12 +43,16 @@ STEP_METRIC = "steps_to_uniform_final"
 KNN = "immiscible-knn"
 
 
-def write_report(bench: BenchRuns, out_dir: str | Path, command: str = "") -> dict[str, Any]:
-    """Write report.json, details.json, report.md and curves.png into `out_dir`; return both dicts."""
+def write_report(bench: BenchRuns, out_dir: str | Path, command: str = "",
+                 variance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write report.json, details.json, report.md and curves.png into `out_dir`; return both dicts. `variance`
+    (a `nrctl bench variance` result, `variance_ceiling` reads one) adds the variance ceiling to both."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = build_report(bench)
     details = build_details(bench, report, command)
+    if variance is not None:
+        details["variance_ceiling"] = ceiling_summary(variance, bench.data.name, bench.config.objective)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "details.json").write_text(json.dumps(details, indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(report, details))
@@ -59,6 +63,35 @@ def write_report(bench: BenchRuns, out_dir: str | Path, command: str = "") -> di
                                          out / "quality_vs_nfe.png",
                                          title=f"{bench.data.name}, {cfg.objective} objective, {bench.steps} steps")
     return {"report": report, "details": details}
+
+
+def variance_ceiling(path: str | Path) -> dict[str, Any]:
+    """A `nrctl bench variance` result: its variance.json, or the --out folder that holds it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "variance.json"
+    try:
+        result = json.loads(path.read_text())
+        if not isinstance(result["gradient"]["is_noise"]["ratio"], float) or "objective" not in result["model"]:
+            raise ValueError("no ceiling ratio or objective")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--variance: {path} is not a nrctl bench variance result ({type(exc).__name__})") from None
+    return result
+
+
+def ceiling_summary(variance: dict[str, Any], dataset: str, objective: str) -> dict[str, Any]:
+    """The figures of a variance measurement a report quotes; refused when it measured another dataset or
+    objective than the bench's."""
+    model, g = variance["model"], variance["gradient"]
+    measured_on = model.get("measured_on", model.get("dataset"))
+    if measured_on != dataset or model["objective"] != objective:
+        raise ValueError(f"--variance: measured on {measured_on} with the {model['objective']} objective, the "
+                         f"bench is {dataset} with {objective}")
+    return {"ceiling_ratio": g["is_noise"]["ratio"], "ceiling_se": g.get("se", {}).get("ratio"),
+            "ceiling_ratio_k": {k: v["ratio"] for k, v in g["is_noise_k"].items()},
+            "eps_removed_ratio": g["eps_removed"]["ratio"], "fractions": g["fractions"],
+            "model": {k: model.get(k) for k in ("denoiser", "steps", "seed", "val_loss")},
+            "command": variance.get("command", "")}
 
 
 def build_report(bench: BenchRuns) -> dict[str, dict[str, Any]]:
@@ -281,6 +314,17 @@ def render_markdown(report: dict[str, Any], details: dict[str, Any]) -> str:
                 lines.append(f"- {m}: not measured (missing: {'; '.join(not_measured.get(m, []))})")
             else:
                 lines.append(f"- {m}: {'met' if ok else 'not met'}")
+    ceiling = details.get("variance_ceiling")
+    if ceiling:
+        f = ceiling["fractions"]
+        ks = ", ".join(f"K = {k}: {v:.3f}x" for k, v in ceiling["ceiling_ratio_k"].items())
+        lines += ["", "## Where the ceiling is (gradient variance)", "",
+                  f"Of the per-sample gradient variance of a uniform-noise {ceiling['model']['denoiser']} denoiser "
+                  f"({ceiling['model']['steps']} steps), t accounts for {100 * f['t']:.0f} %, x0 for "
+                  f"{100 * f['x0']:.0f} % and the noise given (x0, t) for {100 * f['eps']:.0f} %. Any unbiased "
+                  f"choice of noise could lower it at most **{ceiling['ceiling_ratio']:.3f}x** ({ks}); removing "
+                  f"the noise part entirely, {ceiling['eps_removed_ratio']:.3f}x.",
+                  *(["", f"Measured by: `{ceiling['command']}`"] if ceiling["command"] else [])]
     lines += ["", "![held-out loss curves](curves.png)", ""]
     return "\n".join(lines)
 
