@@ -4,7 +4,7 @@ one or more benchmark folders of the same dataset, objective and budget, as if o
 Used when a bench was stopped before its end (the study's were, to fit the machine's time): only the seeds
 that every method finished are kept, so the comparison stays paired. Runs are paired by seed exactly as in one
 invocation (per seed, the same init, batches and timesteps); a folder's uniform runs must agree with another's
-in every non-timing value, else the join is refused.
+in every non-timing value (to float rounding), else the join is refused.
 
     python docs/results/efficacy-round2/merge_runs.py OUT IN1 [IN2 ...] --plugin docs/results/efficacy-round2/raters.py
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -26,8 +27,18 @@ from noiserater.trainer.substrate.data import load_dataset
 TIMING = ("ms_per_step", "selection_ms_per_step")
 
 
-def comparable(result: dict) -> tuple:
-    return {k: v for k, v in result["metrics"].items() if k not in TIMING}, result["curve_val_loss"]
+def _values(result: dict) -> list:
+    metrics = {k: v for k, v in result["metrics"].items() if k not in TIMING}
+    return [*sorted(metrics.items()), *enumerate(result["curve_val_loss"])]
+
+
+def same_run(a: dict, b: dict) -> bool:
+    """The same training, up to float rounding: runs in worker processes and in one process differ in the
+    last digits (relative 1e-6 here), so values must agree to a relative 1e-4."""
+    va, vb = _values(a), _values(b)
+    return [k for k, _ in va] == [k for k, _ in vb] and all(
+        (x is None and y is None) or (x is not None and y is not None and math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-9))
+        for (_, x), (_, y) in zip(va, vb, strict=True))
 
 
 def main() -> None:
@@ -37,6 +48,7 @@ def main() -> None:
     parser.add_argument("--plugin", action="append", default=[])
     parser.add_argument("--command", default="", help="The commands that made the inputs, for the report.")
     parser.add_argument("--dataset", default="digits", help="The dataset the runs trained on (default digits).")
+    parser.add_argument("--methods", default="", help="Report only these methods (default: every logged one).")
     parser.add_argument("--variance", type=Path, help="A nrctl bench variance result to quote (its folder).")
     parser.add_argument("--rater", default="", help="The rater(s) the rater methods used, for the report.")
     args = parser.parse_args()
@@ -44,12 +56,15 @@ def main() -> None:
         load_plugin(plugin)
     records = [json.loads(line) for d in args.inputs for line in (d / "runs.jsonl").read_text().splitlines()
                if line.strip()]
+    if args.methods:
+        keep = {m.strip() for m in args.methods.split(",")} | {BASELINE}
+        records = [r for r in records if r["method"] in keep]
     if not records:
         sys.exit("no finished runs")
     by_method: dict[str, dict[int, dict]] = {}
     for r in records:
         seen = by_method.setdefault(r["method"], {}).get(r["seed"])
-        if seen is not None and comparable(seen) != comparable(r):
+        if seen is not None and not same_run(seen, r):
             sys.exit(f"{r['method']} seed {r['seed']} differs between the folders: not the same setup")
         by_method[r["method"]][r["seed"]] = r
     if BASELINE not in by_method:
