@@ -35,10 +35,13 @@ def _values(result: dict) -> list:
 def same_run(a: dict, b: dict) -> bool:
     """The same training, up to float rounding: runs in worker processes and in one process differ in the
     last digits (relative 1e-6 here), so values must agree to a relative 1e-4."""
+    def close(x: float | None, y: float | None) -> bool:
+        if x is None or y is None:
+            return x is y
+        return math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-9)
+
     va, vb = _values(a), _values(b)
-    return [k for k, _ in va] == [k for k, _ in vb] and all(
-        (x is None and y is None) or (x is not None and y is not None and math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-9))
-        for (_, x), (_, y) in zip(va, vb, strict=True))
+    return [k for k, _ in va] == [k for k, _ in vb] and all(close(x, y) for (_, x), (_, y) in zip(va, vb, strict=True))
 
 
 def main() -> None:
