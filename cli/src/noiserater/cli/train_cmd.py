@@ -138,6 +138,8 @@ def _objectives(cfg) -> str:
             parts.append(f" K={cfg.selection_candidates} H={cfg.selection_horizon}")
         if cfg.meta_objective == "through-assignment":
             parts.append(f" H={cfg.selection_horizon}")
+        if cfg.meta_objective == "denoiser-error":
+            parts.append(" (the rater is a denoiser trained on Gaussian noise; U, P and meta-grad unused)")
     return "".join(parts)
 
 
