@@ -1,7 +1,8 @@
 """Write one report from the runs that `nrctl bench train` logged (OUT/runs.jsonl, a line per finished run) in
 one or more benchmark folders of the same dataset, objective and budget, as if one invocation had run them.
 
-Used when a bench was stopped before its end (the study's were, to fit the machine's time): only the seeds
+OUT gets the report files and runs.jsonl, the runs it kept (OUT may be one of the inputs). Used when a
+bench was stopped before its end (the study's were, to fit the machine's time): only the seeds
 that every method finished are kept, so the comparison stays paired. Runs are paired by seed exactly as in one
 invocation (per seed, the same init, batches and timesteps); a folder's uniform runs must agree with another's
 in every non-timing value (to float rounding), else the join is refused.
@@ -94,6 +95,7 @@ def main() -> None:
     note = f" (seeds {dropped} left out: not finished by every method)" if dropped else ""
     write_report(bench, args.out, command=args.command + note,
                  variance=variance_ceiling(args.variance) if args.variance else None)
+    (args.out / "runs.jsonl").write_text("".join(json.dumps(by_method[m][s]) + "\n" for m in methods for s in seeds))
     print(f"{args.out}: {len(methods)} methods x seeds {seeds}{note}")
 
 
