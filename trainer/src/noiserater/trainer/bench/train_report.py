@@ -242,7 +242,7 @@ def render_markdown(report: dict[str, Any], details: dict[str, Any]) -> str:
         f"split with *Gaussian* noise, {cfg['eval_repeats']} fixed "
         "(t, eps) draws per item, the same draws for every method.",
     ]
-    if refs["feature_kind"]:
+    if refs["feature_kind"] and "frechet" in report[methods[0]]:
         acc = refs["classifier_test_accuracy"]
         lines.append(
             f"- frechet: Fréchet distance of {refs['heldout_count']} DDPM samples ("
@@ -255,7 +255,9 @@ def render_markdown(report: dict[str, Any], details: dict[str, Any]) -> str:
             f" swd: sliced Wasserstein-2 in data space; floor {_fmt(refs['swd_floor_heldout_vs_train'])}."
         )
     lines.append(f"- Wall time of the whole benchmark: {details['wall_seconds']:.0f} s "
-                 f"({details['machine']['threads']} torch threads).")
+                 f"({details['machine']['threads']} torch threads)." if details["wall_seconds"] else
+                 "- Wall time: not recorded (the report was written from logged runs); per-run cost: "
+                 "`ms_per_step`.")
     one_seed = len(details["seeds"]) < 2
     lines += ["", "## Values (one seed: no error bars)" if one_seed else "## Mean ± std over seeds", ""]
     cols = [c for c in (*QUALITY_METRICS, STEP_METRIC, *COST_METRICS, *NOISE_METRICS) if c in report[methods[0]]]
@@ -317,7 +319,8 @@ def render_markdown(report: dict[str, Any], details: dict[str, Any]) -> str:
     ceiling = details.get("variance_ceiling")
     if ceiling:
         f = ceiling["fractions"]
-        ks = ", ".join(f"K = {k}: {v:.3f}x" for k, v in ceiling["ceiling_ratio_k"].items())
+        ks = ", ".join(f"K = {k}: {v:.3f}x" for k, v in sorted(ceiling["ceiling_ratio_k"].items(),
+                                                                 key=lambda kv: int(kv[0])))
         lines += ["", "## Where the ceiling is (gradient variance)", "",
                   f"Of the per-sample gradient variance of a uniform-noise {ceiling['model']['denoiser']} denoiser "
                   f"({ceiling['model']['steps']} steps), t accounts for {100 * f['t']:.0f} %, x0 for "
