@@ -107,6 +107,8 @@ def bench_train(
     methods: str = typer.Option(DEFAULT_METHODS, help=METHODS_HELP.format(names="")),
     plugin: list[str] = typer.Option([], "--plugin", help=PLUGIN_HELP, is_eager=True, callback=load_plugins),
     seeds: int = typer.Option(3, min=1, help="Number of seeds (0..N-1), paired across methods."),
+    first_seed: int = typer.Option(0, "--first-seed", min=0, help="Seeds FIRST..FIRST+N-1 instead (new seeds for a "
+                                   "replication)."),
     steps: int = typer.Option(3000, min=1, help="Training steps per run (the same for every method)."),
     rater: Path | None = typer.Option(None, help="Rater run folder (rater.pt) or exported MODEL.onnx."),
     out: Path = typer.Option(..., help="Output folder for report.md, report.json, details.json, curves.png, and "
@@ -200,9 +202,9 @@ def bench_train(
                 with runs_log.open("a") as log:  # every finished run at once, so an interrupted bench keeps them
                     log.write(json.dumps(result.to_dict()) + "\n")
 
-            runs = run_bench(data, method_list, range(seeds), steps, rater_onnx=onnx_path, config=cfg,
-                             progress=lambda n: bar.advance(task, n), on_run=on_run, jobs=jobs, plugins=plugin,
-                             finished=finished)
+            runs = run_bench(data, method_list, range(first_seed, first_seed + seeds), steps, rater_onnx=onnx_path,
+                             config=cfg, progress=lambda n: bar.advance(task, n), on_run=on_run, jobs=jobs,
+                             plugins=plugin, finished=finished)
         result = write_report(runs, out, command=command, variance=ceiling)
     except (Stage2Error, ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
