@@ -146,7 +146,8 @@ def bench_train(
                                          "folder or variance.json) for this dataset and objective: the report "
                                          "quotes its variance ceiling."),
     resume: bool = typer.Option(False, "--resume", help="Keep the runs OUT/runs.jsonl already holds (same "
-                                "settings required) and train only the missing method x seed pairs."),
+                                "settings required; give the same --rater and --plugin, which runs do not record) "
+                                "and train only the missing method x seed pairs."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (progress stays on stderr)."),
 ) -> None:
     """Train a fresh denoiser per method and seed on the same budget; write an honest report."""
