@@ -76,7 +76,7 @@ def test_parts_add_up_to_the_direct_total(objective):
     g = result["gradient"]
     assert result["design"]["samples"] == 60 and result["design"]["objective"] == objective
     assert g["t"] + g["x0"] + g["eps"] == pytest.approx(g["total"], rel=1e-12)
-    assert g["total"] == pytest.approx(g["total_direct"], rel=1e-9)
+    assert g["total"] == pytest.approx(g["total_direct"], rel=1e-7)  # two float64 sums of float32 gradients
     assert sum(g["fractions"].values()) == pytest.approx(1.0)
     assert g["eps"] > 0 and 0 < g["eps_norm_var"] < g["eps"]  # ||g|| varies less than g (triangle inequality)
     ratios = [g["is_noise_k"][k]["ratio"] for k in ("1", "2", "8")]
